@@ -1,0 +1,1 @@
+"""Model builders: `ModelConfig` -> megatron-core GPTModel (dense or MoE)."""

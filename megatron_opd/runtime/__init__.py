@@ -1,0 +1,1 @@
+"""The parallel runtime: process groups, megatron parallel state, CPU compatibility, checkpoints."""
