@@ -1,0 +1,66 @@
+"""The `megatron-opd` command: run the pipeline, train a stage, serve a teacher, benchmarks.
+
+Every subcommand's arguments are declared here, in one place; the code that runs it is imported
+only when it runs (`module:function`, called with the parsed arguments), so `--help` is fast
+and a CPU machine never imports GPU-only code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+from typing import Callable
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (configs/tiny/*.yaml, configs/cluster/*.yaml)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=50 parallel.tp=2"
+    )
+
+
+# name -> (help, add_arguments, "module:function")
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
+    "train": (
+        "train one stage (stage: sft | opd | grpo) from a config",
+        _config_args,
+        "megatron_opd.stages.launch:train_command",
+    ),
+}
+
+
+def _quiet_known_warnings() -> None:
+    # Import-time notices from optional GPU stacks that are absent by design on CPU.
+    for pattern in (
+        "The pynvml package is deprecated",
+        "Apex is not installed",
+        "Transformer Engine is not installed",
+        "full scope is deprecated",
+    ):
+        warnings.filterwarnings("ignore", message=f".*{pattern}.*")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-opd",
+        description="Multi-teacher on-policy distillation and expert post-training on megatron-core.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_arguments, target) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(_target=target)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_known_warnings()
+    args = build_parser().parse_args(argv)
+    module, _, function = args._target.partition(":")
+    return int(getattr(importlib.import_module(module), function)(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""`Trajectories` and `TeacherSignals`: the one batch type every stage reads and writes.
+
+Alignment convention (used everywhere): row i holds `tokens[i, :lengths[i]]`, of which the first
+`prompt_lens[i]` are the prompt and the rest the response. The model's output at position t
+predicts token t + 1, so response token j (0-based) of row i is predicted at position
+`prompt_lens[i] - 1 + j`. Per-response-token quantities (teacher signals, advantages) are stored
+as [B, R] / [B, R, ...] with R = the longest response in the batch, left-aligned, zero-padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal, Sequence
+
+import torch
+
+SignalKind = Literal["hidden", "topk", "sampled", "logits"]
+
+
+@dataclass
+class Trajectories:
+    tokens: torch.Tensor  # [B, T] long, right-padded with the pad id
+    lengths: torch.Tensor  # [B] long, prompt + response length
+    prompt_lens: torch.Tensor  # [B] long
+    domain: list[str]
+    # Stable ids (for example "add/step3/17") so that resume and requeue can prove that no
+    # sample is lost or repeated.
+    sample_ids: list[str]
+    teacher: list[str] = field(default_factory=list)  # filled by routing; "" when none
+    behavior_logprobs: torch.Tensor | None = None  # [B, R] sampler's log p of each response token
+    finish_reasons: list[str] = field(default_factory=list)  # "stop" or "length" per row
+    rewards: torch.Tensor | None = None  # [B] float
+    sampling_mask: torch.Tensor | None = None  # [B, R, V] bool, top-p/top-k support when sampling
+    routed_experts: torch.Tensor | None = None  # [B, T, layers, topk] long, experts chosen when sampling
+    weight_version: str = ""  # policy version that sampled these rows
+
+    def __post_init__(self):
+        b = self.tokens.shape[0]
+        for name in ("lengths", "prompt_lens"):
+            if getattr(self, name).shape != (b,):
+                raise ValueError(f"Trajectories.{name} has shape {tuple(getattr(self, name).shape)}, expected ({b},)")
+        for name in ("domain", "sample_ids"):
+            if len(getattr(self, name)) != b:
+                raise ValueError(f"Trajectories.{name} has {len(getattr(self, name))} entries for {b} rows")
+        if not self.teacher:
+            self.teacher = [""] * b
+        if bool((self.prompt_lens < 1).any()) or bool((self.lengths < self.prompt_lens).any()):
+            raise ValueError("Trajectories: every row needs prompt_len >= 1 and length >= prompt_len")
+        if len(self) and int(self.lengths.max()) > self.tokens.shape[1]:
+            raise ValueError("Trajectories: a length exceeds the token tensor's width")
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def response_lens(self) -> torch.Tensor:
+        return self.lengths - self.prompt_lens
+
+    @property
+    def max_response_len(self) -> int:
+        return int(self.response_lens.max()) if len(self) else 0
+
+    def response_mask(self) -> torch.Tensor:
+        """[B, T] float: 1 at response tokens."""
+        t = torch.arange(self.tokens.shape[1])
+        return ((t >= self.prompt_lens[:, None]) & (t < self.lengths[:, None])).float()
+
+    def prediction_mask(self) -> torch.Tensor:
+        """[B, T] float: 1 at the positions whose output predicts a response token."""
+        t = torch.arange(self.tokens.shape[1])
+        return ((t >= self.prompt_lens[:, None] - 1) & (t < self.lengths[:, None] - 1)).float()
+
+    def response_tokens(self) -> torch.Tensor:
+        """[B, R] long, left-aligned response tokens (pad id 0 beyond each row's response)."""
+        return gather_response(self.tokens, self.prompt_lens, self.response_lens, offset=0)
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> "Trajectories":
+        """A new batch with the given rows, in that order."""
+        idx = torch.as_tensor(list(rows) if not torch.is_tensor(rows) else rows, dtype=torch.long)
+        lst = idx.tolist()
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if torch.is_tensor(v):
+                out[f.name] = v[idx]
+            elif isinstance(v, list):
+                out[f.name] = [v[i] for i in lst] if v else []
+            else:
+                out[f.name] = v
+        return Trajectories(**out)
+
+
+def gather_response(values: torch.Tensor, prompt_lens: torch.Tensor, response_lens: torch.Tensor, *, offset: int) -> torch.Tensor:
+    """Left-align per-position `values` [B, T, ...] at positions prompt_len + offset + j -> [B, R, ...].
+
+    offset=0 takes the response tokens themselves; offset=-1 takes the positions that predict them.
+    """
+    b, t = values.shape[:2]
+    j = torch.arange(int(response_lens.max()) if len(response_lens) else 0)
+    pos = (prompt_lens[:, None] + offset + j[None, :]).clamp(0, t - 1)
+    out = values[torch.arange(b)[:, None], pos]
+    out[j[None, :] >= response_lens[:, None]] = 0
+    return out
+
+
+@dataclass
+class TeacherSignals:
+    """One teacher's signal for some rows of a `Trajectories` batch, per response token.
+
+    `rows` indexes the batch; entry j of a row is the teacher's distribution (or its summary) at
+    the position that predicts response token j. Exactly the field of `kind` is set.
+    """
+
+    teacher: str
+    kind: SignalKind
+    rows: torch.Tensor  # [N] long, rows of the batch
+    response_lens: torch.Tensor  # [N] long
+    hidden: torch.Tensor | None = None  # [N, R, d_teacher]
+    topk_ids: torch.Tensor | None = None  # [N, R, k] long, global vocabulary ids
+    topk_logprobs: torch.Tensor | None = None  # [N, R, k] float, sorted descending
+    sampled_logprobs: torch.Tensor | None = None  # [N, R] teacher log q of the sampled token
+    logits: torch.Tensor | None = None  # [N, R, V]
+    weight_version: str = ""
+
+    def __post_init__(self):
+        needed = {"hidden": ("hidden",), "topk": ("topk_ids", "topk_logprobs"), "sampled": ("sampled_logprobs",), "logits": ("logits",)}
+        if self.kind not in needed:
+            raise ValueError(f"unknown teacher signal kind {self.kind!r}; expected one of {list(needed)}")
+        n = self.rows.shape[0]
+        for name in needed[self.kind]:
+            value = getattr(self, name)
+            if value is None:
+                raise ValueError(f"TeacherSignals(kind={self.kind!r}) from {self.teacher!r} needs {name}")
+            if value.shape[0] != n:
+                raise ValueError(
+                    f"TeacherSignals.{name} from {self.teacher!r} has {value.shape[0]} rows, expected {n}"
+                )
+
+    def with_rows(self, rows: torch.Tensor) -> "TeacherSignals":
+        return replace(self, rows=rows)

@@ -1,0 +1,60 @@
+"""The model directory: what a stage leaves behind so that anyone can load the model again.
+
+    <dir>/model.yaml        the ModelConfig
+    <dir>/tokenizer.json    the tokenizer (its fingerprint proves compatibility)
+    <dir>/checkpoints/step_NNNNNNNN/   megatron dist checkpoints (runtime.checkpoint)
+
+Teacher servers, rollout servers, conversion tools and later stages all load models this way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from megatron_opd.data.tokenizer import CharTokenizer, load_tokenizer
+from megatron_opd.models.gpt import ModelConfig
+from megatron_opd.runtime.checkpoint import latest_complete
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    path: Path
+    model: ModelConfig
+    tokenizer: CharTokenizer
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def latest_checkpoint(self) -> Path:
+        ckpt = latest_complete(self.checkpoints)
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"{self.path} holds no complete checkpoint under checkpoints/; train the model first "
+                f"or point at the run directory that holds it"
+            )
+        return ckpt
+
+
+def write_model_dir(directory: str | os.PathLike, model: ModelConfig, tokenizer: CharTokenizer) -> ModelDir:
+    from megatron_opd.config import to_dict
+
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model.yaml").write_text(yaml.safe_dump(to_dict(model), sort_keys=False))
+    tokenizer.save(path)
+    return ModelDir(path, model, tokenizer)
+
+
+def read_model_dir(directory: str | os.PathLike) -> ModelDir:
+    from megatron_opd.config import load_config
+
+    path = Path(directory)
+    if not (path / "model.yaml").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory: model.yaml is missing")
+    model = load_config(path / "model.yaml", cls=ModelConfig)
+    return ModelDir(path, model, load_tokenizer(path))
