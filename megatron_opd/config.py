@@ -239,7 +239,7 @@ def _set_path(tree: dict, cls, path: list[str], value: Any, done: list[str]) -> 
         _set_path(sub.setdefault(rest[0], {}), inner, rest[1:], value, done + [name, rest[0]])
         return
     sub = tree.setdefault(name, {})
-    if not isinstance(sub, dict):
+    if not isinstance(sub, dict) or (kinds is not None and not dataclasses.is_dataclass(sub_cls)):
         raise ConfigError(f"{'.'.join(done + [name])} is a value, not a section; cannot set {'.'.join(path)}")
     _set_path(sub, sub_cls, rest, value, done + [name])
 

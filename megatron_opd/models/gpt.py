@@ -156,6 +156,8 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout, dtype: torch.dt
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
+        # Losses return token sums and counts; megatron divides by the global count (see trainer).
+        calculate_per_token_loss=True,
         # Rollouts differ in length from step to step; pipeline p2p then exchanges shapes first.
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",
@@ -199,3 +201,19 @@ def build_gpt_model(
         parallel_output=True,
     )
     return model.to(device())
+
+
+def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Set this rank's padded vocabulary columns (global id >= vocab_size) to -inf.
+
+    `logits` is this rank's vocab-parallel shard [..., V_padded / TP]; padded columns are not
+    tokens and must take no probability mass in any softmax.
+    """
+    from megatron.core import parallel_state
+
+    shard = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * shard
+    if start + shard <= vocab_size:
+        return logits
+    is_token = torch.arange(start, start + shard, device=logits.device) < vocab_size
+    return logits.masked_fill(~is_token, float("-inf"))

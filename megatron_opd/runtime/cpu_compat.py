@@ -74,7 +74,8 @@ class _NullStream:
         return False
 
     def __getattr__(self, name):
-        return lambda *a, **k: None
+        # record_event() must return something with synchronize(); any call yields another null.
+        return lambda *a, **k: _NullStream()
 
 
 class _RngStateWarningFilter(logging.Filter):
@@ -146,7 +147,8 @@ def enable() -> None:
     def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
         if dtype is None and not kwargs:
             name = original_type(self)
-            return name.replace("torch.", "torch.cuda.", 1) if not self.is_cuda else name
+            # The torch-function mode may route this call back here once: prefix only once.
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
         return original_type(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = tensor_type

@@ -114,6 +114,9 @@ def init_process_group(timeout_minutes: int = 10) -> ProcessEnv:
         from megatron_opd.runtime import cpu_compat
 
         cpu_compat.enable()
+        # Ranks on one machine share its cores; oversubscribed BLAS threads slow every rank down.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if dist.is_initialized():
         return penv
     if use_cuda():

@@ -1,0 +1,130 @@
+"""The embedded rollout engine: the student's own megatron model samples in-job, under TP.
+
+Every rank of a tensor-parallel group runs the same forward on the same prompts; the
+vocab-parallel logits of the last position are gathered (one [batch, V] row per token, never
+[batch, seq, V]), the TP group's first rank samples, and the chosen tokens are broadcast, so all
+ranks of the group extend the same sequences. Each data-parallel replica samples its own prompts.
+
+There is no KV cache: each new token re-runs the prefix. That is the right trade for the tiny
+CPU models this engine serves (sequences of tens of tokens); at scale, rollouts go to SGLang.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.data.domains import Prompt, encode_prompts, pack
+from megatron_opd.data.tokenizer import CharTokenizer
+from megatron_opd.data.trajectories import Trajectories
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 8
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Apply temperature, top-k and top-p to [batch, V] logits (the sampler's distribution)."""
+    logits = logits.float() / max(params.temperature, 1e-6)
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        drop = cumulative - sorted_logits.softmax(-1) >= params.top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _full_vocab_last_logits(model, tokens: torch.Tensor, lengths: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    from megatron.core import tensor_parallel
+
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    logits = model(tokens, positions, None)  # [b, s, V/tp]
+    last = logits[torch.arange(tokens.shape[0]), lengths - 1]  # [b, V/tp]
+    return tensor_parallel.gather_from_tensor_model_parallel_region(last)[:, :vocab_size].float()
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompts: list[Prompt],
+    tokenizer: CharTokenizer,
+    params: SamplingParams,
+    *,
+    max_len: int,
+    generator: torch.Generator | None = None,
+) -> Trajectories:
+    """Sample a response for each prompt; returns the batch with the sampler's log-probs.
+
+    Collective over the tensor-parallel group (every rank passes the same prompts).
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise NotImplementedError(
+            "the embedded rollout engine runs with parallel.pp=1; use the SGLang rollout engine for PP>1"
+        )
+    was_training = model.training
+    model.eval()
+    encoded = encode_prompts(prompts, tokenizer)
+    prompt_lens = [len(e) for e in encoded]
+    budget = min(params.max_new_tokens, max_len - max(prompt_lens))
+    if budget < 1:
+        raise ValueError(f"prompts of {max(prompt_lens)} tokens leave no room under model.max_seq_len={max_len}")
+    b = len(prompts)
+    width = max(prompt_lens) + budget
+    tokens = torch.full((b, width), tokenizer.pad_id, dtype=torch.long)
+    for i, e in enumerate(encoded):
+        tokens[i, : len(e)] = torch.tensor(e)
+    lengths = torch.tensor(prompt_lens)
+    logprobs = torch.zeros(b, budget)
+    done = torch.zeros(b, dtype=torch.bool)
+    finish = ["length"] * b
+    group = parallel_state.get_tensor_model_parallel_group()
+    src = parallel_state.get_tensor_model_parallel_src_rank()
+    vocab = tokenizer.vocab_size
+    for j in range(budget):
+        active = (~done).nonzero().flatten()
+        if len(active) == 0:
+            break
+        cur = int(lengths[active].max())
+        logits = _full_vocab_last_logits(model, tokens[active, :cur], lengths[active], vocab)
+        choice = torch.zeros(len(active), dtype=torch.long)
+        if dist.get_rank() == src:
+            if params.temperature == 0:
+                choice = logits.argmax(-1)
+            else:
+                probs = filter_logits(logits, params).softmax(-1)
+                choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if dist.get_world_size(group) > 1:
+            dist.broadcast(choice, src=src, group=group)
+        # The behaviour log-prob is under the sampler's own distribution (temperature, top-p/k).
+        sampler_logits = logits if params.temperature == 0 else filter_logits(logits, params)
+        logprobs[active, j] = sampler_logits.log_softmax(-1).gather(-1, choice[:, None]).squeeze(-1)
+        tokens[active, lengths[active]] = choice
+        lengths[active] += 1
+        for a, c in zip(active.tolist(), choice.tolist()):
+            if c == tokenizer.eos_id:
+                done[a] = True
+                finish[a] = "stop"
+    model.train(was_training)
+    rows = [tokens[i, : lengths[i]].tolist() for i in range(b)]
+    batch = pack(rows, prompt_lens, prompts, tokenizer, max_len)
+    r = batch.max_response_len
+    batch.behavior_logprobs = logprobs[:, :r] * (torch.arange(r) < batch.response_lens[:, None])
+    batch.finish_reasons = finish
+    return batch
+
+
+def responses(batch: Trajectories, tokenizer: CharTokenizer) -> list[str]:
+    """The decoded response of each row (up to its EOS)."""
+    return [tokenizer.decode(row[p:n]) for row, p, n in zip(batch.tokens.tolist(), batch.prompt_lens.tolist(), batch.lengths.tolist())]

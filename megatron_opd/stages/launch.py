@@ -1,0 +1,85 @@
+"""Start a stage on this process's ranks: under torchrun/SLURM as launched, or spawn `run.nproc` local ranks.
+
+`megatron-opd train CONFIG [overrides]` lands here. Every rank builds the runtime, the trainer
+and the stage, runs the shared loop, and rank 0 prints a summary and writes `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from megatron_opd.config import JobConfig, load_config, to_dict, build
+from megatron_opd.data.tokenizer import CharTokenizer
+from megatron_opd.runtime.spawn import spawn_world
+
+
+def make_stage(cfg: JobConfig, trainer, tokenizer):
+    if cfg.stage == "sft":
+        from megatron_opd.stages.sft import SFTStage
+
+        return SFTStage(cfg, trainer, tokenizer)
+    if cfg.stage == "opd":
+        from megatron_opd.stages.opd import OPDStage
+
+        return OPDStage(cfg, trainer, tokenizer)
+    raise ValueError(f"stage={cfg.stage!r} is not available yet; use stage=sft or stage=opd")
+
+
+def run_stage(cfg: JobConfig) -> dict[str, Any]:
+    """Run `cfg` on this rank (collective); returns the final metrics (on every rank)."""
+    from megatron_opd.models.model_dir import write_model_dir
+    from megatron_opd.runtime.distributed import init_runtime, shutdown
+    from megatron_opd.stages.trainer import Trainer
+
+    tokenizer = CharTokenizer()
+    if cfg.model.vocab_size != tokenizer.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} tokens; "
+            f"set model.vocab_size={tokenizer.vocab_size}"
+        )
+    layout = init_runtime(cfg.parallel, cfg.run.seed)
+    try:
+        trainer = Trainer(cfg, layout)
+        if trainer.is_logger:
+            write_model_dir(cfg.run_dir, cfg.model, tokenizer)
+        stage = make_stage(cfg, trainer, tokenizer)
+        final = trainer.fit(stage)
+        if trainer.is_logger:
+            (cfg.run_dir / "summary.json").write_text(json.dumps(final, indent=1))
+            _print_summary(cfg, final)
+        trainer.close()
+        return final
+    finally:
+        shutdown()
+
+
+def _print_summary(cfg: JobConfig, final: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{cfg.stage} run '{cfg.run.name}' finished: {cfg.run_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in sorted(final.items()):
+        table.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
+def _rank_entry(cfg_tree: dict) -> dict[str, Any]:
+    return run_stage(build(JobConfig, cfg_tree))
+
+
+def launch(cfg: JobConfig) -> dict[str, Any]:
+    """Run under an existing launcher (torchrun/SLURM env present), else spawn `run.nproc` ranks."""
+    launched = "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if launched or cfg.run.nproc == 1:
+        return run_stage(cfg)
+    return spawn_world(_rank_entry, cfg.run.nproc, (to_dict(cfg),), timeout_s=24 * 3600)[0]
+
+
+def train_command(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    launch(cfg)
+    return 0

@@ -1,0 +1,333 @@
+"""The one training loop, shared by every stage (SFT, OPD, GRPO, GRM).
+
+A stage supplies what differs: how a step's batch is made (demonstrations, or rollouts scored
+by teachers or rewards), the per-micro-batch loss, what happens after an optimizer step (weight
+sync) and how to evaluate. The `Trainer` owns everything else: the megatron model chunks under
+megatron DDP, the megatron optimizer and LR schedule, `forward_backward_func` over
+micro-batches (pipeline-parallel schedules included), gradient clipping, checkpoints and resume,
+metrics and progress.
+
+Loss reduction is per token over the whole global batch: a stage's loss returns the SUM of its
+per-token losses and the number of tokens; megatron (`calculate_per_token_loss`) sums gradients
+over micro-batches and data-parallel ranks and `finalize_model_grads` divides by the global token
+count, so every response token of the step weighs the same wherever it was computed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.config import JobConfig, dump_config
+from megatron_opd.models.gpt import build_gpt_model
+from megatron_opd.runtime import checkpoint as ckpt
+from megatron_opd.runtime.layout import ParallelLayout
+from megatron_opd.stages.reporting import MetricsWriter, Progress
+
+
+@dataclass
+class MicroBatch:
+    """One forward's input: tokens and positions (first stage) and the loss's inputs (last stage)."""
+
+    tokens: torch.Tensor  # [b, s] long
+    position_ids: torch.Tensor  # [b, s] long
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+# loss(micro_batch, output) -> (sum of per-token losses, number of tokens, {metric: [sum, count]})
+LossFunc = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class StepBatch:
+    micro_batches: list[MicroBatch]
+    metrics: dict[str, float] = field(default_factory=dict)  # from making the batch (rollout, scoring)
+
+
+class Stage(Protocol):
+    name: str
+    progress_keys: list[str]
+
+    def make_batch(self, step: int) -> StepBatch: ...
+
+    def loss(self, mb: MicroBatch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def after_step(self, step: int) -> dict[str, float]: ...
+
+    def evaluate(self, step: int) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def metric(total: torch.Tensor | float, count: torch.Tensor | float) -> torch.Tensor:
+    """A metric reported from a loss: its sum and count, so averages stay exact across ranks."""
+    return torch.stack([torch.as_tensor(total, dtype=torch.float64).detach().reshape(()),
+                        torch.as_tensor(count, dtype=torch.float64).detach().reshape(())])
+
+
+def split_micro_batches(tokens: torch.Tensor, micro_batch_size: int, **data: torch.Tensor | list) -> list[MicroBatch]:
+    """Cut a [B, s] batch (and per-row data) into micro-batches of `micro_batch_size` rows."""
+    out = []
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    for start in range(0, tokens.shape[0], micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        out.append(MicroBatch(tokens[rows], positions[rows], {k: v[rows] for k, v in data.items()}))
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, layout: ParallelLayout):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.cfg, self.layout = cfg, layout
+        self.rank = dist.get_rank()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        t = cfg.train
+        if t.global_batch_size % (self.dp_size * t.micro_batch_size):
+            raise ValueError(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                f"dp * train.micro_batch_size = {self.dp_size} * {t.micro_batch_size}"
+            )
+        self.dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+        model = build_gpt_model(cfg.model, layout, dtype=self.dtype)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=t.use_distributed_optimizer,
+        )
+        self.model = [DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)]
+        o = t.optim
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2,
+                adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad,
+                bf16=self.dtype == torch.bfloat16,
+                params_dtype=self.dtype,
+                use_distributed_optimizer=t.use_distributed_optimizer,
+            ),
+            self.model,
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if o.warmup_steps else o.lr,
+            max_lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_steps=o.warmup_steps,
+            lr_decay_steps=max(t.steps, o.warmup_steps + 1),
+            lr_decay_style=o.decay,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=max(t.steps, 1),
+            wd_incr_style="constant",
+        )
+        config = model.config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.no_sync_func = self.model[0].no_sync
+        self.step = 0
+        self.consumed_samples = 0
+        self.run_dir = cfg.run_dir
+        self.is_logger = self.rank == 0
+        self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger)
+        if self.is_logger:
+            dump_config(cfg, self.run_dir / "config.yaml")
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The bare GPTModel of this rank (its TP shard and PP stage)."""
+        return self.model[0].module
+
+    @property
+    def samples_per_rank(self) -> int:
+        return self.cfg.train.global_batch_size // self.dp_size
+
+    # -- one optimizer step -----------------------------------------------------------------------
+
+    def forward_backward(self, micro_batches: list[MicroBatch], loss: LossFunc) -> dict[str, float]:
+        """Gradients of the step's loss in the DDP buffers (`param.main_grad`), no optimizer step."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            output = model(mb.tokens, mb.position_ids, None)
+            return output, partial(loss, mb)
+
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=self.model,
+            num_microbatches=len(micro_batches),
+            seq_length=micro_batches[0].tokens.shape[1],
+            micro_batch_size=micro_batches[0].tokens.shape[0],
+            forward_only=False,
+        )
+        return self.reduce_reports(reports)
+
+    def train_step(self, micro_batches: list[MicroBatch], loss: LossFunc) -> dict[str, float]:
+        t0 = time.perf_counter()
+        metrics = self.forward_backward(micro_batches, loss)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        elapsed = time.perf_counter() - t0
+        tokens = sum(int(mb.tokens.numel()) for mb in micro_batches) * self.dp_size
+        metrics.update(
+            lr=self.optimizer.param_groups[0]["lr"],
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            step_time_s=elapsed,
+            train_tokens_per_s=tokens / elapsed,
+        )
+        if not ok:
+            metrics["skipped_step"] = 1.0
+        check_finite(metrics, ["loss", "grad_norm"])
+        return metrics
+
+    def reduce_reports(self, reports: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Average loss-reported (sum, count) metrics over micro-batches and all ranks.
+
+        Only the last pipeline stage holds reports; tensor-parallel ranks hold identical copies,
+        which cancel in sum/count. Every rank must call this (it is a collective)."""
+        names = sorted({k for r in reports for k in r})
+        names = _broadcast_names(names)
+        if not names:
+            return {}
+        stacked = torch.zeros(len(names), 2, dtype=torch.float64)
+        for r in reports:
+            for i, k in enumerate(names):
+                if k in r:
+                    stacked[i] += r[k].to(torch.float64).cpu()
+        dist.all_reduce(stacked)
+        return {k: float(s / c) if c > 0 else float("nan") for k, (s, c) in zip(names, stacked.tolist())}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self, stage: Stage | None) -> Path:
+        common = {
+            "trainer": {
+                "step": self.step,
+                "consumed_samples": self.consumed_samples,
+                "scheduler": self.scheduler.state_dict(),
+            },
+            "stage": stage.state_dict() if stage is not None else {},
+        }
+        return ckpt.save_checkpoint(
+            self.checkpoint_root,
+            self.step,
+            self.model,
+            self.optimizer,
+            common=common,
+            keep_last=self.cfg.train.keep_checkpoints,
+        )
+
+    def resume(self, stage: Stage | None) -> bool:
+        """Continue from the newest complete checkpoint of this run, if any. Returns whether it did."""
+        path = ckpt.latest_complete(self.checkpoint_root) if self.cfg.train.resume else None
+        if path is None:
+            if self.cfg.train.init_from:
+                self.load_weights(self.cfg.train.init_from)
+            return False
+        common = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        trainer_state = common["trainer"]
+        self.step = trainer_state["step"]
+        self.consumed_samples = trainer_state["consumed_samples"]
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        if stage is not None:
+            stage.load_state_dict(common["stage"])
+        if self.is_logger:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+        return True
+
+    def load_weights(self, path: str | Path) -> None:
+        """Initialise the model (not the optimizer) from a checkpoint dir or a root holding them."""
+        path = Path(path)
+        if not (path / ckpt.COMPLETE).exists():
+            found = ckpt.latest_complete(path) or ckpt.latest_complete(path / "checkpoints")
+            if found is None:
+                raise FileNotFoundError(f"train.init_from={path} holds no complete checkpoint")
+            path = found
+        ckpt.load_checkpoint(path, self.model, None, load_rng=False)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def fit(self, stage: Stage) -> dict[str, float]:
+        t = self.cfg.train
+        resumed = self.resume(stage)
+        progress = Progress(
+            stage.name, t.steps, self.step, enabled=self.is_logger, mode=self.cfg.run.progress, every=self.cfg.run.log_every
+        )
+        last: dict[str, float] = {}
+        if not resumed and t.eval_every:
+            last = stage.evaluate(self.step)
+            self.writer.write(self.step, last, prefix="eval/")
+        start_time = time.monotonic()
+        try:
+            while self.step < t.steps:
+                batch = stage.make_batch(self.step)
+                metrics = self.train_step(batch.micro_batches, stage.loss)
+                metrics.update(batch.metrics)
+                metrics.update(stage.after_step(self.step))
+                self.step += 1
+                self.consumed_samples += t.global_batch_size
+                if self.step % self.cfg.run.log_every == 0 or self.step == t.steps:
+                    self.writer.write(self.step, metrics, prefix="train/")
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
+                    evaluation = stage.evaluate(self.step)
+                    self.writer.write(self.step, evaluation, prefix="eval/")
+                    metrics.update(evaluation)
+                progress.update(self.step, metrics, stage.progress_keys)
+                last = metrics
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
+                    self.save(stage)
+        finally:
+            progress.close()
+        self.save(stage)
+        last["wall_time_s"] = time.monotonic() - start_time
+        return last
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _broadcast_names(names: list[str]) -> list[str]:
+    """The metric names from the last pipeline stage, known to every rank."""
+    from megatron.core import parallel_state
+
+    src = dist.get_world_size() - 1  # the last rank is always on the last pipeline stage
+    holder = [names if dist.get_rank() == src else None]
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast_object_list(holder, src=src)
+    return holder[0] if holder[0] is not None else names
+
+
+def check_finite(metrics: dict[str, float], keys: list[str]) -> None:
+    for k in keys:
+        if k in metrics and not math.isfinite(metrics[k]):
+            raise FloatingPointError(f"{k} became {metrics[k]} at this step; lower train.optim.lr or check the data")
