@@ -219,13 +219,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _set_path(tree: dict, cls, path: list[str], value: Any, done: list[str]) -> None:
+def set_path(tree: dict, cls, path: list[str], value: Any, done: list[str] = ()) -> None:
     """Set tree[path] = value, checking each level's key against the dataclass `cls`."""
     name, rest = path[0], path[1:]
     prefix = ".".join(done)
     kinds = _fields(cls) if dataclasses.is_dataclass(cls) else None
     if kinds is not None and name not in kinds:
         raise _unknown_key(cls, name, prefix)
+    done = list(done)
     if not rest:
         tree[name] = value
         return
@@ -236,12 +237,12 @@ def _set_path(tree: dict, cls, path: list[str], value: Any, done: list[str]) -> 
         if len(rest) == 1:
             sub[rest[0]] = value
             return
-        _set_path(sub.setdefault(rest[0], {}), inner, rest[1:], value, done + [name, rest[0]])
+        set_path(sub.setdefault(rest[0], {}), inner, rest[1:], value, done + [name, rest[0]])
         return
     sub = tree.setdefault(name, {})
     if not isinstance(sub, dict) or (kinds is not None and not dataclasses.is_dataclass(sub_cls)):
         raise ConfigError(f"{'.'.join(done + [name])} is a value, not a section; cannot set {'.'.join(path)}")
-    _set_path(sub, sub_cls, rest, value, done + [name])
+    set_path(sub, sub_cls, rest, value, done + [name])
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), cls=JobConfig):
@@ -256,7 +257,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for text in overrides:
         keys, value = parse_override(text)
-        _set_path(tree, cls, keys, value, [])
+        set_path(tree, cls, keys, value, [])
+    return build(cls, tree)
+
+
+def derive(cfg, overrides: list[str] = (), **changes: Any):
+    """A checked copy of `cfg` with `changes` ({"a.b": value}) and then `overrides` applied."""
+    cls = type(cfg)
+    tree = to_dict(cfg)
+    for key, value in changes.items():
+        set_path(tree, cls, key.split("."), value)
+    for text in overrides:
+        keys, value = parse_override(text)
+        set_path(tree, cls, keys, value)
     return build(cls, tree)
 
 

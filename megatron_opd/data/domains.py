@@ -4,10 +4,12 @@ A domain is a prompt generator plus a rule that solves its prompts; the verifier
 against that rule. They are small enough that a 2-layer model masters one in a minute on a CPU,
 and different enough that one student must learn all of them from separate teachers:
 
-    add      "37+45="     -> "82"      two-digit addition
-    reverse  "rev:hjqa="  -> "aqjh"    reverse 3-5 letters
-    sort     "sort:5193=" -> "1359"    sort 3-5 digits
-    count    "len:abca="  -> "4"       count 1-9 letters
+    add      "37+45="   -> "82"      two-digit addition
+    reverse  "r:hjqa="  -> "aqjh"    reverse 3-5 letters
+    sort     "s:5193="  -> "1359"    sort 3-5 digits
+    count    "n:abca="  -> "4"       count 1-9 letters
+
+Prompts are short on purpose: with BOS and EOS every sequence fits in 16 tokens.
 
 `PromptSource` maps a global sample index to a prompt deterministically, so a data cursor is one
 integer, a resumed run sees exactly the samples an uninterrupted run would, and every sample has
@@ -55,22 +57,22 @@ def _body(prompt: str, tag: str) -> str:
 
 
 def _reverse_prompt(rng: random.Random) -> str:
-    return f"rev:{_letters(rng, 'abcdefghijklmnopqrstuvwxyz')}="
+    return f"r:{_letters(rng, 'abcdefghijklmnopqrstuvwxyz')}="
 
 
 def _sort_prompt(rng: random.Random) -> str:
-    return f"sort:{_letters(rng, '0123456789')}="
+    return f"s:{_letters(rng, '0123456789')}="
 
 
 def _count_prompt(rng: random.Random) -> str:
-    return f"len:{''.join(rng.choice('abc') for _ in range(rng.randint(1, 9)))}="
+    return f"n:{''.join(rng.choice('abc') for _ in range(rng.randint(1, 9)))}="
 
 
 DOMAINS: dict[str, Domain] = {
     "add": Domain("add", _add_prompt, _add_solve),
-    "reverse": Domain("reverse", _reverse_prompt, lambda p: _body(p, "rev:")[::-1]),
-    "sort": Domain("sort", _sort_prompt, lambda p: "".join(sorted(_body(p, "sort:")))),
-    "count": Domain("count", _count_prompt, lambda p: str(len(_body(p, "len:")))),
+    "reverse": Domain("reverse", _reverse_prompt, lambda p: _body(p, "r:")[::-1]),
+    "sort": Domain("sort", _sort_prompt, lambda p: "".join(sorted(_body(p, "s:")))),
+    "count": Domain("count", _count_prompt, lambda p: str(len(_body(p, "n:")))),
 }
 
 

@@ -115,8 +115,10 @@ def init_process_group(timeout_minutes: int = 10) -> ProcessEnv:
 
         cpu_compat.enable()
         # Ranks on one machine share its cores; oversubscribed BLAS threads slow every rank down.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        # OMP_NUM_THREADS, when set (torchrun sets it), is the operator's choice and wins.
+        if "OMP_NUM_THREADS" not in os.environ:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if dist.is_initialized():
         return penv
     if use_cuda():

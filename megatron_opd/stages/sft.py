@@ -32,11 +32,10 @@ class SFTStage:
         start = step * g + self.trainer.dp_rank * n
         batch = demonstrations(self.source.prompts(start, n), self.tokenizer, self.cfg.model.max_seq_len)
         labels = torch.roll(batch.tokens, -1, dims=1)
-        return StepBatch(
-            split_micro_batches(
-                batch.tokens, self.cfg.train.micro_batch_size, labels=labels, loss_mask=batch.prediction_mask()
-            )
+        micro_batches = split_micro_batches(
+            batch.tokens, self.cfg.train.micro_batch_size, labels=labels, loss_mask=batch.prediction_mask()
         )
+        return StepBatch(micro_batches, sample_ids=batch.sample_ids)
 
     def loss(self, mb: MicroBatch, logits: torch.Tensor):
         from megatron.core import tensor_parallel

@@ -15,7 +15,9 @@ count, so every response token of the step weighs the same wherever it was compu
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -48,6 +50,8 @@ LossFunc = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, torch.Tensor
 @dataclass
 class StepBatch:
     micro_batches: list[MicroBatch]
+    # Stable ids of this replica's samples: the sample ledger proves none is lost or repeated.
+    sample_ids: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)  # from making the batch (rollout, scoring)
 
 
@@ -149,6 +153,7 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.is_logger = self.rank == 0
         self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger)
+        self.ledger = SampleLedger(self.run_dir / "samples.jsonl", enabled=self.is_logger)
         if self.is_logger:
             dump_config(cfg, self.run_dir / "config.yaml")
 
@@ -257,6 +262,7 @@ class Trainer:
         common = ckpt.load_checkpoint(path, self.model, self.optimizer)
         trainer_state = common["trainer"]
         self.step = trainer_state["step"]
+        self.ledger.truncate(self.step)
         self.consumed_samples = trainer_state["consumed_samples"]
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         if stage is not None:
@@ -295,6 +301,7 @@ class Trainer:
                 metrics.update(batch.metrics)
                 metrics.update(stage.after_step(self.step))
                 self.step += 1
+                self.ledger.append(self.step, _gather_replica_ids(batch.sample_ids))
                 self.consumed_samples += t.global_batch_size
                 if self.step % self.cfg.run.log_every == 0 or self.step == t.steps:
                     self.writer.write(self.step, metrics, prefix="train/")
@@ -314,6 +321,46 @@ class Trainer:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class SampleLedger:
+    """`samples.jsonl`: the sample ids each completed step trained on (rank 0 writes).
+
+    Resuming from a checkpoint at step k drops the entries of steps after k, which the resumed run
+    then redoes with the same samples; so the ledger of a finished run lists every sample exactly
+    once however often the job was interrupted."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def append(self, step: int, sample_ids: list[str]) -> None:
+        if self.enabled and sample_ids:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "samples": sample_ids}) + "\n")
+
+    def truncate(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+
+def read_ledger(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "samples.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _gather_replica_ids(ids: list[str]) -> list[str]:
+    """Every data-parallel replica's sample ids, on rank 0 (one copy per replica)."""
+    from megatron.core import parallel_state
+
+    first = parallel_state.get_model_parallel_group()
+    mine = ids if dist.get_rank() == min(dist.get_process_group_ranks(first)) else []
+    gathered: list[list[str]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, mine)
+    return [i for part in gathered for i in part]
 
 
 def _broadcast_names(names: list[str]) -> list[str]:

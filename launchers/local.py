@@ -1,0 +1,226 @@
+"""The local launcher: every role of a distillation job on one machine (`megatron-opd run`).
+
+Roles, in order:
+  1. experts   each teacher whose model directory holds no checkpoint is trained by SFT on its
+               own domains (`pipeline.expert_overrides`), `pipeline.parallel_experts` at a time;
+  2. student   an optional short SFT warm start on all domains (`pipeline.student_overrides`);
+  3. servers   one embedded SGLang-compatible teacher server per expert on 127.0.0.1
+               (`pipeline.replicas` per teacher, behind the real sglang-router when > 1);
+  4. distill   the OPD stage on `run.nproc` trainer ranks, talking HTTP to those servers;
+  5. report    a per-domain table (teacher, student before, student after), summary.json and a
+               plot of the training curves in the run directory.
+
+Each training role is its own world of spawned ranks (megatron keeps global state per process),
+exactly like torchrun would start it; the servers are subprocesses stopped on exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from megatron_opd.config import JobConfig, derive, load_config, to_dict
+from megatron_opd.runtime.checkpoint import latest_complete
+from megatron_opd.runtime.spawn import spawn_world
+
+
+def _run_world(cfg: JobConfig, threads: int | None = None) -> dict[str, Any]:
+    from megatron_opd.stages.launch import _rank_entry
+
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+    return spawn_world(_rank_entry, cfg.run.nproc, (to_dict(cfg),), timeout_s=6 * 3600, env=env)[0]
+
+
+def _say(text: str) -> None:
+    print(f"[megatron-opd run] {text}", flush=True)
+
+
+def _expert_dir(cfg: JobConfig, name: str) -> Path:
+    t = cfg.teachers[name]
+    return Path(t.model_dir) if t.model_dir else cfg.run_dir / "experts" / name
+
+
+def train_experts(cfg: JobConfig) -> dict[str, dict[str, float]]:
+    """Train the missing experts; return each expert's final held-out accuracy per domain."""
+    jobs = {}
+    for name in sorted(cfg.teachers):
+        out = _expert_dir(cfg, name)
+        jobs[name] = derive(
+            cfg,
+            cfg.pipeline.expert_overrides,
+            **{
+                "stage": "sft",
+                "run.output_dir": str(out.parent),
+                "run.name": out.name,
+                "data.domains": list(cfg.teachers[name].domains),
+                "train.init_from": "",
+                "teachers": {},
+            },
+        )
+    missing = [n for n, job in jobs.items() if latest_complete(job.run_dir / "checkpoints") is None]
+    concurrent = max(1, min(cfg.pipeline.parallel_experts, len(missing)))
+    if missing:
+        _say(f"training experts {missing} ({concurrent} at a time)")
+        threads = max(1, (os.cpu_count() or 1) // concurrent) if concurrent > 1 else None
+        with ThreadPoolExecutor(concurrent) as pool:
+            list(pool.map(lambda n: _run_world(jobs[n], threads), missing))
+    accuracy = {}
+    for name, job in jobs.items():
+        summary = json.loads((job.run_dir / "summary.json").read_text())
+        accuracy[name] = {d: summary[f"acc/{d}"] for d in cfg.teachers[name].domains}
+    return accuracy
+
+
+def warm_start_student(cfg: JobConfig) -> str:
+    """Optional short mixed SFT of the student; returns the checkpoint root to start OPD from."""
+    if not cfg.pipeline.student_overrides:
+        return cfg.train.init_from
+    job = derive(cfg, cfg.pipeline.student_overrides, **{"stage": "sft", "run.name": f"{cfg.run.name}/student_sft", "teachers": {}})
+    if latest_complete(job.run_dir / "checkpoints") is None:
+        _say(f"warm-starting the student with SFT ({job.train.steps} steps)")
+        _run_world(job)
+    return str(job.run_dir)
+
+
+def start_servers(cfg: JobConfig, stack: ExitStack) -> dict[str, list[str]]:
+    """One embedded teacher server per expert replica (and a router in front of replicas > 1)."""
+    from megatron_opd.teachers.launch import start_router, start_teacher_server, wait_ready
+
+    endpoints: dict[str, list[str]] = {}
+    handles = []
+    for name in sorted(cfg.teachers):
+        if cfg.teachers[name].endpoints:
+            endpoints[name] = list(cfg.teachers[name].endpoints)
+            continue
+        replicas = [
+            stack.enter_context(
+                start_teacher_server(model_dir=str(_expert_dir(cfg, name)), name=f"{name}-{i}", wait=False, threads=1)
+            )
+            for i in range(cfg.pipeline.replicas)
+        ]
+        handles.extend(replicas)
+        endpoints[name] = replicas
+    wait_ready(handles)
+    for name, value in endpoints.items():
+        if value and not isinstance(value[0], str):
+            urls = [h.url for h in value]
+            if len(urls) > 1 and cfg.pipeline.router:
+                router = stack.enter_context(start_router(urls, name=f"{name}-router"))
+                urls = [router.url]
+            endpoints[name] = urls
+    _say("teacher servers ready: " + ", ".join(f"{n} -> {u}" for n, u in endpoints.items()))
+    return endpoints
+
+
+def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
+    t0 = time.monotonic()
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    teacher_acc = train_experts(cfg)
+    init_from = warm_start_student(cfg)
+    with ExitStack() as stack:
+        endpoints = start_servers(cfg, stack)
+        teachers = {
+            name: replace(t, endpoints=endpoints[name], model_dir=str(_expert_dir(cfg, name)))
+            for name, t in cfg.teachers.items()
+        }
+        opd = replace(
+            cfg,
+            teachers=teachers,
+            train=replace(cfg.train, init_from=init_from),
+            run=replace(cfg.run, name=f"{cfg.run.name}/opd"),
+        )
+        _say(f"distilling {len(teachers)} experts into the student ({opd.train.steps} OPD steps, {opd.run.nproc} ranks)")
+        _run_world(opd)
+    summary = report(cfg, opd.run_dir, teacher_acc, wall_time_s=time.monotonic() - t0)
+    return summary
+
+
+def report(cfg: JobConfig, opd_dir: Path, teacher_acc: dict[str, dict[str, float]], *, wall_time_s: float) -> dict[str, Any]:
+    """Per-domain table, summary.json and training-curve plot for the whole pipeline."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from megatron_opd.stages.reporting import read_metrics
+
+    records = read_metrics(opd_dir)
+    evals = [r for r in records if any(k.startswith("eval/acc/") for k in r)]
+    before, after = evals[0], evals[-1]
+    owner = {d: n for n, t in cfg.teachers.items() for d in t.domains}
+    domains: dict[str, dict[str, Any]] = {}
+    for d in cfg.data.domains:
+        teacher = teacher_acc[owner[d]][d]
+        student_after = after[f"eval/acc/{d}"]
+        domains[d] = {
+            "teacher": owner[d],
+            "teacher_accuracy": teacher,
+            "student_accuracy_before": before[f"eval/acc/{d}"],
+            "student_accuracy_after": student_after,
+            "fraction_of_teacher": student_after / teacher if teacher > 0 else float("nan"),
+        }
+    summary = {
+        "domains": domains,
+        "opd_steps": after["step"],
+        "wall_time_s": wall_time_s,
+        "run_dir": str(cfg.run_dir),
+    }
+    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot_curves(cfg, opd_dir, cfg.run_dir / "curves.png")
+
+    table = Table(title=f"multi-teacher OPD: {cfg.run_dir}  ({wall_time_s:.0f} s)")
+    for col in ("domain", "teacher", "teacher acc", "student before", "student after", "after / teacher"):
+        table.add_column(col, justify="right" if "acc" in col or "student" in col or "/" in col else "left")
+    for d, row in domains.items():
+        table.add_row(
+            d,
+            row["teacher"],
+            f"{row['teacher_accuracy']:.3f}",
+            f"{row['student_accuracy_before']:.3f}",
+            f"{row['student_accuracy_after']:.3f}",
+            f"{row['fraction_of_teacher']:.2f}",
+        )
+    Console().print(table)
+    _say(f"summary: {cfg.run_dir / 'summary.json'}  curves: {cfg.run_dir / 'curves.png'}")
+    return summary
+
+
+def plot_curves(cfg: JobConfig, opd_dir: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megatron_opd.stages.reporting import read_metrics
+
+    records = read_metrics(opd_dir)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, prefix, title in (
+        (axes[0], "train/kl_domain/", "reverse KL per domain (OPD)"),
+        (axes[1], "train/rollout_acc/", "rollout accuracy per domain (OPD)"),
+        (axes[2], "eval/acc/", "held-out accuracy per domain"),
+    ):
+        for d in cfg.data.domains:
+            pts = [(r["step"], r[prefix + d]) for r in records if prefix + d in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if prefix.startswith("eval") else None, label=d)
+        ax.set_title(title)
+        ax.set_xlabel("OPD step")
+        ax.legend()
+    axes[0].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def run_command(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if cfg.stage != "opd":
+        raise SystemExit(f"megatron-opd run expects a distillation config (stage: opd), {args.config} has stage={cfg.stage!r}")
+    run_pipeline(cfg)
+    return 0

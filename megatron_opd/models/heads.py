@@ -1,0 +1,65 @@
+"""Teacher output-layer shards: the piece that turns a teacher's hidden states into exact logits.
+
+A `hidden` teacher sends its final (post-norm) hidden states; the trainer multiplies them by the
+teacher's own output layer, split over the student's tensor-parallel ranks exactly like the
+student's vocab-parallel output layer, so student and teacher logits of one vocabulary shard
+sit on the same rank. Only this rank's rows are read from the teacher's dist checkpoint when the
+padded vocabularies agree; otherwise the full matrix is read once and re-cut.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_opd.models.gpt import ModelConfig
+
+
+def output_layer_key(cfg: ModelConfig) -> str:
+    return "embedding.word_embeddings.weight" if cfg.tie_embeddings else "output_layer.weight"
+
+
+def load_output_layer_shard(
+    checkpoint: str | Path,
+    teacher: ModelConfig,
+    *,
+    student_padded_vocab: int,
+    tp_rank: int,
+    tp_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Rows [r * V/tp, (r+1) * V/tp) of the teacher's output layer in the student's padded vocab.
+
+    Rows past the teacher's real vocabulary are zero (they are padding, excluded by every loss).
+    Collective when torch.distributed is initialised: every rank calls it.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    key = output_layer_key(teacher)
+    teacher_padded = teacher.padded_vocab_size(1)
+    shard_rows = student_padded_vocab // tp_size
+    d = teacher.hidden_size
+    if student_padded_vocab % tp_size:
+        raise ValueError(f"student padded vocabulary {student_padded_vocab} is not divisible by tp={tp_size}")
+    if teacher_padded == student_padded_vocab:
+        local = torch.empty(shard_rows, d, dtype=torch.float32)
+        sharded = ShardedTensor.from_rank_offsets(key, local, (0, tp_rank, tp_size), replica_id=0)
+        return dist_checkpointing.load({"w": sharded}, str(checkpoint))["w"].to(dtype)
+    # The checkpoint's own padding differs from the student's: read the full matrix. Its size is
+    # only known from the checkpoint metadata (the teacher was saved with its own TP padding).
+    from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
+
+    shape = tuple(load_tensors_metadata(str(checkpoint))[key].global_shape)
+    if shape[1] != d:
+        raise ValueError(f"{checkpoint}: {key} has hidden size {shape[1]}, teacher model.yaml says {d}")
+    full = dist_checkpointing.load(
+        {"w": ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=torch.float32), replica_id=0)},
+        str(checkpoint),
+    )["w"]
+    out = torch.zeros(shard_rows, d, dtype=dtype)
+    start = tp_rank * shard_rows
+    rows = max(0, min(teacher.vocab_size, start + shard_rows) - start)
+    out[:rows] = full[start : start + rows].to(dtype)
+    return out

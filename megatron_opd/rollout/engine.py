@@ -1,0 +1,73 @@
+"""`RolloutEngine`: where a stage's trajectories come from, and how new weights reach the sampler.
+
+Two implementations behind one small interface:
+- embedded: the student's own megatron model samples in-job under TP (rollout/embedded.py);
+  weight sync is a no-op because the sampler is the trained model.
+- sglang: SGLang servers (or our SGLang-compatible embedded server) sample over HTTP
+  (rollout/sglang.py); after each update the new weights are pushed to them and every trajectory
+  carries the `weight_version` that produced it, so stale samples are known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+from megatron_opd.data.domains import Prompt
+from megatron_opd.data.tokenizer import CharTokenizer
+from megatron_opd.data.trajectories import Trajectories
+from megatron_opd.rollout.embedded import SamplingParams, generate
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["embedded", "sglang"] = "embedded"
+    # SGLang engine: server base URLs (a router's URL, or several servers used round-robin).
+    endpoints: list[str] = field(default_factory=list)
+    api_key: str = ""
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # SGLang engine: "disk" exports weights and calls /update_weights_from_disk; "distributed"
+    # broadcasts them over NCCL (/init_weights_update_group + /update_weights_from_distributed).
+    weight_sync: Literal["disk", "distributed"] = "disk"
+    sync_every: int = 1
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[Prompt], step: int) -> Trajectories: ...
+
+    def sync_weights(self, step: int) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
+
+
+class EmbeddedRolloutEngine:
+    """The student samples its own trajectories in-job (collective over its TP group)."""
+
+    def __init__(self, cfg: RolloutConfig, model: torch.nn.Module, tokenizer: CharTokenizer, *, max_len: int, seed: int):
+        self.cfg, self.model, self.tokenizer, self.max_len, self.seed = cfg, model, tokenizer, max_len, seed
+
+    def generate(self, prompts: list[Prompt], step: int) -> Trajectories:
+        from megatron.core import parallel_state
+
+        # Seeded by (seed, step, replica): a resumed run samples exactly what an uninterrupted
+        # run would have sampled at this step, without restoring any RNG state.
+        replica = parallel_state.get_data_parallel_rank()
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + replica)
+        batch = generate(self.model, prompts, self.tokenizer, self.cfg.sampling, max_len=self.max_len, generator=generator)
+        batch.weight_version = str(step)
+        return batch
+
+    def sync_weights(self, step: int) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass

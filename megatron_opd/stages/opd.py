@@ -1,0 +1,339 @@
+"""Multi-teacher on-policy distillation: the student learns from its own samples, scored by experts.
+
+One step: prompts from every domain -> the student samples (RolloutEngine) -> each trajectory is
+routed to the expert of its domain and scored (TeacherPool) -> at every response position the
+student minimises the reverse KL to that expert's distribution -> optimizer step -> weight sync.
+
+What the loss sees per teacher signal kind (docs/architecture.md, "OPD losses"):
+- hidden: the teacher's final hidden states times the teacher's own output layer, sharded over
+  the student's TP ranks -> exact full-vocabulary KL (`vocab_parallel_reverse_kl`, or fused with
+  both output layers, `fused_linear_reverse_kl`, when opd.fused_output_layer is set);
+- logits: the same from teacher log-probs over the vocabulary (small vocabularies, tests);
+- topk: the top-k-plus-tail lower bound (`topk_reverse_kl`);
+- sampled: the sampled-token estimator as a policy-gradient surrogate (`sampled_kl_surrogate`).
+
+Within a data-parallel replica only the first model-parallel rank talks to the teachers; it
+broadcasts the signals to the rest of its group.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.config import JobConfig
+from megatron_opd.data.domains import PromptSource, get_domain
+from megatron_opd.data.tokenizer import CharTokenizer
+from megatron_opd.data.trajectories import TeacherSignals, Trajectories
+from megatron_opd.models.heads import load_output_layer_shard
+from megatron_opd.models.model_dir import read_model_dir
+from megatron_opd.rollout.embedded import responses
+from megatron_opd.rollout.engine import EmbeddedRolloutEngine, RolloutEngine
+from megatron_opd.stages.evaluation import domain_accuracy
+from megatron_opd.stages.trainer import MicroBatch, StepBatch, Trainer, metric
+
+
+def _model_parallel_group_and_src():
+    """The ranks of this data-parallel replica (TP x PP x CP) and their first rank."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_model_parallel_group()
+    ranks = dist.get_process_group_ranks(group)
+    return group, min(ranks)
+
+
+def _broadcast_object(obj: Any, src: int, group) -> Any:
+    holder = [obj if dist.get_rank() == src else None]
+    if dist.get_world_size(group) > 1:
+        dist.broadcast_object_list(holder, src=src, group=group)
+    return holder[0]
+
+
+def _signals_for_rows(signals: list[TeacherSignals], rows: range) -> list[TeacherSignals]:
+    """The signals of batch rows `rows`, with row indices made relative to rows.start."""
+    out = []
+    for s in signals:
+        keep = (s.rows >= rows.start) & (s.rows < rows.stop)
+        if not bool(keep.any()):
+            continue
+        fields = {
+            k: getattr(s, k)[keep]
+            for k in ("response_lens", "hidden", "topk_ids", "topk_logprobs", "sampled_logprobs", "logits")
+            if getattr(s, k) is not None
+        }
+        out.append(replace(s, rows=s.rows[keep] - rows.start, **fields))
+    return out
+
+
+def _flatten_responses(values: torch.Tensor, response_lens: torch.Tensor) -> torch.Tensor:
+    """[N, R, ...] left-aligned per-response-token values -> [sum(R_i), ...] in row order."""
+    r = values.shape[1]
+    keep = torch.arange(r)[None, :] < response_lens[:, None]
+    return values[keep]
+
+
+class OPDStage:
+    name = "opd"
+    progress_keys = ["kl", "rollout_acc", "acc/mean"]
+
+    def __init__(self, cfg: JobConfig, trainer: Trainer, tokenizer: CharTokenizer):
+        from megatron.core import parallel_state
+
+        self.cfg, self.trainer, self.tokenizer = cfg, trainer, tokenizer
+        if not cfg.teachers:
+            raise ValueError("stage=opd needs teachers: the teachers section of the config is empty")
+        self.source = PromptSource(cfg.data.domains, cfg.data.seed, cfg.data.eval_size)
+        for domain in cfg.data.domains:
+            if not any(domain in t.domains for t in cfg.teachers.values()):
+                raise ValueError(
+                    f"domain {domain!r} (data.domains) has no teacher; add it to the domains of one "
+                    f"of teachers {sorted(cfg.teachers)}"
+                )
+        self.teacher_names = sorted(cfg.teachers)
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.mp_group, self.mp_src = _model_parallel_group_and_src()
+        self.pool = self._start_pool()
+        self.heads = self._load_teacher_heads()
+        self.rollout = self._make_rollout_engine()
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def _start_pool(self):
+        """Start the pool on the replica's first rank; every rank raises the same error if it fails."""
+        from megatron_opd.teachers.pool import TeacherPool
+
+        pool, error = None, None
+        if dist.get_rank() == self.mp_src:
+            try:
+                pool = TeacherPool(
+                    self.cfg.teachers,
+                    student_vocab_size=self.tokenizer.vocab_size,
+                    student_fingerprint=self.tokenizer.fingerprint,
+                )
+                pool.start_sync()
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                error = f"{type(e).__name__}: {e}"
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        first = next((e for e in errors if e), None)
+        if first:
+            if pool is not None:
+                pool.close()
+            raise RuntimeError(f"teacher pool failed to start, before any training step: {first}")
+        return pool
+
+    def _load_teacher_heads(self) -> dict[str, torch.Tensor]:
+        """Output-layer shards of hidden-signal teachers, cut like the student's vocab shard."""
+        from megatron.core import parallel_state
+
+        heads = {}
+        for name in self.teacher_names:
+            teacher = self.cfg.teachers[name]
+            if teacher.signal != "hidden":
+                continue
+            if not teacher.model_dir:
+                raise ValueError(f"teachers.{name}.signal is 'hidden' but teachers.{name}.model_dir is empty")
+            model_dir = read_model_dir(teacher.model_dir)
+            heads[name] = load_output_layer_shard(
+                model_dir.latest_checkpoint(),
+                model_dir.model,
+                student_padded_vocab=self.cfg.model.padded_vocab_size(self.trainer.layout.tp),
+                tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                tp_size=self.trainer.layout.tp,
+            )
+        return heads
+
+    def _make_rollout_engine(self) -> RolloutEngine:
+        r = self.cfg.rollout
+        if r.engine == "embedded":
+            return EmbeddedRolloutEngine(
+                r, self.trainer.module, self.tokenizer, max_len=self.cfg.model.max_seq_len, seed=self.cfg.run.seed
+            )
+        from megatron_opd.rollout.sglang import SGLangRolloutEngine
+
+        return SGLangRolloutEngine(r, self.trainer, self.tokenizer, max_len=self.cfg.model.max_seq_len, seed=self.cfg.run.seed)
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def make_batch(self, step: int) -> StepBatch:
+        n = self.trainer.samples_per_rank
+        start = step * self.cfg.train.global_batch_size + self.trainer.dp_rank * n
+        prompts = self.source.prompts(start, n)
+        t0 = time.perf_counter()
+        batch = self.rollout.generate(prompts, step)
+        t_rollout = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        batch, signals = self._score(batch)
+        t_score = time.perf_counter() - t0
+        metrics = self._rollout_metrics(batch)
+        metrics.update(rollout_time_s=t_rollout, score_time_s=t_score)
+        metrics["rollout_tokens_per_s"] = float(batch.response_lens.sum()) * self.trainer.dp_size / max(t_rollout, 1e-9)
+        self._last_batch = batch
+        return StepBatch(self._micro_batches(batch, signals), batch.sample_ids, metrics)
+
+    def _score(self, batch: Trajectories) -> tuple[Trajectories, list[TeacherSignals]]:
+        result = None
+        if dist.get_rank() == self.mp_src:
+            routed = self.pool.route(batch)
+            result = (routed.teacher, self.pool.score(routed))
+        teachers, signals = _broadcast_object(result, self.mp_src, self.mp_group)
+        batch.teacher = teachers
+        return batch, signals
+
+    def _rollout_metrics(self, batch: Trajectories) -> dict[str, float]:
+        """Rule-verified accuracy of this step's samples, per domain and overall (all replicas)."""
+        texts = responses(batch, self.tokenizer)
+        names = [d.name for d in self.source.domains]
+        counts = torch.zeros(len(names), 2, dtype=torch.float64)
+        for prompt_text, response, domain in zip(self._prompt_texts(batch), texts, batch.domain):
+            counts[names.index(domain)] += torch.tensor([float(get_domain(domain).verify(prompt_text, response)), 1.0])
+        if dist.get_rank() != self.mp_src:
+            counts.zero_()
+        dist.all_reduce(counts)
+        out = {f"rollout_acc/{d}": float(c / n) for d, (c, n) in zip(names, counts.tolist()) if n}
+        total = counts.sum(0)
+        out["rollout_acc"] = float(total[0] / total[1])
+        out["response_len"] = float(batch.response_lens.float().mean())
+        return out
+
+    def _prompt_texts(self, batch: Trajectories) -> list[str]:
+        # The prompt is everything after BOS up to prompt_len.
+        return [self.tokenizer.decode(row[1:p], stop_at_eos=False) for row, p in zip(batch.tokens.tolist(), batch.prompt_lens.tolist())]
+
+    def _micro_batches(self, batch: Trajectories, signals: list[TeacherSignals]) -> list[MicroBatch]:
+        mbs = []
+        size = self.cfg.train.micro_batch_size
+        domain_ids = torch.tensor([self.source.domains.index(get_domain(d)) for d in batch.domain])
+        positions = torch.arange(batch.tokens.shape[1]).expand_as(batch.tokens)
+        for start in range(0, len(batch), size):
+            rows = range(start, min(start + size, len(batch)))
+            mbs.append(
+                MicroBatch(
+                    batch.tokens[start : rows.stop],
+                    positions[start : rows.stop],
+                    {
+                        "prompt_lens": batch.prompt_lens[start : rows.stop],
+                        "response_lens": batch.response_lens[start : rows.stop],
+                        "domain_ids": domain_ids[start : rows.stop],
+                        "signals": _signals_for_rows(signals, rows),
+                    },
+                )
+            )
+        return mbs
+
+    # -- the loss ---------------------------------------------------------------------------------
+
+    def loss(self, mb: MicroBatch, logits: torch.Tensor):
+        from megatron_opd import losses
+
+        prompt_lens, response_lens = mb.data["prompt_lens"], mb.data["response_lens"]
+        vocab = self.tokenizer.vocab_size
+        total = logits.new_zeros((), dtype=torch.float32)
+        count = 0
+        reports: dict[str, torch.Tensor] = {}
+        per_domain = torch.zeros(len(self.source.domains), 2, dtype=torch.float64)
+        for s in mb.data["signals"]:
+            teacher = self.cfg.teachers[s.teacher]
+            rows = s.rows
+            # Student logits at the positions that predict each response token, [N, V/tp].
+            j = torch.arange(int(s.response_lens.max()))
+            keep = j[None, :] < s.response_lens[:, None]
+            pos = (prompt_lens[rows][:, None] - 1 + j[None, :])[keep]
+            row_of = rows[:, None].expand_as(keep)[keep]
+            student = logits[row_of, pos]
+            if s.kind == "hidden":
+                hidden = _flatten_responses(s.hidden, s.response_lens).to(student.dtype)
+                teacher_logits = hidden @ self.heads[s.teacher].to(student.dtype).t()
+                kl = losses.vocab_parallel_reverse_kl(
+                    student, teacher_logits, temperature=teacher.temperature, vocab_size=vocab, group=self.tp_group
+                )
+            elif s.kind == "logits":
+                teacher_logits = self._shard_full_vocab(_flatten_responses(s.logits, s.response_lens), student)
+                kl = losses.vocab_parallel_reverse_kl(
+                    student, teacher_logits, temperature=teacher.temperature, vocab_size=vocab, group=self.tp_group
+                )
+            elif s.kind == "topk":
+                out = losses.topk_reverse_kl(
+                    student,
+                    _flatten_responses(s.topk_ids, s.response_lens),
+                    _flatten_responses(s.topk_logprobs, s.response_lens),
+                    temperature=teacher.temperature,
+                    vocab_size=vocab,
+                    group=self.tp_group,
+                )
+                kl = out.kl
+                reports[f"topk_mass/{s.teacher}"] = metric(out.covered_mass.sum(), out.covered_mass.numel())
+            else:  # sampled
+                tokens = mb.tokens[row_of, pos + 1]
+                kl, surrogate = losses.sampled_kl_surrogate(
+                    student, tokens, _flatten_responses(s.sampled_logprobs, s.response_lens),
+                    vocab_size=vocab, group=self.tp_group,
+                )
+                total = total + surrogate.sum()
+                count += kl.numel()
+                reports[f"kl/{s.teacher}"] = metric(kl.sum(), kl.numel())
+                self._add_domain(per_domain, mb.data["domain_ids"][row_of], kl)
+                continue
+            total = total + kl.sum()
+            count += kl.numel()
+            reports[f"kl/{s.teacher}"] = metric(kl.sum(), kl.numel())
+            self._add_domain(per_domain, mb.data["domain_ids"][row_of], kl)
+        for d, (ksum, n) in zip(self.source.domains, per_domain.tolist()):
+            if n:
+                reports[f"kl_domain/{d.name}"] = metric(ksum, n)
+        reports["kl"] = metric(per_domain[:, 0].sum(), per_domain[:, 1].sum())
+        if count == 0:  # every row empty: keep the graph connected so backward still runs
+            total = logits.sum() * 0.0
+        return total, torch.tensor(count, dtype=torch.int), reports
+
+    @staticmethod
+    def _add_domain(per_domain: torch.Tensor, domain_ids: torch.Tensor, kl: torch.Tensor) -> None:
+        detached = kl.detach().to(torch.float64)
+        per_domain[:, 0].index_add_(0, domain_ids, detached)
+        per_domain[:, 1].index_add_(0, domain_ids, torch.ones_like(detached))
+
+    def _shard_full_vocab(self, full: torch.Tensor, student_shard: torch.Tensor) -> torch.Tensor:
+        """Cut [N, V] teacher values to this rank's [N, V/tp] vocabulary shard (padding: -inf)."""
+        from megatron.core import parallel_state
+
+        shard = student_shard.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * shard
+        out = full.new_full((full.shape[0], shard), float("-inf"))
+        cols = max(0, min(full.shape[1], start + shard) - start)
+        out[:, :cols] = full[:, start : start + cols]
+        return out.to(student_shard.dtype)
+
+    # -- around the step --------------------------------------------------------------------------
+
+    def after_step(self, step: int) -> dict[str, float]:
+        if (step + 1) % self.cfg.rollout.sync_every == 0:
+            return self.rollout.sync_weights(step + 1)
+        return {}
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        acc = domain_accuracy(
+            self.trainer.module,
+            self.source,
+            self.tokenizer,
+            max_len=self.cfg.model.max_seq_len,
+            max_new_tokens=self.cfg.rollout.max_new_tokens,
+        )
+        acc["acc/mean"] = sum(acc.values()) / len(acc)
+        return acc
+
+    def state_dict(self) -> dict[str, Any]:
+        # Prompts and sampling seeds derive from the step, so the step (saved by the trainer) is the
+        # whole data cursor; the ledger of consumed samples is kept by the trainer's sample log.
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        self.rollout.close()
