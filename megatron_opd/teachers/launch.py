@@ -165,8 +165,9 @@ def start_router(
 ) -> ServerHandle:
     """The real `sglang-router` (pip install sglang-router) in front of `worker_urls`.
 
-    Ready when its /health answers and it forwards a /model_info; the router health-checks its
-    workers at start-up, so they must be up first.
+    Ready when it forwards GET /get_model_info to a worker (its /health answers before any worker
+    is registered; it has no /model_info route). The workers must be up first: the router
+    health-checks them at start-up.
     """
     from megatron_opd.runtime.spawn import free_port
 
@@ -180,7 +181,7 @@ def start_router(
         if not handle.alive():
             raise RuntimeError(f"sglang-router exited with code {handle.process.returncode}:\n{handle.log_tail()}")
         try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            with urllib.request.urlopen(url + "/get_model_info", timeout=2) as r:
                 if r.status == 200:
                     break
         except OSError:

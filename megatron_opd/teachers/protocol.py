@@ -512,7 +512,11 @@ def parse_score_response(
         elif spec.kind == "logits":
             full = meta.get(FULL_LOGPROBS)
             if full is None:
-                raise _fail(at, f"returned no {FULL_LOGPROBS}; signal 'logits' needs our embedded teacher server")
+                raise _fail(
+                    at,
+                    f"returned no {FULL_LOGPROBS}: signal 'logits' needs our embedded teacher server, reached directly "
+                    f"(a stock SGLang server has no such output, and sglang-router drops the {KEY_FULL_LOGPROBS} key)",
+                )
             # Row 0 (never scored) is null in JSON and NaN in the binary form.
             rows = full[1:]
             full = np.asarray(rows, np.float32) if len(rows) else np.zeros((0, vocab_size), np.float32)

@@ -703,6 +703,11 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # Import-time notices of GPU stacks that are absent by design on CPU.
+    for pattern in ("pynvml", "Apex", "Transformer Engine", "full scope is deprecated"):
+        warnings.filterwarnings("ignore", message=f".*{pattern}.*")
     parser = argparse.ArgumentParser(prog="megatron-opd serve-teacher", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return serve_command(parser.parse_args(argv))
