@@ -136,15 +136,24 @@ class TeacherClient:
     # -- plain requests -----------------------------------------------------------------------
 
     async def get_json(self, url: str, path: str) -> Any:
-        """GET one replica (no failover: used to inspect a specific server)."""
+        """GET one replica (no failover: used to inspect a specific server).
+
+        An unreachable server fails at once; HTTP 408/429/5xx (a router whose chosen worker just
+        died answers 500) are retried up to `max_retries` times with back-off.
+        """
         session = self._ensure_session()
-        try:
-            async with session.get(url + path) as resp:
-                body = await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise TeacherUnavailable(f"{self._where(url)} is not reachable ({path}): {type(e).__name__}: {e}") from None
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                async with session.get(url + path) as resp:
+                    body = await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                raise TeacherUnavailable(f"{self._where(url)} is not reachable ({path}): {type(e).__name__}: {e}") from None
+            if resp.status not in _RETRY_STATUS or attempt == self.cfg.max_retries:
+                break
+            await asyncio.sleep(min(self.cfg.retry_backoff_s * 2**attempt, 10.0))
         if resp.status != 200:
-            raise TeacherRequestError(f"{self._where(url)} answered {path} with HTTP {resp.status}: {P.error_message(body)}")
+            error = TeacherUnavailable if resp.status in _RETRY_STATUS else TeacherRequestError
+            raise error(f"{self._where(url)} answered {path} with HTTP {resp.status}: {P.error_message(body)}")
         try:
             return json.loads(body)
         except ValueError:
@@ -175,16 +184,20 @@ class TeacherClient:
 
     async def post_to(self, url: str, path: str, body: dict) -> tuple[bytes, str]:
         """One POST to one replica (no failover); retryable failures raise `ReplicaFailed`."""
+        self._ensure_session()
+        async with self._sem:
+            return await self._send(url, path, body)
+
+    async def _send(self, url: str, path: str, body: dict) -> tuple[bytes, str]:
         session = self._ensure_session()
         data = json.dumps(body).encode()
         self.stats.attempts += 1
         self.stats.bytes_sent += len(data)
         t0 = time.perf_counter()
         try:
-            async with self._sem:
-                async with session.post(url + path, data=data, headers={"Content-Type": "application/json"}) as resp:
-                    payload = await resp.read()
-                    status, ctype = resp.status, resp.headers.get("Content-Type", "")
+            async with session.post(url + path, data=data, headers={"Content-Type": "application/json"}) as resp:
+                payload = await resp.read()
+                status, ctype = resp.status, resp.headers.get("Content-Type", "")
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             raise ReplicaFailed(f"{self._where(url)}: {type(e).__name__}: {e}") from None
         if self.trace is not None:
@@ -203,20 +216,22 @@ class TeacherClient:
 
         Returns (url that answered, body, content type).
         """
+        self._ensure_session()
         errors: list[str] = []
         failed: set[str] = set()
         rounds = 0
         for attempt in range(self.cfg.max_retries + 1):
-            url = self._pick(failed)
-            if url is None:  # every replica failed since the last back-off
+            if len(failed) == len(self.cfg.endpoints):  # every replica failed since the last back-off
                 await asyncio.sleep(min(self.cfg.retry_backoff_s * 2**rounds, 10.0))
                 rounds += 1
                 failed.clear()
-                url = self._pick(failed)
             if attempt:
                 self.stats.failovers += 1
             try:
-                payload, ctype = await self.post_to(url, path, make_body(url))
+                # Pick the replica once a slot is free, so the choice sees the latest failures.
+                async with self._sem:
+                    url = self._pick(failed)
+                    payload, ctype = await self._send(url, path, make_body(url))
             except ReplicaFailed as e:
                 errors.append(str(e))
                 failed.add(url)

@@ -85,6 +85,15 @@ class ServerHandle:
         self.stop()
 
 
+def stop_all(handles: Sequence[ServerHandle], timeout_s: float = 15.0) -> None:
+    """SIGTERM every server at once, then wait for each (stopping in turn would add up)."""
+    for h in handles:
+        if h.alive():
+            h.process.send_signal(signal.SIGTERM)
+    for h in handles:
+        h.stop(timeout_s)
+
+
 def _spawn(cmd: list[str], name: str, log_path: str | os.PathLike | None, env: dict[str, str]) -> ServerHandle:
     if log_path is None:
         fd, log_path = tempfile.mkstemp(prefix=f"{name}-", suffix=".log")
@@ -159,11 +168,17 @@ def start_router(
     host: str = "127.0.0.1",
     port: int = 0,
     policy: str = "round_robin",
+    health_check_interval_s: int = 2,
+    health_failure_threshold: int = 2,
     extra_args: Sequence[str] = (),
     log_path: str | os.PathLike | None = None,
     startup_timeout_s: float = 60.0,
 ) -> ServerHandle:
     """The real `sglang-router` (pip install sglang-router) in front of `worker_urls`.
+
+    The router retries a failed /generate on another worker by itself, but sends other requests
+    (/get_model_info) to a dead worker until its health check marks it unhealthy: 3 failed checks
+    60 s apart by default, so we check every `health_check_interval_s` seconds instead.
 
     Ready when it forwards GET /get_model_info to a worker (its /health answers before any worker
     is registered; it has no /model_info route). The workers must be up first: the router
@@ -173,7 +188,9 @@ def start_router(
 
     port = port or free_port(host)
     cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
-           "--worker-urls", *worker_urls, "--policy", policy, *extra_args]  # fmt: skip
+           "--worker-urls", *worker_urls, "--policy", policy,
+           "--health-check-interval-secs", str(health_check_interval_s),
+           "--health-failure-threshold", str(health_failure_threshold), *extra_args]  # fmt: skip
     handle = _spawn(cmd, "sglang-router", log_path, subprocess_env())
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + startup_timeout_s
