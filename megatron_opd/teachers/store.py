@@ -61,8 +61,16 @@ class _Loc:
 
 
 class TeacherStore:
-    def __init__(self, root: str | os.PathLike, *, hidden_dtype: str = "float16", logprob_dtype: str = "float32"):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        hidden_dtype: str = "float16",
+        logprob_dtype: str = "float32",
+        chunk_bytes: int = CHUNK_BYTES,
+    ):
         self.root = Path(root)
+        self.chunk_bytes = chunk_bytes
         self.dtypes = {
             "hidden": np.dtype(hidden_dtype),
             "logits": np.dtype(logprob_dtype),
@@ -134,7 +142,7 @@ class TeacherStore:
                 flat = torch.cat([value[i, :n] for i, n in enumerate(lens)]) if lens else value[:, :0].flatten(0, 1)
                 flat = flat.detach().cpu().numpy().astype(self.dtypes[key], copy=False)
                 row_bytes = flat.dtype.itemsize * int(np.prod(flat.shape[1:], dtype=np.int64))
-                chunk_rows = int(min(max(CHUNK_BYTES // row_bytes, 16), 1 << 16))
+                chunk_rows = int(min(max(self.chunk_bytes // row_bytes, 16), 1 << 16))
                 arr = tgroup.create_array(
                     key, shape=flat.shape, chunks=(chunk_rows, *flat.shape[1:]), dtype=flat.dtype, compressors=[_compressor()]
                 )
