@@ -699,6 +699,9 @@ def serve_command(args: argparse.Namespace) -> int:
     worker.run_until(stop, http)
     state["stopping"] = True
     http.stop()
+    if not stop.is_set():  # the HTTP thread died on its own
+        print(f"serve-teacher: the HTTP server stopped unexpectedly: {http.error}", file=sys.stderr, flush=True)
+        return 1
     print("teacher server stopped", flush=True)
     return 0
 
