@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 
 import numpy as np
 import pytest
@@ -17,19 +16,10 @@ import pytest
 from megatron_opd.config import ConfigError, build
 from megatron_opd.teachers import protocol as P
 from megatron_opd.teachers.config import TeacherConfig, TeacherConfigError, check_teachers
-from megatron_opd.teachers.sglang_contract import FETCH_HINT, load_contract
+from megatron_opd.teachers.sglang_contract import load_contract_or_skip
 
 WHERE = "teacher 'math' at http://127.0.0.1:8001"
 V = 11
-
-
-def contract_or_skip():
-    try:
-        return load_contract()
-    except FileNotFoundError:
-        if os.environ.get("OPD_REQUIRE_SGLANG_CONTRACT") == "1":
-            raise
-        pytest.skip(f"SGLang contract module unavailable; {FETCH_HINT}")
 
 
 def table(L: int, seed: int = 0) -> np.ndarray:
@@ -97,7 +87,7 @@ def test_score_request_refuses_mixed_prompt_lengths_and_bad_k():
 
 
 def test_requests_decode_with_sglang_contract():
-    api = contract_or_skip()
+    api = load_contract_or_skip()
     items = [P.ScoreItem(TOKENS, PROMPT)]
     bodies = [P.score_request(items, P.SignalSpec(kind, topk=4 if kind == "topk" else 0, topk_format=f, binary=b))
               for kind in ("hidden", "topk", "sampled", "logits") for f in ("b64", "nested") for b in (False, True)]  # fmt: skip

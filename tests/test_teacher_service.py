@@ -31,7 +31,7 @@ from megatron_opd.teachers.client import TeacherClient, TeacherRequestError, Tea
 from megatron_opd.teachers.config import TeacherConfig
 from megatron_opd.teachers.launch import start_router, start_teacher_server, stop_all, wait_ready
 from megatron_opd.teachers.pool import RoutingError, TeacherIncompatible, TeacherPool
-from megatron_opd.teachers.sglang_contract import FETCH_HINT, load_contract
+from megatron_opd.teachers.sglang_contract import load_contract_or_skip
 
 KEY = "s3cret"
 TOK = CharTokenizer()
@@ -137,13 +137,6 @@ def run_client(cfg: TeacherConfig, items, **kw):
     return asyncio.run(go())
 
 
-def contract_or_skip():
-    try:
-        return load_contract()
-    except FileNotFoundError:
-        pytest.skip(f"SGLang contract module unavailable; {FETCH_HINT}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Server endpoints
 
@@ -228,7 +221,7 @@ def test_client_signals_equal_the_model(servers, world, wire, signal, extra):
 
 
 def test_every_request_and_response_decodes_with_sglang_contract(servers):
-    api = contract_or_skip()
+    api = load_contract_or_skip()
     items = sequences(3, seed=5)
     traces = []
     for signal, extra in (("sampled", {}), ("topk", {"topk": 4, "topk_format": "b64"}), ("topk", {"topk": 4, "topk_format": "nested"}),

@@ -7,7 +7,6 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
