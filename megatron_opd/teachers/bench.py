@@ -129,18 +129,25 @@ def render(rows: list[Row], title: str) -> None:
     Console(width=120).print(table)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="megatron-opd bench-teachers", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller batch and fewer repetitions (tests)")
     parser.add_argument("--hidden-size", type=int, default=4096)
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
-    args = parser.parse_args(argv)
+
+
+def bench_command(args: argparse.Namespace) -> int:
     rows = run(quick=args.quick, hidden=args.hidden_size)
     mode = "quick: 2 sequences of 16 + 48 tokens" if args.quick else "4 sequences of 32 prompt + 96 response tokens"
     render(rows, f"Teacher signal on the wire, hidden size {args.hidden_size}, vocabulary 256 ({mode}, 127.0.0.1)")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megatron-opd bench-teachers", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return bench_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
