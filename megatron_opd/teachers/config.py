@@ -1,0 +1,99 @@
+"""`TeacherConfig`: one teacher of a distillation job, as the job's YAML declares it.
+
+Light on purpose (no torch, no aiohttp): the config tree imports it. `JobConfig.teachers` maps a
+teacher name to one of these; `megatron_opd.config.build` checks every key and type.
+
+    teachers:
+      math:
+        endpoints: [http://node12:30000, http://node13:30000]   # replicas, or one router URL
+        domains: [add, sort]
+        signal: topk
+        topk: 32
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+SIGNAL_KINDS = ("hidden", "topk", "sampled", "logits")
+
+
+class TeacherConfigError(ValueError):
+    """A teacher's config is inconsistent; the message names the teacher and the key."""
+
+
+@dataclass
+class TeacherConfig:
+    # Base URLs of the teacher's replicas (each an SGLang server, our embedded server, or a router).
+    endpoints: list[str] = field(default_factory=list)
+    # Trajectory domains this teacher scores; every domain belongs to exactly one teacher.
+    domains: list[str] = field(default_factory=list)
+    # What the teacher sends per response token (docs/teachers.md, "Signal kinds").
+    signal: Literal["hidden", "topk", "sampled", "logits"] = "hidden"
+    topk: int = 0  # k for signal=topk
+    # Distillation temperature. Servers return log_softmax of the raw logits (SGLang never applies
+    # sampling temperature to input positions), so the trainer applies it, not the server.
+    temperature: float = 1.0
+    api_key: str = ""  # sent as `Authorization: Bearer <key>` when set
+    timeout_s: float = 120.0  # per HTTP request
+    max_retries: int = 3  # further attempts after the first, spread over the replicas
+    retry_backoff_s: float = 0.5  # first back-off after every replica failed once; doubles, capped
+    max_concurrency: int = 8  # HTTP requests in flight to this teacher
+    batch_size: int = 8  # sequences per /generate request (sequences of one prompt length)
+    # The teacher's model directory: the trainer loads the output layer of hidden-signal teachers
+    # from it; the embedded server loads the model from it.
+    model_dir: str = ""
+    # Wire format: "auto" uses our binary signal when the server advertises it, else JSON.
+    wire: Literal["auto", "json"] = "auto"
+    # Top-k encoding asked for; any encoding that comes back is decoded (older servers ignore the
+    # flat flags and answer nested).
+    topk_format: Literal["b64", "flat", "nested"] = "b64"
+    # dtype of hidden states in our binary form (JSON always carries full floats).
+    hidden_dtype: Literal["float32", "float16"] = "float32"
+    # A real SGLang server does not report its tokenizer: declare what the operator checked, and
+    # the pool verifies it against the student and probes the vocabulary (docs/teachers.md).
+    tokenizer_fingerprint: str = ""
+    vocab_size: int = 0
+
+    def check(self, name: str) -> None:
+        where = f"teachers.{name}"
+        if not self.endpoints:
+            raise TeacherConfigError(f"{where}.endpoints is empty; give at least one base URL")
+        for url in self.endpoints:
+            if not url.startswith(("http://", "https://")):
+                raise TeacherConfigError(f"{where}.endpoints: {url!r} is not an http(s) URL")
+        if len(set(self.endpoints)) != len(self.endpoints):
+            raise TeacherConfigError(f"{where}.endpoints lists a URL twice: {self.endpoints}")
+        if not self.domains:
+            raise TeacherConfigError(f"{where}.domains is empty; a teacher must score at least one domain")
+        if self.signal not in SIGNAL_KINDS:
+            raise TeacherConfigError(f"{where}.signal={self.signal!r}; expected one of {list(SIGNAL_KINDS)}")
+        if self.signal == "topk" and self.topk < 1:
+            raise TeacherConfigError(f"{where}.signal is 'topk' but {where}.topk={self.topk}; set k >= 1")
+        if self.signal != "topk" and self.topk:
+            raise TeacherConfigError(f"{where}.topk={self.topk} is set but {where}.signal is {self.signal!r}")
+        if self.temperature <= 0:
+            raise TeacherConfigError(f"{where}.temperature must be > 0, got {self.temperature}")
+        for key in ("timeout_s", "max_concurrency", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise TeacherConfigError(f"{where}.{key} must be > 0, got {getattr(self, key)}")
+        if self.max_retries < 0 or self.retry_backoff_s < 0:
+            raise TeacherConfigError(f"{where}.max_retries and retry_backoff_s must be >= 0")
+
+
+def check_teachers(teachers: dict[str, TeacherConfig]) -> dict[str, str]:
+    """Check every teacher and return domain -> teacher name (a domain claimed twice is an error)."""
+    if not teachers:
+        raise TeacherConfigError("no teachers configured (the teachers: section is empty)")
+    owner: dict[str, str] = {}
+    for name, cfg in teachers.items():
+        cfg.check(name)
+        for domain in cfg.domains:
+            if domain in owner:
+                raise TeacherConfigError(
+                    f"domain {domain!r} is claimed by teachers {owner[domain]!r} and {name!r}; "
+                    f"each domain must have exactly one teacher"
+                )
+            owner[domain] = name
+    return owner

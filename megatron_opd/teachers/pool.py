@@ -1,0 +1,277 @@
+"""`TeacherPool`: the trainer's one door to its teachers.
+
+    pool = TeacherPool(cfg.teachers, student_vocab_size=V, student_fingerprint=tok.fingerprint)
+    pool.start_sync()                      # refuses incompatible or unreachable teachers
+    signals = pool.score(pool.route(traj)) # one TeacherSignals per teacher in the batch
+
+Routing: each trajectory goes to the teacher that owns its domain; an unknown domain is an error,
+never a default.
+
+Start-up compatibility (every replica of every teacher; docs/teachers.md, "Compatibility"):
+- our embedded server reports `vocab_size` and `tokenizer_fingerprint` in /model_info: both must
+  equal the student's;
+- a stock SGLang server reports neither, so its config must declare them (what the operator
+  checked), they must equal the student's, and a probe proves the vocabulary claim as far as
+  the protocol can: scoring a few tokens with `top_logprobs_num` = the student's vocabulary size
+  must return that many ids, all inside the student's id range, holding probability mass 1;
+- then one scoring request per teacher with its own signal kind proves the whole path (hidden
+  states enabled, top-k honoured, row counts right); for hidden-state teachers the state width
+  must match the `model_dir` whose output layer the trainer will apply.
+
+The clients live on a private event-loop thread, so `score()` is a plain call from the training
+loop and `await ascore()` works from any other loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Coroutine
+
+import numpy as np
+import torch
+
+from megatron_opd.data.trajectories import TeacherSignals, Trajectories
+from megatron_opd.teachers import protocol as P
+from megatron_opd.teachers.client import TeacherClient, TeacherError, gather_all
+from megatron_opd.teachers.config import TeacherConfig, check_teachers
+
+PROBE_MASS_TOLERANCE = 1e-3
+
+
+class TeacherIncompatible(TeacherError):
+    """A teacher does not share the student's vocabulary/tokenizer (or cannot serve its signal)."""
+
+
+class RoutingError(ValueError):
+    """A trajectory's domain (or teacher) is not one the pool knows."""
+
+
+class _LoopThread:
+    """An asyncio loop on a daemon thread; `run(coro)` blocks, `wrap(coro)` awaits from another loop."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="teacher-pool", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def wrap(self, coro: Coroutine) -> Any:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+class TeacherPool:
+    def __init__(
+        self,
+        teachers: dict[str, TeacherConfig],
+        *,
+        student_vocab_size: int,
+        student_fingerprint: str,
+        trace: bool = False,
+    ):
+        self.teachers = dict(teachers)
+        self.domain_owner = check_teachers(self.teachers)
+        self.student_vocab_size = student_vocab_size
+        self.student_fingerprint = student_fingerprint
+        self.clients = {
+            name: TeacherClient(name, cfg, vocab_size=student_vocab_size, trace=trace) for name, cfg in self.teachers.items()
+        }
+        self.started = False
+        self._loop: _LoopThread | None = None
+
+    def _runner(self) -> _LoopThread:
+        if self._loop is None:
+            self._loop = _LoopThread()
+        return self._loop
+
+    # -- start-up -----------------------------------------------------------------------------
+
+    def start_sync(self) -> None:
+        self._runner().run(self._start())
+
+    async def start(self) -> None:
+        await self._runner().wrap(self._start())
+
+    async def _start(self) -> None:
+        await gather_all([self._start_teacher(name) for name in self.teachers])
+        self.started = True
+
+    async def _start_teacher(self, name: str) -> None:
+        client, cfg = self.clients[name], self.teachers[name]
+        infos = await client.start(require_all=True)
+        for url, info in infos.items():
+            if info.get("vocab_size") is None or info.get("tokenizer_fingerprint") is None:
+                await self._check_stock_sglang(name, url)
+            else:
+                self._compare(name, url, int(info["vocab_size"]), str(info["tokenizer_fingerprint"]), "reported by /model_info")
+            if cfg.signal == "logits" and not (info.get("opd_server") or {}).get("full_logprobs"):
+                raise TeacherIncompatible(
+                    f"teacher {name!r} at {url} cannot send signal 'logits': SGLang has no full-vocabulary output "
+                    f"(only our embedded server does); use signal 'hidden' for the exact distribution"
+                )
+        await self._probe_signal(name)
+
+    def _compare(self, name: str, url: str, vocab: int, fingerprint: str, source: str) -> None:
+        if vocab != self.student_vocab_size:
+            raise TeacherIncompatible(
+                f"teacher {name!r} at {url} has vocabulary size {vocab} ({source}) but the student has "
+                f"{self.student_vocab_size}; refusing to start"
+            )
+        if fingerprint != self.student_fingerprint:
+            raise TeacherIncompatible(
+                f"teacher {name!r} at {url} has tokenizer fingerprint {fingerprint!r} ({source}) but the student has "
+                f"{self.student_fingerprint!r}; refusing to start"
+            )
+
+    async def _check_stock_sglang(self, name: str, url: str) -> None:
+        cfg = self.teachers[name]
+        if not cfg.tokenizer_fingerprint or not cfg.vocab_size:
+            raise TeacherIncompatible(
+                f"teacher {name!r} at {url} does not report its tokenizer (a stock SGLang server): declare "
+                f"teachers.{name}.tokenizer_fingerprint and teachers.{name}.vocab_size after checking that it uses the "
+                f"student's tokenizer (student: fingerprint {self.student_fingerprint!r}, vocabulary {self.student_vocab_size})"
+            )
+        self._compare(name, url, cfg.vocab_size, cfg.tokenizer_fingerprint, f"declared in teachers.{name}")
+        # The probe: the whole distribution must live on the student's ids.
+        V = self.student_vocab_size
+        probe = [t % V for t in (1, 2, 3, 4)]
+        body = {"input_ids": [probe], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+                "logprob_start_len": 0, "top_logprobs_num": V}  # fmt: skip
+        where = f"teacher {name!r} at {url}"
+        try:
+            payload, ctype = await self.clients[name].post_to(url, "/generate", body)
+        except TeacherError as e:
+            raise TeacherIncompatible(f"{where} failed the vocabulary probe (top_logprobs_num={V}): {e}") from None
+        (resp,) = P.decode_response_body(payload, ctype, where)
+        rows = [r for r in (resp.get("meta_info") or {}).get("input_top_logprobs") or [] if r is not None]
+        if len(rows) != len(probe) - 1:
+            raise TeacherIncompatible(f"{where} answered the vocabulary probe with {len(rows)} top-k rows; expected {len(probe) - 1}")
+        for row in rows:
+            ids = np.array([e[1] for e in row])
+            mass = float(np.exp(np.array([e[0] for e in row], np.float64)).sum())
+            if len(row) != V or ids.min() < 0 or ids.max() >= V or abs(mass - 1.0) > PROBE_MASS_TOLERANCE:
+                raise TeacherIncompatible(
+                    f"{where} fails the vocabulary probe: top {V} logprobs returned {len(row)} ids in "
+                    f"[{ids.min()}, {ids.max()}] holding mass {mass:.6f}; the student's vocabulary is [0, {V})"
+                )
+
+    async def _probe_signal(self, name: str) -> None:
+        cfg, client = self.teachers[name], self.clients[name]
+        V = self.student_vocab_size
+        item = P.ScoreItem(tuple(t % V for t in (1, 2, 3, 4)), prompt_len=2)
+        try:
+            (sig,) = await client.score([item])
+        except TeacherError as e:
+            raise TeacherIncompatible(f"teacher {name!r} failed the start-up probe with signal {cfg.signal!r}: {e}") from None
+        except P.ProtocolError as e:
+            raise TeacherIncompatible(f"teacher {name!r} failed the start-up probe: {e}") from None
+        if cfg.signal == "hidden" and cfg.model_dir:
+            from megatron_opd.models.model_dir import read_model_dir
+
+            mdir = read_model_dir(cfg.model_dir)
+            width = sig.hidden.shape[-1]
+            if width != mdir.model.hidden_size:
+                raise TeacherIncompatible(
+                    f"teacher {name!r} sends hidden states of width {width} but teachers.{name}.model_dir "
+                    f"({cfg.model_dir}) has hidden_size {mdir.model.hidden_size}: its output layer cannot apply"
+                )
+            self._compare(name, cfg.model_dir, mdir.model.vocab_size, mdir.tokenizer.fingerprint, f"teachers.{name}.model_dir")
+
+    # -- routing and scoring ------------------------------------------------------------------
+
+    def route(self, traj: Trajectories) -> Trajectories:
+        """Fill `traj.teacher` from each row's domain (in place; returns `traj`)."""
+        names = []
+        for i, domain in enumerate(traj.domain):
+            if domain not in self.domain_owner:
+                raise RoutingError(
+                    f"trajectory {traj.sample_ids[i]!r} has domain {domain!r}, which no teacher owns; "
+                    f"known domains: {sorted(self.domain_owner)}"
+                )
+            names.append(self.domain_owner[domain])
+        traj.teacher = names
+        return traj
+
+    def temperature(self, teacher: str) -> float:
+        return self.teachers[teacher].temperature
+
+    def score(self, traj: Trajectories) -> list[TeacherSignals]:
+        return self._runner().run(self._score(traj))
+
+    async def ascore(self, traj: Trajectories) -> list[TeacherSignals]:
+        return await self._runner().wrap(self._score(traj))
+
+    async def _score(self, traj: Trajectories) -> list[TeacherSignals]:
+        if not self.started:
+            raise RuntimeError("TeacherPool.score before start(): call pool.start_sync() (or await pool.start()) first")
+        if any(t == "" for t in traj.teacher):
+            self.route(traj)
+        rows_of: dict[str, list[int]] = {}
+        for i, name in enumerate(traj.teacher):
+            if name not in self.clients:
+                raise RoutingError(f"trajectory {traj.sample_ids[i]!r} names teacher {name!r}; the pool has {sorted(self.clients)}")
+            rows_of.setdefault(name, []).append(i)
+        R = traj.max_response_len
+
+        async def one(name: str, rows: list[int]) -> TeacherSignals:
+            items = [
+                P.ScoreItem(tuple(traj.tokens[i, : int(traj.lengths[i])].tolist()), int(traj.prompt_lens[i])) for i in rows
+            ]
+            sigs = await self.clients[name].score(items)
+            return assemble(name, self.teachers[name].signal, rows, items, sigs, R)
+
+        return await gather_all([one(name, rows) for name, rows in rows_of.items()])
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.run(gather_all([c.close() for c in self.clients.values()]))
+            self._loop.stop()
+            self._loop = None
+
+    def __enter__(self) -> "TeacherPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def assemble(name: str, kind: str, rows: list[int], items: list[P.ScoreItem], sigs: list[P.ItemSignal], R: int) -> TeacherSignals:
+    """Stack per-item signals into one left-aligned, zero-padded `TeacherSignals` of width R."""
+    versions = {s.weight_version for s in sigs}
+    if len(versions) > 1:
+        raise TeacherError(f"teacher {name!r} answered one batch with different weight versions {sorted(versions)}")
+    n = len(items)
+    lens = torch.tensor([it.response_len for it in items], dtype=torch.long)
+    fields: dict[str, torch.Tensor] = {}
+    per_item = {"hidden": ("hidden",), "topk": ("topk_ids", "topk_logprobs"), "sampled": ("sampled_logprobs",), "logits": ("logits",)}[kind]
+    for key in per_item:
+        out = None
+        for b, sig in enumerate(sigs):
+            t = torch.from_numpy(np.ascontiguousarray(getattr(sig, key)))
+            t = t.long() if key == "topk_ids" else t
+            if t.shape[0] != items[b].response_len:
+                raise P.ProtocolError(f"teacher {name!r}: {key} of item {b} has {t.shape[0]} rows for {items[b].response_len} response tokens")
+            if out is None:
+                out = torch.zeros((n, R, *t.shape[1:]), dtype=t.dtype)
+            out[b, : t.shape[0]] = t
+        fields[key] = out
+    return TeacherSignals(
+        teacher=name,
+        kind=kind,
+        rows=torch.tensor(rows, dtype=torch.long),
+        response_lens=lens,
+        weight_version=versions.pop() if versions else "",
+        **fields,
+    )
+
+
+__all__ = ["TeacherPool", "TeacherIncompatible", "RoutingError", "assemble"]

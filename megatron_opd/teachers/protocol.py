@@ -1,0 +1,529 @@
+"""SGLang's /generate wire protocol for teacher scoring and sampling: pure encode/decode, no I/O.
+
+Everything here follows `/work/shared/notes/sglang-protocol.md` (read from the sglang==0.5.23
+source) and is checked against SGLang's own contract classes in the tests:
+
+- Scoring a sequence of L tokens whose prompt has p tokens is a prefill request with
+  `logprob_start_len = s = p - 1`; the input lists then have L - s entries, entry 0 null, entry j
+  the model's log p(input_ids[s + j] | prefix). Entry j + 1 therefore belongs to response token j,
+  which is the alignment convention of `megatron_opd.data.trajectories`.
+- `max_new_tokens` is 0 for logprob signals and 1 for hidden states (0 returns no states).
+- Top-k comes back nested (`[[logprob, id, text], ...]` per position), flat, or flat base64
+  (`return_flat_raw_top_logprobs[_b64]`, newer releases only): every form is decoded.
+- Hidden states come in two shapes: SGLang's source appends one 2-D block per prefill, then one
+  1-D row per decoded token; its contract types a list of 1-D rows. Both are decoded and the row
+  count is checked against the sequence length (a prefix-cache hit or chunked prefill drops rows).
+- Our binary form (docs/teachers.md) is the JSON response with its large arrays moved into a raw
+  little-endian data section.
+
+Every decoder raises `ProtocolError` naming the teacher, URL, field and numbers rather than
+returning signals that could be misaligned.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+# SGLang's SamplingParams fields (sglang/api/v1/api_types.py, 0.5.23): a server answers 400 for
+# any other key, but a router silently drops it, so requests are checked here, on our side.
+SAMPLING_PARAM_KEYS = (
+    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k",
+    "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n",
+    "json_schema", "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens",
+    "spaces_between_special_tokens", "no_stop_trim", "stream_interval", "logit_bias",
+    "sampling_seed", "custom_params", "beam_width", "watermark", "choice",
+)  # fmt: skip
+
+BINARY_CONTENT_TYPE = "application/x-opd-signal"
+BINARY_MAGIC = b"OPDSIG\x00\x01"  # 6 bytes of name, then the format version (1) as two bytes
+# Our top-level request keys. SGLang ignores unknown top-level keys, so they are protocol-safe.
+KEY_BINARY = "return_binary_signal"
+KEY_BINARY_HIDDEN_DTYPE = "binary_hidden_dtype"
+KEY_FULL_LOGPROBS = "return_full_logprobs"
+# meta_info keys of the arrays our server fills (binary form) and of the full log-softmax rows.
+A_TOKEN_LP, A_TOKEN_ID = "opd.input_token_logprobs.logprob", "opd.input_token_logprobs.token_id"
+A_TOP_LP, A_TOP_ID = "opd.input_top_logprobs.logprob", "opd.input_top_logprobs.token_id"
+A_HIDDEN = "opd.hidden_states"
+FULL_LOGPROBS = "input_full_logprobs"
+
+
+class ProtocolError(ValueError):
+    """A request or response does not follow the protocol; the message says where and by how much."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One sequence to score: `tokens` is prompt + response, the first `prompt_len` the prompt."""
+
+    tokens: tuple[int, ...]
+    prompt_len: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
+        if not 1 <= self.prompt_len <= len(self.tokens):
+            raise ValueError(f"ScoreItem: prompt_len {self.prompt_len} outside [1, {len(self.tokens)}]")
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def response_len(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def logprob_start_len(self) -> int:
+        return self.prompt_len - 1
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    """What to ask a teacher for (see `TeacherConfig`)."""
+
+    kind: str  # hidden | topk | sampled | logits
+    topk: int = 0
+    topk_format: str = "b64"  # b64 | flat | nested
+    binary: bool = False  # ask our server for the binary form
+    hidden_dtype: str = "float32"
+
+
+def check_sampling_params(params: dict[str, Any]) -> None:
+    """Refuse keys SGLang does not know (a router would drop them silently)."""
+    for key in params:
+        if key not in SAMPLING_PARAM_KEYS:
+            close = difflib.get_close_matches(key, SAMPLING_PARAM_KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"sampling_params has unknown key {key!r}{hint}")
+
+
+def score_request(items: Sequence[ScoreItem], spec: SignalSpec) -> dict[str, Any]:
+    """The /generate body that scores `items` (one batch; all must share one prompt length).
+
+    One scalar `logprob_start_len` serves the batch because the router refuses per-item lists.
+    """
+    if not items:
+        raise ValueError("score_request needs at least one sequence")
+    starts = {it.logprob_start_len for it in items}
+    if len(starts) != 1:
+        raise ValueError(f"a scoring batch must share one prompt length, got prompt lengths {sorted(s + 1 for s in starts)}")
+    body: dict[str, Any] = {"input_ids": [list(it.tokens) for it in items]}
+    if spec.kind == "hidden":
+        body["sampling_params"] = {"max_new_tokens": 1, "temperature": 0.0}
+        body["return_hidden_states"] = True
+    elif spec.kind in ("topk", "sampled", "logits"):
+        body["sampling_params"] = {"max_new_tokens": 0}
+        body["return_logprob"] = True
+        body["logprob_start_len"] = starts.pop()
+        if spec.kind == "topk":
+            if spec.topk < 1:
+                raise ValueError(f"topk signal needs k >= 1, got {spec.topk}")
+            body["top_logprobs_num"] = spec.topk
+            if spec.topk_format in ("flat", "b64"):
+                body["return_flat_raw_top_logprobs"] = True
+            if spec.topk_format == "b64":
+                body["return_flat_raw_top_logprobs_b64"] = True
+        if spec.kind == "logits":
+            body[KEY_FULL_LOGPROBS] = True
+    else:
+        raise ValueError(f"unknown signal kind {spec.kind!r}")
+    if spec.binary:
+        body[KEY_BINARY] = True
+        if spec.kind == "hidden":
+            body[KEY_BINARY_HIDDEN_DTYPE] = spec.hidden_dtype
+    return body
+
+
+def sample_request(
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = -1,
+    stop_token_ids: Sequence[int] = (),
+    sampling_seed: int | None = None,
+    return_logprob: bool = True,
+) -> dict[str, Any]:
+    """A /generate body that samples a continuation of each prompt (rollout use)."""
+    params: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": float(top_p)}
+    if top_k > 0:
+        params["top_k"] = int(top_k)
+    if stop_token_ids:
+        params["stop_token_ids"] = [int(t) for t in stop_token_ids]
+    if sampling_seed is not None:
+        params["sampling_seed"] = int(sampling_seed)
+    body: dict[str, Any] = {"input_ids": [list(map(int, p)) for p in prompts], "sampling_params": params}
+    if return_logprob:
+        body["return_logprob"] = True
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
+# Error bodies
+
+
+def error_message(body: bytes | str | Any) -> str:
+    """The message of an SGLang error body, in any of the shapes servers and routers send.
+
+    `/generate` contract violations: {"error": "<text>"}; runtime errors: {"error": {"message":
+    ...}}; FastAPI validation: {"object": "error", "message": ...}; routers: plain text too.
+    """
+    if isinstance(body, (bytes, bytearray)):
+        body = body.decode("utf-8", "replace")
+    obj = body
+    if isinstance(body, str):
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return body.strip()[:2000]
+    if isinstance(obj, dict):
+        err = obj.get("error", obj)
+        if isinstance(err, str):
+            return err
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+    return json.dumps(obj)[:2000]
+
+
+# ---------------------------------------------------------------------------------------------
+# The binary form
+
+
+def encode_binary(responses: list[dict[str, Any]]) -> bytes:
+    """Our binary response: the SGLang JSON response with every ndarray in meta_info moved raw.
+
+    Layout (little-endian): magic (8 bytes) | u32 header length H | H bytes of UTF-8 JSON header
+    | zero padding to a multiple of 8 | data. Header: {"responses": [...], "arrays": [{"item",
+    "key", "dtype", "shape", "offset"}]}, offsets relative to the data section, 8-byte aligned.
+    """
+    arrays, chunks, offset = [], [], 0
+    out = []
+    for i, resp in enumerate(responses):
+        meta = dict(resp.get("meta_info") or {})
+        for key in [k for k, v in meta.items() if isinstance(v, np.ndarray)]:
+            arr = np.ascontiguousarray(meta.pop(key))
+            dtype = arr.dtype.newbyteorder("<")
+            raw = arr.astype(dtype, copy=False).tobytes()
+            arrays.append({"item": i, "key": key, "dtype": dtype.str, "shape": list(arr.shape), "offset": offset})
+            pad = (-len(raw)) % 8
+            chunks.append(raw + b"\0" * pad)
+            offset += len(raw) + pad
+        out.append(dict(resp, meta_info=meta))
+    header = json.dumps({"responses": out, "arrays": arrays}, separators=(",", ":")).encode()
+    head = BINARY_MAGIC + struct.pack("<I", len(header)) + header
+    return head + b"\0" * ((-len(head)) % 8) + b"".join(chunks)
+
+
+def decode_binary(body: bytes, where: str = "response") -> list[dict[str, Any]]:
+    """Inverse of `encode_binary`: the response list with numpy arrays back in meta_info."""
+    if len(body) < 12 or body[:8] != BINARY_MAGIC:
+        raise ProtocolError(f"{where}: binary signal does not start with {BINARY_MAGIC!r} (got {body[:8]!r})")
+    (hlen,) = struct.unpack("<I", body[8:12])
+    if 12 + hlen > len(body):
+        raise ProtocolError(f"{where}: binary signal truncated: header of {hlen} bytes, body of {len(body)}")
+    try:
+        header = json.loads(body[12 : 12 + hlen])
+    except ValueError as e:
+        raise ProtocolError(f"{where}: binary signal header is not JSON: {e}") from None
+    start = 12 + hlen + ((-(12 + hlen)) % 8)
+    responses = header["responses"]
+    for spec in header["arrays"]:
+        dtype = np.dtype(spec["dtype"])
+        shape = tuple(spec["shape"])
+        nbytes = dtype.itemsize * math.prod(shape)
+        lo = start + spec["offset"]
+        if lo + nbytes > len(body):
+            raise ProtocolError(
+                f"{where}: binary signal truncated: array {spec['key']!r} of item {spec['item']} needs "
+                f"bytes [{lo}, {lo + nbytes}) of a {len(body)}-byte body"
+            )
+        arr = np.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=lo).reshape(shape)
+        responses[spec["item"]]["meta_info"][spec["key"]] = arr
+    return responses
+
+
+def decode_response_body(body: bytes, content_type: str, where: str) -> list[dict[str, Any]]:
+    """A /generate 200 body (JSON or binary) as a list of response objects, one per sequence."""
+    if content_type.split(";")[0].strip() == BINARY_CONTENT_TYPE:
+        return decode_binary(body, where)
+    try:
+        obj = json.loads(body)
+    except ValueError as e:
+        raise ProtocolError(f"{where} answered 200 with a body that is not JSON ({len(body)} bytes): {e}") from None
+    if isinstance(obj, dict):
+        obj = [obj]
+    if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
+        raise ProtocolError(f"{where}: /generate answered {type(obj).__name__}, expected a response object or a list of them")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Server-side encoders (our embedded server builds SGLang's JSON with these)
+
+
+def logprob_entries(logprobs: np.ndarray, token_ids: np.ndarray, texts: Sequence[str | None] | None = None) -> list[list]:
+    """[[logprob, token_id, text], ...]; a NaN logprob is encoded as null (entry 0 of inputs)."""
+    out = []
+    for j, (lp, tid) in enumerate(zip(logprobs.tolist(), token_ids.tolist())):
+        out.append([None if lp != lp else lp, int(tid), texts[j] if texts is not None else None])
+    return out
+
+
+def top_logprob_rows(logprobs: np.ndarray, token_ids: np.ndarray, null_rows: int, texts=None) -> list:
+    """Nested top-k rows: `null_rows` leading nulls, then [[logprob, id, text] * k] per position."""
+    rows: list = [None] * null_rows
+    for r in range(null_rows, logprobs.shape[0]):
+        ids = token_ids[r]
+        rows.append(logprob_entries(logprobs[r], ids, None if texts is None else [texts(i) for i in ids.tolist()]))
+    return rows
+
+
+def flat_top_logprob_fields(side: str, logprobs: np.ndarray, token_ids: np.ndarray, null_prefix: int, b64: bool) -> dict[str, Any]:
+    """SGLang's flat top-k fields for rows `null_prefix:` of [n, k] arrays (tokenizer_manager.py)."""
+    vals = np.ascontiguousarray(logprobs[null_prefix:], dtype="<f4")
+    ids = np.ascontiguousarray(token_ids[null_prefix:], dtype="<i4")
+    fields: dict[str, Any] = {}
+    if b64:
+        fields[f"{side}_top_logprobs_val_flat_b64"] = base64.b64encode(vals.tobytes()).decode()
+        fields[f"{side}_top_logprobs_idx_flat_b64"] = base64.b64encode(ids.tobytes()).decode()
+        fields[f"{side}_top_logprobs_val_flat_b64_dtype"] = "float32"
+        fields[f"{side}_top_logprobs_idx_flat_b64_dtype"] = "int32"
+    else:
+        fields[f"{side}_top_logprobs_val_flat"] = vals.reshape(-1).tolist()
+        fields[f"{side}_top_logprobs_idx_flat"] = ids.reshape(-1).tolist()
+    fields[f"{side}_top_logprobs_shape"] = [int(vals.shape[0]), int(vals.shape[1])]
+    fields[f"{side}_top_logprobs_null_prefix"] = int(null_prefix)
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------
+# Response decoding
+
+
+@dataclass
+class ItemSignal:
+    """One sequence's teacher signal, one row per response token (alignment convention)."""
+
+    kind: str
+    hidden: np.ndarray | None = None  # [R, d]
+    topk_ids: np.ndarray | None = None  # [R, k] int64
+    topk_logprobs: np.ndarray | None = None  # [R, k] float32, descending
+    sampled_logprobs: np.ndarray | None = None  # [R] float32
+    logits: np.ndarray | None = None  # [R, V] float32 log-softmax
+    weight_version: str = ""
+
+
+def _fail(where: str, text: str) -> ProtocolError:
+    return ProtocolError(f"{where} {text}")
+
+
+def _finish(meta: dict, where: str) -> str:
+    reason = meta.get("finish_reason")
+    if reason is None:
+        raise _fail(where, "returned a response without finish_reason (the request did not finish)")
+    kind = reason.get("type") if isinstance(reason, dict) else None
+    if kind == "abort":
+        raise _fail(where, f"aborted the request: {reason.get('message')!r} (status {reason.get('status_code')})")
+    if kind not in ("length", "stop"):
+        raise _fail(where, f"returned finish_reason {reason!r}; expected type 'length' or 'stop'")
+    return kind
+
+
+def _token_logprobs(meta: dict, item: ScoreItem, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """input_token_logprobs as (logprobs float32 [n] with NaN for null, token ids int64 [n])."""
+    L, s = item.length, item.logprob_start_len
+    n = L - s
+    if A_TOKEN_LP in meta:
+        vals, ids = np.asarray(meta[A_TOKEN_LP], np.float32), np.asarray(meta[A_TOKEN_ID], np.int64)
+    else:
+        entries = meta.get("input_token_logprobs")
+        if not isinstance(entries, list):
+            raise _fail(where, "returned no input_token_logprobs")
+        try:
+            vals = np.array([np.nan if e[0] is None else e[0] for e in entries], np.float32)
+            ids = np.array([e[1] for e in entries], np.int64)
+        except (TypeError, IndexError):
+            raise _fail(where, "returned malformed input_token_logprobs entries (expected [logprob, token_id, text])") from None
+    if vals.shape != (n,) or ids.shape != (n,):
+        raise _fail(
+            where,
+            f"returned {len(vals)} input_token_logprobs for a sequence of {L} tokens with logprob_start_len {s}; expected {n}",
+        )
+    return vals, ids
+
+
+def _top_logprobs(meta: dict, n: int, k: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k in any encoding as (logprobs float32 [n, k] NaN in null rows, ids int64 [n, k])."""
+    if A_TOP_LP in meta:
+        vals, ids = np.asarray(meta[A_TOP_LP], np.float32), np.asarray(meta[A_TOP_ID], np.int64)
+        if vals.shape != (n, k) or ids.shape != (n, k):
+            raise _fail(where, f"returned top-k arrays of shape {vals.shape}; expected {(n, k)}")
+        return vals, ids
+    if "input_top_logprobs_shape" in meta:
+        rows, kk = meta["input_top_logprobs_shape"]
+        null_prefix = int(meta.get("input_top_logprobs_null_prefix", 0))
+        if "input_top_logprobs_val_flat_b64" in meta:
+            for key, want in (("val", "float32"), ("idx", "int32")):
+                got = meta.get(f"input_top_logprobs_{key}_flat_b64_dtype", want)
+                if got != want:
+                    raise _fail(where, f"sent flat top-k {key} as {got!r}; this client reads {want!r}")
+            flat_v = np.frombuffer(base64.b64decode(meta["input_top_logprobs_val_flat_b64"]), "<f4")
+            flat_i = np.frombuffer(base64.b64decode(meta["input_top_logprobs_idx_flat_b64"]), "<i4")
+        else:
+            flat_v = np.asarray(meta.get("input_top_logprobs_val_flat", []), np.float32)
+            flat_i = np.asarray(meta.get("input_top_logprobs_idx_flat", []), np.int64)
+        if flat_v.size != rows * kk or flat_i.size != rows * kk:
+            raise _fail(where, f"sent flat top-k of {flat_v.size} values for shape [{rows}, {kk}]")
+        if null_prefix + rows != n or kk != k:
+            raise _fail(
+                where,
+                f"returned flat top-k covering {null_prefix} + {rows} positions with k={kk}; expected {n} positions with k={k}",
+            )
+        vals = np.full((n, k), np.nan, np.float32)
+        ids = np.full((n, k), -1, np.int64)
+        vals[null_prefix:] = flat_v.reshape(rows, kk)
+        ids[null_prefix:] = flat_i.reshape(rows, kk)
+        return vals, ids
+    rows = meta.get("input_top_logprobs")
+    if not isinstance(rows, list):
+        raise _fail(where, "returned no input_top_logprobs (nested or flat)")
+    if len(rows) != n:
+        raise _fail(where, f"returned {len(rows)} input_top_logprobs rows; expected {n}")
+    vals = np.full((n, k), np.nan, np.float32)
+    ids = np.full((n, k), -1, np.int64)
+    for r, row in enumerate(rows):
+        if row is None:
+            continue
+        if len(row) != k:
+            raise _fail(where, f"returned {len(row)} top logprobs at input position {r}; expected k={k}")
+        try:
+            vals[r] = [np.nan if e[0] is None else e[0] for e in row]
+            ids[r] = [e[1] for e in row]
+        except (TypeError, IndexError):
+            raise _fail(where, f"returned malformed top logprob entries at input position {r}") from None
+    return vals, ids
+
+
+def _hidden_rows(meta: dict, item: ScoreItem, where: str) -> np.ndarray:
+    """The hidden states at positions prompt_len-1 .. length-2, from either shape."""
+    L, p = item.length, item.prompt_len
+    cached = int(meta.get("cached_tokens") or 0)
+    completion = int(meta.get("completion_tokens") or 0)
+    hs = meta.get(A_HIDDEN, meta.get("hidden_states"))
+    if hs is None or (isinstance(hs, list) and not hs):
+        raise _fail(
+            where,
+            "returned no hidden_states: the server needs --enable-return-hidden-states and the request "
+            "max_new_tokens >= 1",
+        )
+    if isinstance(hs, list) and isinstance(hs[0], list) and hs[0] and isinstance(hs[0][0], list):
+        # SGLang's source shape: one 2-D block for the prefill, then 1-D decode rows.
+        block = np.asarray(hs[0], np.float32)
+        if block.ndim != 2 or block.shape[0] != L:
+            raise _fail(
+                where,
+                f"returned a hidden-state block of {block.shape[0] if block.ndim else 0} prefill positions for a "
+                f"sequence of {L} tokens (cached_tokens={cached}); only computed positions come back, so "
+                f"run the teacher with --disable-radix-cache --chunked-prefill-size -1",
+            )
+        return block[p - 1 : L - 1].copy()
+    rows = hs if isinstance(hs, np.ndarray) else np.asarray(hs, np.float32)
+    if rows.ndim != 2:
+        raise _fail(where, "returned hidden_states that are neither a 2-D block nor equal-length 1-D rows")
+    expected = L + max(completion, 1) - 1
+    if rows.shape[0] != expected or cached:
+        raise _fail(
+            where,
+            f"returned {rows.shape[0]} hidden-state rows for a sequence of {L} tokens with "
+            f"{completion} generated (cached_tokens={cached}); expected {expected}. Only computed positions "
+            f"come back: run the teacher with --disable-radix-cache --chunked-prefill-size -1",
+        )
+    return np.array(rows[p - 1 : L - 1])  # a copy: binary arrays are read-only views of the body
+
+
+def parse_score_response(
+    responses: list[dict[str, Any]],
+    items: Sequence[ScoreItem],
+    spec: SignalSpec,
+    where: str,
+    *,
+    vocab_size: int = 0,
+) -> list[ItemSignal]:
+    """Turn the responses to `score_request(items, spec)` into per-item signals, checking everything.
+
+    `where` opens every error message (e.g. "teacher 'math' at http://127.0.0.1:8001").
+    `vocab_size` > 0 also checks that every returned token id is a token.
+    """
+    if len(responses) != len(items):
+        raise _fail(where, f"returned {len(responses)} responses for a batch of {len(items)} sequences")
+    out = []
+    for b, (resp, item) in enumerate(zip(responses, items)):
+        at = f"{where} (batch item {b})" if len(items) > 1 else where
+        meta = resp.get("meta_info")
+        if not isinstance(meta, dict):
+            raise _fail(at, "returned a response without meta_info")
+        _finish(meta, at)
+        L, s, R = item.length, item.logprob_start_len, item.response_len
+        if meta.get("prompt_tokens") != L:
+            raise _fail(at, f"reports prompt_tokens={meta.get('prompt_tokens')} for a sequence of {L} tokens")
+        sig = ItemSignal(kind=spec.kind, weight_version=str(meta.get("weight_version") or ""))
+        if spec.kind == "hidden":
+            sig.hidden = _hidden_rows(meta, item, at)
+            out.append(sig)
+            continue
+        n = L - s
+        vals, ids = _token_logprobs(meta, item, at)
+        want = np.asarray(item.tokens[s:], np.int64)
+        if not np.array_equal(ids, want):
+            j = int(np.nonzero(ids != want)[0][0])
+            raise _fail(at, f"input_token_logprobs[{j}] is for token {ids[j]}, but position {s + j} holds token {want[j]}")
+        if not math.isnan(vals[0]):
+            raise _fail(at, f"input_token_logprobs[0] is {vals[0]}, expected null (entry 0 is never scored)")
+        lp = vals[1:]
+        if lp.size and (not np.all(np.isfinite(lp)) or lp.max() > 1e-4):
+            raise _fail(at, f"returned input logprobs that are not finite log-probabilities (max {np.nanmax(lp)})")
+        if spec.kind == "sampled":
+            sig.sampled_logprobs = lp.copy()
+        elif spec.kind == "topk":
+            tv, ti = _top_logprobs(meta, n, spec.topk, at)
+            if not np.all(np.isnan(tv[0])):
+                raise _fail(at, "input_top_logprobs[0] is not null (entry 0 is never scored)")
+            tv, ti = tv[1:], ti[1:]
+            if tv.size:
+                if not np.all(np.isfinite(tv)):
+                    raise _fail(at, "returned null or non-finite top logprobs after entry 0")
+                if np.any(np.diff(tv, axis=1) > 1e-6):
+                    raise _fail(at, "returned top logprobs that are not sorted in descending order")
+                if ti.min() < 0 or (vocab_size and ti.max() >= vocab_size):
+                    raise _fail(at, f"returned top-k token ids outside [0, {vocab_size or 'V'}): {ti.min()}..{ti.max()}")
+            sig.topk_logprobs, sig.topk_ids = tv.copy(), ti.copy()
+        elif spec.kind == "logits":
+            full = meta.get(FULL_LOGPROBS)
+            if full is None:
+                raise _fail(
+                    at,
+                    f"returned no {FULL_LOGPROBS}: signal 'logits' needs our embedded teacher server, reached directly "
+                    f"(a stock SGLang server has no such output, and sglang-router drops the {KEY_FULL_LOGPROBS} key)",
+                )
+            # Row 0 (never scored) is null in JSON and NaN in the binary form.
+            rows = full[1:]
+            full = np.asarray(rows, np.float32) if len(rows) else np.zeros((0, vocab_size), np.float32)
+            if full.ndim != 2 or full.shape[0] != R or (vocab_size and full.shape[1] != vocab_size):
+                raise _fail(at, f"returned {FULL_LOGPROBS} of shape {tuple(full.shape)}; expected ({R}, {vocab_size or 'V'})")
+            sig.logits = np.array(full)
+        else:
+            raise ValueError(f"unknown signal kind {spec.kind!r}")
+        out.append(sig)
+    return out
