@@ -21,14 +21,47 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _serve_teacher_args(p: argparse.ArgumentParser) -> None:
+    from megatron_opd.teachers.server import add_arguments
+
+    add_arguments(p)
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    # Each benchmark declares its own flags; they are parsed by the benchmark itself.
+    p.add_argument("which", choices=["loss", "teachers"], help="loss: reverse-KL kernels; teachers: wire formats")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags (see: bench WHICH --help)")
+
+
 # name -> (help, add_arguments, "module:function")
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
+    "run": (
+        "run a whole distillation job on this machine: train missing experts, start their teacher "
+        "servers, distil them into the student with OPD, report per domain",
+        _config_args,
+        "launchers.local:run_command",
+    ),
     "train": (
-        "train one stage (stage: sft | opd | grpo) from a config",
+        "train one stage (stage: sft | opd) from a config",
         _config_args,
         "megatron_opd.stages.launch:train_command",
     ),
+    "serve-teacher": (
+        "serve a megatron model as an SGLang-compatible teacher / rollout server",
+        _serve_teacher_args,
+        "megatron_opd.teachers.server:serve_command",
+    ),
+    "bench": (
+        "benchmarks that print a table: loss (reverse-KL kernels), teachers (signal wire formats)",
+        _bench_args,
+        "megatron_opd.cli:bench_command",
+    ),
 }
+
+
+def bench_command(args) -> int:
+    module = {"loss": "megatron_opd.losses.bench", "teachers": "megatron_opd.teachers.bench"}[args.which]
+    return int(importlib.import_module(module).main(args.args) or 0)
 
 
 def _quiet_known_warnings() -> None:

@@ -20,7 +20,9 @@ from typing import Any, Literal
 import yaml
 
 from megatron_opd.models.gpt import ModelConfig
+from megatron_opd.rollout.engine import RolloutConfig
 from megatron_opd.runtime.layout import ParallelLayout
+from megatron_opd.teachers.config import TeacherConfig
 
 
 class ConfigError(ValueError):
@@ -72,6 +74,8 @@ class TrainConfig:
     # Initialise the model from this checkpoint directory (a step_* dir or a root holding them).
     init_from: str = ""
     eval_every: int = 0
+    # Evaluate before the first step too (the "before" of a distillation report).
+    eval_at_start: bool = True
 
 
 @dataclass
@@ -83,6 +87,29 @@ class DataConfig:
 
 
 @dataclass
+class OPDConfig:
+    # Compute the full-vocabulary KL of hidden-signal teachers from hidden states and both
+    # output layers in token chunks (O(chunk x V/TP) memory) instead of from materialised logits.
+    fused_output_layer: bool = False
+    fused_chunk_size: int = 1024
+    # Keep every step's teacher signals in a zarr TeacherStore at this path ("" = off).
+    signal_store: str = ""
+
+
+@dataclass
+class PipelineConfig:
+    """How `megatron-opd run` prepares what the OPD stage needs (launchers/local.py)."""
+
+    # Overrides for the SFT job that trains each expert whose model directory has no checkpoint.
+    expert_overrides: list[str] = field(default_factory=list)
+    parallel_experts: int = 1  # experts trained at once
+    # Overrides for a short mixed SFT warm start of the student ([]: none).
+    student_overrides: list[str] = field(default_factory=list)
+    replicas: int = 1  # embedded teacher servers per expert
+    router: bool = True  # put the real sglang-router in front of replicas > 1
+
+
+@dataclass
 class JobConfig:
     stage: Literal["sft", "opd", "grpo"] = "sft"
     run: RunConfig = field(default_factory=RunConfig)
@@ -90,6 +117,10 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    opd: OPDConfig = field(default_factory=OPDConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -16,7 +16,7 @@ import pytest
 from megatron_opd.config import ConfigError, build
 from megatron_opd.teachers import protocol as P
 from megatron_opd.teachers.config import TeacherConfig, TeacherConfigError, check_teachers
-from megatron_opd.teachers.sglang_contract import load_contract_or_skip
+from megatron_opd.teachers.sglang_contract import load_contract
 
 WHERE = "teacher 'math' at http://127.0.0.1:8001"
 V = 11
@@ -87,7 +87,7 @@ def test_score_request_refuses_mixed_prompt_lengths_and_bad_k():
 
 
 def test_requests_decode_with_sglang_contract():
-    api = load_contract_or_skip()
+    api = load_contract(fetch=True)
     items = [P.ScoreItem(TOKENS, PROMPT)]
     bodies = [P.score_request(items, P.SignalSpec(kind, topk=4 if kind == "topk" else 0, topk_format=f, binary=b))
               for kind in ("hidden", "topk", "sampled", "logits") for f in ("b64", "nested") for b in (False, True)]  # fmt: skip

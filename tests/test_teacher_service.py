@@ -31,7 +31,7 @@ from megatron_opd.teachers.client import TeacherClient, TeacherRequestError, Tea
 from megatron_opd.teachers.config import TeacherConfig
 from megatron_opd.teachers.launch import start_router, start_teacher_server, stop_all, wait_ready
 from megatron_opd.teachers.pool import RoutingError, TeacherIncompatible, TeacherPool
-from megatron_opd.teachers.sglang_contract import load_contract_or_skip
+from megatron_opd.teachers.sglang_contract import load_contract
 
 KEY = "s3cret"
 TOK = CharTokenizer()
@@ -221,7 +221,7 @@ def test_client_signals_equal_the_model(servers, world, wire, signal, extra):
 
 
 def test_every_request_and_response_decodes_with_sglang_contract(servers):
-    api = load_contract_or_skip()
+    api = load_contract(fetch=True)
     items = sequences(3, seed=5)
     traces = []
     for signal, extra in (("sampled", {}), ("topk", {"topk": 4, "topk_format": "b64"}), ("topk", {"topk": 4, "topk_format": "nested"}),
@@ -529,7 +529,6 @@ def check_sampled(world, items, sigs):
 
 
 def test_through_the_real_sglang_router_with_a_worker_killed(servers, world):
-    pytest.importorskip("sglang_router", reason="pip install sglang-router==0.3.2")
     router = start_router([servers["a"].url, servers["b"].url], health_check_interval_s=1, health_failure_threshold=1)
     try:
         items = sequences(60, seed=22)

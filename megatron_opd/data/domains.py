@@ -7,7 +7,7 @@ and different enough that one student must learn all of them from separate teach
     add      "37+45="   -> "82"      two-digit addition
     reverse  "r:hjqa="  -> "aqjh"    reverse 3-5 letters
     sort     "s:5193="  -> "1359"    sort 3-5 digits
-    count    "n:abca="  -> "4"       count 1-9 letters
+    count    "n:abca="  -> "4"       count 2-9 letters
 
 Prompts are short on purpose: with BOS and EOS every sequence fits in 16 tokens.
 
@@ -65,7 +65,9 @@ def _sort_prompt(rng: random.Random) -> str:
 
 
 def _count_prompt(rng: random.Random) -> str:
-    return f"n:{''.join(rng.choice('abc') for _ in range(rng.randint(1, 9)))}="
+    # Lengths start at 2: held-out prompts are distinct, and a domain with few short prompts would
+    # otherwise lose all of them to the evaluation set and never train on them.
+    return f"n:{''.join(rng.choice('abcdefgh') for _ in range(rng.randint(2, 9)))}="
 
 
 DOMAINS: dict[str, Domain] = {

@@ -290,7 +290,7 @@ class Trainer:
             stage.name, t.steps, self.step, enabled=self.is_logger, mode=self.cfg.run.progress, every=self.cfg.run.log_every
         )
         last: dict[str, float] = {}
-        if not resumed and t.eval_every:
+        if not resumed and t.eval_every and t.eval_at_start:
             last = stage.evaluate(self.step)
             self.writer.write(self.step, last, prefix="eval/")
         start_time = time.monotonic()

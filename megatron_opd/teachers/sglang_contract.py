@@ -6,9 +6,12 @@ our server returns with its `GenerateRequest` / `GenerateResponse` classes: conf
 checked against SGLang's code, not against our reading of it.
 
 Where the wheel is looked for, in order: $OPD_SGLANG_API_TYPES (the .py file itself),
-$OPD_SGLANG_WHEEL (a wheel file or a directory holding one), then `<repo>/.whl/`. Get it with
+$OPD_SGLANG_WHEEL (a wheel file or a directory holding one), then `<repo>/.whl/`. The tests fetch
+it there when it is missing (`load_contract(fetch=True)`, i.e.
 
     pip download --no-deps sglang==0.5.23 -d .whl
+
+), so conformance is never silently skipped.
 """
 
 from __future__ import annotations
@@ -48,9 +51,28 @@ def find_api_types() -> Path | None:
     return None
 
 
-def load_contract() -> ModuleType:
-    """SGLang's api_types module; raises FileNotFoundError with the command that fetches it."""
+def fetch_wheel(directory: Path) -> None:
+    """Download the pinned wheel (no dependencies) from the package index into `directory`."""
+    import subprocess
+
+    directory.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", f"sglang=={PINNED}", "-d", str(directory)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise FileNotFoundError(
+            f"could not download sglang=={PINNED} to read its contract module ({FETCH_HINT}):\n{done.stderr[-2000:]}"
+        )
+
+
+def load_contract(*, fetch: bool = False) -> ModuleType:
+    """SGLang's api_types module. With `fetch`, a missing wheel is downloaded into <repo>/.whl first;
+    otherwise a missing wheel raises FileNotFoundError with the command that fetches it."""
     path = find_api_types()
+    if path is None and fetch:
+        from megatron_opd.teachers.launch import REPO_ROOT
+
+        fetch_wheel(REPO_ROOT / ".whl")
+        path = find_api_types()
     if path is None or not path.is_file():
         raise FileNotFoundError(f"sglang=={PINNED} wheel not found; fetch it with: {FETCH_HINT}")
     name = "sglang_api_types_contract"
@@ -61,18 +83,3 @@ def load_contract() -> ModuleType:
     sys.modules[name] = module  # msgspec resolves the forward references through the module
     spec.loader.exec_module(module)
     return module
-
-
-def load_contract_or_skip() -> ModuleType:
-    """For tests: the contract module, or a pytest skip naming the fetch command.
-
-    With OPD_REQUIRE_SGLANG_CONTRACT=1 (CI) a missing wheel is a failure, not a skip.
-    """
-    try:
-        return load_contract()
-    except FileNotFoundError:
-        if os.environ.get("OPD_REQUIRE_SGLANG_CONTRACT") == "1":
-            raise
-        import pytest
-
-        pytest.skip(f"SGLang contract module unavailable; {FETCH_HINT}")
