@@ -205,9 +205,27 @@ class Region:
     dest: torch.Tensor
 
 
+_METADATA_CACHE: dict[tuple[str, float], Any] = {}
+
+
+def _reader(step_dir: Path):
+    """A FileSystemReader that parses .metadata once per checkpoint (it can be large; tools read often)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class CachedReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            key = (str(step_dir.resolve()), (step_dir / ".metadata").stat().st_mtime)
+            if key not in _METADATA_CACHE:
+                if len(_METADATA_CACHE) >= 16:  # a merge reads a handful of checkpoints in turn
+                    _METADATA_CACHE.pop(next(iter(_METADATA_CACHE)))
+                _METADATA_CACHE[key] = super().read_metadata(*args, **kwargs)
+            return _METADATA_CACHE[key]
+
+    return CachedReader(str(step_dir))
+
+
 def read_regions(step_dir: Path, regions: Sequence[Region]) -> None:
     """Fill every region's `dest` from the checkpoint, reading only the stored chunks it overlaps."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
     from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
@@ -257,7 +275,7 @@ def read_regions(step_dir: Path, regions: Sequence[Region]) -> None:
         def commit_tensor(self, read_item, tensor):
             pass
 
-    dcp_load({}, storage_reader=FileSystemReader(str(step_dir)), planner=RegionPlanner(), no_dist=True)
+    dcp_load({}, storage_reader=_reader(step_dir), planner=RegionPlanner(), no_dist=True)
 
 
 def read_slot(step_dir: Path, slot: Slot, rows: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
