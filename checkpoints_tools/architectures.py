@@ -17,7 +17,6 @@ transformers 5's `save_pretrained` (it fuses experts only in memory), and so do 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,9 +236,10 @@ def model_config_from_hf(arch: Architecture, hf: dict) -> ModelConfig:
             v_head_dim=hf["v_head_dim"],
         )
     n = kw["num_layers"]
+    if arch.moe and not any(_moe_layers(arch, hf, n)):
+        return ModelConfig(**kw)  # every layer dense (e.g. first_k_dense_replace >= num_hidden_layers)
     if arch.moe == "qwen3_moe":
-        step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
-        freq = [0 if (i in dense or (i + 1) % step) else 1 for i in range(n)]
+        freq = _moe_layers(arch, hf, n)
         kw.update(
             num_experts=hf.get("num_experts") or hf["num_local_experts"],  # transformers 5 writes the latter
             moe_topk=hf["num_experts_per_tok"],
@@ -263,8 +263,7 @@ def model_config_from_hf(arch: Architecture, hf: dict) -> ModelConfig:
                 f"megatron scores an expert group by its top num_experts_per_tok/topk_group experts "
                 f"({topk}/{group_topk}), DeepSeek-V3 by its top 2",
             )
-        first, every = hf.get("first_k_dense_replace", 0), hf.get("moe_layer_freq", 1)
-        freq = [1 if (i >= first and i % every == 0) else 0 for i in range(n)]
+        freq = _moe_layers(arch, hf, n)
         kw.update(
             num_experts=hf["n_routed_experts"],
             moe_topk=topk,
@@ -278,6 +277,17 @@ def model_config_from_hf(arch: Architecture, hf: dict) -> ModelConfig:
             moe_router_group_topk=group_topk if groups > 1 else 0,
         )
     return ModelConfig(**kw)
+
+
+def _moe_layers(arch: Architecture, hf: dict, n: int) -> list[int]:
+    """1 for each layer with routed experts, as the HF modeling code decides it."""
+    if arch.moe == "qwen3_moe":
+        step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
+        return [0 if (i in dense or (i + 1) % step) else 1 for i in range(n)]
+    if arch.moe == "deepseek_v3":
+        first, every = hf.get("first_k_dense_replace", 0), hf.get("moe_layer_freq", 1)
+        return [1 if (i >= first and i % every == 0) else 0 for i in range(n)]
+    return [0] * n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,8 +350,15 @@ def hf_config_from_model(
         hf["head_dim"] = cfg.head_dim
     if arch.name in ("qwen2", "qwen3", "qwen3_moe"):
         hf.update(use_sliding_window=False, sliding_window=None)
-    freq = list(cfg.moe_layer_freq) or [1] * cfg.num_layers
-    if arch.moe == "qwen3_moe":
+    freq = (list(cfg.moe_layer_freq) or [1] * cfg.num_layers) if cfg.is_moe else [0] * cfg.num_layers
+    if arch.moe and not cfg.is_moe:
+        # An architecture with experts, every layer dense: the routing fields are inert placeholders.
+        expert = {"qwen3_moe": dict(num_experts=1, num_experts_per_tok=1, moe_intermediate_size=cfg.ffn_size,
+                                    mlp_only_layers=list(range(cfg.num_layers)), decoder_sparse_step=1),
+                  "deepseek_v3": dict(n_routed_experts=1, num_experts_per_tok=1, moe_intermediate_size=cfg.ffn_size,
+                                      n_shared_experts=0, first_k_dense_replace=cfg.num_layers, n_group=1, topk_group=1)}
+        hf.update(expert[arch.moe])
+    if arch.moe == "qwen3_moe" and cfg.is_moe:
         _require(arch, cfg, moe_router_score="softmax", moe_router_expert_bias=False, moe_shared_expert_size=0,
                  moe_topk_scaling_factor=0.0, moe_router_num_groups=0)
         hf.update(
@@ -354,7 +371,19 @@ def hf_config_from_model(
             output_router_logits=False,
             router_aux_loss_coef=cfg.moe_aux_loss_coeff,
         )
-    elif arch.moe == "deepseek_v3":
+    if arch.attention == "mla":
+        hf.update(
+            q_lora_rank=cfg.q_lora_rank or None,
+            kv_lora_rank=cfg.kv_lora_rank,
+            qk_nope_head_dim=cfg.qk_head_dim,
+            qk_rope_head_dim=cfg.qk_pos_emb_head_dim,
+            qk_head_dim=cfg.qk_head_dim + cfg.qk_pos_emb_head_dim,
+            head_dim=cfg.qk_pos_emb_head_dim,
+            v_head_dim=cfg.v_head_dim,
+            rope_interleave=True,
+            num_nextn_predict_layers=0,
+        )
+    if arch.moe == "deepseek_v3" and cfg.is_moe:
         _require(arch, cfg, moe_router_score="sigmoid", moe_router_expert_bias=True, moe_router_pre_softmax=False)
         first = freq.index(1) if 1 in freq else cfg.num_layers
         if freq != [0] * first + [1] * (cfg.num_layers - first):
@@ -366,14 +395,6 @@ def hf_config_from_model(
                 f"expert size ({expert})"
             )
         hf.update(
-            q_lora_rank=cfg.q_lora_rank or None,
-            kv_lora_rank=cfg.kv_lora_rank,
-            qk_nope_head_dim=cfg.qk_head_dim,
-            qk_rope_head_dim=cfg.qk_pos_emb_head_dim,
-            qk_head_dim=cfg.qk_head_dim + cfg.qk_pos_emb_head_dim,
-            head_dim=cfg.qk_pos_emb_head_dim,
-            v_head_dim=cfg.v_head_dim,
-            rope_interleave=True,
             n_routed_experts=cfg.num_experts,
             num_experts_per_tok=cfg.moe_topk,
             moe_intermediate_size=expert,
@@ -386,11 +407,6 @@ def hf_config_from_model(
             norm_topk_prob=True,
             scoring_func="sigmoid",
             topk_method="noaux_tc",
-            num_nextn_predict_layers=0,
         )
     hf.update(token_ids or {})
     return hf
-
-
-def model_config_dict(cfg: ModelConfig) -> dict:
-    return dataclasses.asdict(cfg)

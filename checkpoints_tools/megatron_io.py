@@ -212,43 +212,55 @@ def _reader(step_dir: Path):
     """A FileSystemReader that parses .metadata once per checkpoint (it can be large; tools read often)."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    class CachedReader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs):
-            key = (str(step_dir.resolve()), (step_dir / ".metadata").stat().st_mtime)
-            if key not in _METADATA_CACHE:
-                if len(_METADATA_CACHE) >= 16:  # a merge reads a handful of checkpoints in turn
-                    _METADATA_CACHE.pop(next(iter(_METADATA_CACHE)))
-                _METADATA_CACHE[key] = super().read_metadata(*args, **kwargs)
-            return _METADATA_CACHE[key]
+    global _CachedReader
+    if _CachedReader is None:
 
-    return CachedReader(str(step_dir))
+        class CachedReader(FileSystemReader):
+            def read_metadata(self, *args, **kwargs):
+                path = Path(self.path)
+                key = (str(path.resolve()), (path / ".metadata").stat().st_mtime)
+                if key not in _METADATA_CACHE:
+                    if len(_METADATA_CACHE) >= 16:  # a merge reads a handful of checkpoints in turn
+                        _METADATA_CACHE.pop(next(iter(_METADATA_CACHE)))
+                    _METADATA_CACHE[key] = super().read_metadata(*args, **kwargs)
+                return _METADATA_CACHE[key]
+
+        _CachedReader = CachedReader
+    return _CachedReader(str(step_dir))
 
 
-def read_regions(step_dir: Path, regions: Sequence[Region]) -> None:
-    """Fill every region's `dest` from the checkpoint, reading only the stored chunks it overlaps."""
-    from torch.distributed.checkpoint import load as dcp_load
+_CachedReader = None
+_RegionPlanner = None
+
+
+def _region_planner_class():
+    """DCP LoadPlanner that reads Regions (defined once: classes made per call live in reference
+    cycles, and would keep the regions' tensors alive until the cyclic GC runs)."""
+    global _RegionPlanner
+    if _RegionPlanner is not None:
+        return _RegionPlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
     from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-    if not regions:
-        return
-
     class RegionPlanner(LoadPlanner):
+        def __init__(self, step_dir: Path, regions: Sequence[Region]):
+            self.step_dir, self.regions = step_dir, regions
+
         def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
             self.metadata = metadata
 
         def create_local_plan(self):
             items = []
-            for i, r in enumerate(regions):
+            for i, r in enumerate(self.regions):
                 md = self.metadata.state_dict_metadata.get(r.key)
                 if md is None:
-                    raise MissingTensors(f"{step_dir} has no tensor {r.key}")
+                    raise MissingTensors(f"{self.step_dir} has no tensor {r.key}")
                 if len(r.offsets) != len(md.size) or any(
                     o + n > s for o, n, s in zip(r.offsets, r.dest.shape, md.size)
                 ):
                     raise ShapeMismatch(
-                        f"{step_dir}: tensor {r.key} has shape {list(md.size)}; cannot read a block of "
+                        f"{self.step_dir}: tensor {r.key} has shape {list(md.size)}; cannot read a block of "
                         f"{list(r.dest.shape)} at {list(r.offsets)}"
                     )
                 chunk = ChunkStorageMetadata(offsets=torch.Size(r.offsets), sizes=r.dest.shape)
@@ -267,7 +279,7 @@ def read_regions(step_dir: Path, regions: Sequence[Region]) -> None:
             raise CheckpointToolError("internal: region reads request tensors only")
 
         def resolve_tensor(self, read_item):
-            dest = regions[int(read_item.dest_index.fqn)].dest
+            dest = self.regions[int(read_item.dest_index.fqn)].dest
             for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
                 dest = dest.narrow(dim, start, length)
             return dest
@@ -275,7 +287,17 @@ def read_regions(step_dir: Path, regions: Sequence[Region]) -> None:
         def commit_tensor(self, read_item, tensor):
             pass
 
-    dcp_load({}, storage_reader=_reader(step_dir), planner=RegionPlanner(), no_dist=True)
+    _RegionPlanner = RegionPlanner
+    return RegionPlanner
+
+
+def read_regions(step_dir: Path, regions: Sequence[Region]) -> None:
+    """Fill every region's `dest` from the checkpoint, reading only the stored chunks it overlaps."""
+    from torch.distributed.checkpoint import load as dcp_load
+
+    if regions:
+        planner = _region_planner_class()(step_dir, regions)
+        dcp_load({}, storage_reader=_reader(step_dir), planner=planner, no_dist=True)
 
 
 def read_slot(step_dir: Path, slot: Slot, rows: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -299,14 +321,14 @@ def resolve_keys(cfg: ModelConfig, slots: dict[str, Slot], stored: dict[str, Sto
         candidates = [slot.key, te_key(cfg, slot)]
         key = next((k for k in candidates if k in stored), None)
         if key is None:
-            missing.append(slot.key)
+            missing.append(name if name == slot.key else f"{name} (key {slot.key})")
             continue
         s = stored[key]
         want = slot.global_shape
         if name in VOCAB_PARAMS and len(s.shape) == 2 and s.shape[1] == want[1] and s.shape[0] >= cfg.vocab_size:
             slot = dataclasses.replace(slot, shape=s.shape)
         elif s.shape != want:
-            mismatched.append(f"{key}: checkpoint {list(s.shape)}, model.yaml gives {list(want)}")
+            mismatched.append(f"{name} (key {key}): checkpoint {list(s.shape)}, model.yaml gives {list(want)}")
             continue
         resolved[name] = dataclasses.replace(slot, key=key, dtype=s.dtype)
     if missing:

@@ -2,24 +2,26 @@
 
     python -m checkpoints_tools.reshard --input MODEL_DIR --output MODEL_DIR2 --tp 2 [--pp 2] [--ep 4] [--verify]
 
-What a layout change really needs, and what this does about each:
+What a layout change needs, and what this does about each point:
 
-- A torch_dist checkpoint stores *global* tensors; megatron reshards TP, PP and EP while
-  loading (runtime.checkpoint.load_checkpoint under the new layout). Nothing to rewrite there.
-- Except the vocabulary: megatron pads it to make_vocab_size_divisible_by * TP rows, so a
-  checkpoint written for one TP has a different embedding/output shape than a model built for
-  another, and the load fails. reshard re-pads: rows beyond vocab_size are padding; existing
-  ones are kept while they fit, new ones are zero.
-- Norm names differ between the local and Transformer Engine layer specs for MoE and MLA
-  layers (megatron_io.te_key); --naming writes the target spec's names.
+- A torch_dist checkpoint stores *global* tensors under layout-free keys; megatron reshards TP,
+  PP and EP while loading (runtime.checkpoint.load_checkpoint under the new layout). The
+  weights need no rewriting for that, and this tool does not pretend otherwise.
+- The vocabulary is padded to make_vocab_size_divisible_by * TP rows. megatron tolerates a
+  mismatch on load (embedding and output layer allow a shape mismatch: zero-filled, overlap
+  loaded); reshard stores the target TP's padding anyway, so that the checkpoint's shapes are
+  the model's (rows past vocab_size are padding: kept while they fit, zero when new).
+- Norm keys differ between the local and Transformer Engine layer specs in MoE and MLA layers
+  (megatron_io.te_key), a real incompatibility: --naming writes the target spec's keys.
 - The layout must fit the model (heads, query groups, layers and experts divisible; MoE with
   TP needs sequence parallelism): checked before anything is written.
+- --verify loads the result in a local world of the target layout (tp * pp * ep ranks) with
+  load_checkpoint and runs a forward pass (PP=1): the proof that the layout works.
 
 The output is a model directory (model.yaml, tokenizer files and hf/ copied) whose checkpoint
-keeps the source's step and common state (scheduler, data cursors). Model weights only:
-optimizer state is not carried over. Streaming: each tensor is read region by region into a
-file-backed arena and megatron writes from there. --verify loads the result in a local world of
-the target layout (tp * pp * ep ranks, spawn_world) and runs a forward pass (PP=1).
+keeps the source's step and common state (scheduler, data cursors). Model weights only: the
+optimizer state is not carried over. Streaming: tensors are read region by region into a
+file-backed arena and megatron writes from there.
 """
 
 from __future__ import annotations
