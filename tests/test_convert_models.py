@@ -31,8 +31,13 @@ def tiny_hf_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
 
     torch.manual_seed(seed)
     base = dict(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64)
-    if arch == "llama":
-        model = T.LlamaForCausalLM(T.LlamaConfig(**base, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True))
+    if arch == "llama":  # Llama 3.1-style RoPE scaling: it changes the low frequencies even at short lengths
+        llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+        model = T.LlamaForCausalLM(T.LlamaConfig(
+            **dict(base, max_position_embeddings=16384), intermediate_size=128, num_key_value_heads=2,
+            tie_word_embeddings=True, rope_parameters=llama3,
+        ))
     elif arch == "qwen2":
         model = T.Qwen2ForCausalLM(T.Qwen2Config(**base, intermediate_size=128, num_key_value_heads=2, rope_theta=50000.0))
     elif arch == "qwen3":
@@ -102,7 +107,18 @@ def _round_trip(arch: str, root: Path) -> dict:
     megatron_to_hf(root / "mg", root / "back", max_shard_bytes=50_000, progress=False)
     a, b = read_safetensors_dir(root / "hf"), read_safetensors_dir(root / "back")
     reloaded = AutoModelForCausalLM.from_pretrained(root / "back", attn_implementation="eager").eval()
+    rope = {}
+    if arch == "llama":  # short test sequences barely feel RoPE scaling: compare the frequencies themselves
+        from checkpoints_tools.megatron_io import open_megatron
+        from megatron_opd.models.gpt import build_gpt_model
+        from megatron_opd.runtime.layout import ParallelLayout
+
+        net = build_gpt_model(open_megatron(root / "mg").cfg, ParallelLayout())
+        ours, theirs = net.rotary_pos_emb.inv_freq.float(), hf.model.rotary_emb.inv_freq.float()
+        unscaled = 1.0 / (500000.0 ** (torch.arange(0, 16, 2).float() / 16))
+        rope = {"inv_freq_error": (ours - theirs).abs().max().item(), "scaling_changes": (theirs - unscaled).abs().max().item()}
     return {
+        **rope,
         "max_logit_error": (logits - reference).abs().max().item(),
         "logit_scale": reference.abs().max().item(),
         "same_names": sorted(a) == sorted(b),
@@ -193,6 +209,45 @@ def _errors(root: Path) -> dict:
     except CheckpointToolError as e:
         messages["yaml"] = f"{type(e).__name__}: {e}"
     return messages
+
+
+def _dtype_and_cli(root: Path) -> dict:
+    """The CLI entry point end to end, casting to bf16 on import and back to fp32 on export."""
+    from checkpoints_tools.convert import main as convert_main
+    from checkpoints_tools.crosscheck import compare_model_with_checkpoint
+    from checkpoints_tools.megatron_io import open_megatron
+    from megatron_opd.models.gpt import build_gpt_model
+    from megatron_opd.runtime.checkpoint import load_checkpoint
+    from megatron_opd.runtime.distributed import init_runtime
+    from megatron_opd.runtime.layout import ParallelLayout
+
+    hf = tiny_hf_model("qwen3_moe")
+    hf.save_pretrained(root / "hf")
+    codes = [
+        convert_main(["--source", "hf", "--target", "megatron", "--input", str(root / "hf"), "--output", str(root / "mg"),
+                      "--dtype", "bf16", "--no-progress"]),
+        convert_main(["--source", "megatron", "--target", "hf", "--input", str(root / "mg"), "--output", str(root / "back"),
+                      "--dtype", "fp32", "--no-progress"]),
+    ]
+    a, b = read_safetensors_dir(root / "hf"), read_safetensors_dir(root / "back")
+    # The crosscheck machinery (used against Megatron-Bridge on GPUs): a model loaded from the
+    # checkpoint compares equal to it, and a perturbed tensor is reported.
+    model = open_megatron(root / "mg")
+    net = build_gpt_model(model.cfg, init_runtime(ParallelLayout(), seed=0))
+    load_checkpoint(model.step_dir, [net], load_rng=False)
+    same = compare_model_with_checkpoint(net, model.step_dir, model.cfg.vocab_size)
+    with torch.no_grad():
+        net.decoder.layers[1].mlp.experts.local_experts[3].linear_fc2.weight[0, 0] += 1.0
+    perturbed = compare_model_with_checkpoint(net, model.step_dir, model.cfg.vocab_size)
+    return {
+        "codes": codes,
+        "bf16_then_fp32_exact": sorted(a) == sorted(b)
+        and all(torch.equal(b[k], a[k].to(torch.bfloat16).float()) and b[k].dtype == torch.float32 for k in a),
+        "config_dtype": json.loads((root / "back" / "config.json").read_text()).get("torch_dtype"),
+        "crosscheck_same": max(same.values()),
+        "crosscheck_keys": len(same),
+        "crosscheck_perturbed": {k: v for k, v in perturbed.items() if v > 0},
+    }
 
 
 def _rss_anon() -> int:
@@ -287,6 +342,7 @@ def _world(root: str) -> dict:
                                                   tie_embeddings=False, num_experts=4, moe_topk=2, moe_ffn_hidden_size=32)),
     }
     out["errors"] = _errors(root / "errors")
+    out["dtype_cli"] = _dtype_and_cli(root / "dtype_cli")
     out["memory"] = _memory(root / "memory")
     return out
 
@@ -311,6 +367,11 @@ def test_megatron_logits_match_transformers(results, arch):
     r = results["round_trip"][arch]
     assert r["max_logit_error"] <= 1e-4, r
     assert r["logit_scale"] > 0.1  # the comparison is not between near-zero outputs
+
+
+def test_llama3_rope_scaling_frequencies(results):
+    r = results["round_trip"]["llama"]
+    assert r["scaling_changes"] > 1e-6 and r["inv_freq_error"] <= 1e-9 * max(1.0, r["scaling_changes"]) + 1e-12, r
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -341,6 +402,18 @@ def test_tensor_errors_name_the_tensor(results):
     assert e["unexpected"].startswith("UnexpectedTensors") and "model.layers.0.self_attn.extra.weight" in e["unexpected"]
     assert e["shape"].startswith("ShapeMismatch") and k in e["shape"] and "[16, 64]" in e["shape"] and "[32, 64]" in e["shape"]
     assert e["yaml"].startswith("MissingTensors") and "q_layernorm" in e["yaml"]
+
+
+def test_cli_and_dtype_casts(results):
+    r = results["dtype_cli"]
+    assert r["codes"] == [0, 0]
+    assert r["bf16_then_fp32_exact"] and r["config_dtype"] == "float32"
+
+
+def test_crosscheck_compares_every_tensor(results):
+    r = results["dtype_cli"]
+    assert r["crosscheck_same"] == 0.0 and r["crosscheck_keys"] > 10
+    assert list(r["crosscheck_perturbed"]) == ["decoder.layers.1.mlp.experts.experts.linear_fc2.weight"]
 
 
 def test_conversion_streams(results):
