@@ -142,7 +142,7 @@ def _shard_loader(slots, by_name, out_dtype, step_dir):
     """load_shard(names) -> {name: tensor}: read each binding's blocks straight into its HF tensors."""
     import torch
 
-    from checkpoints_tools.megatron_io import Region, read_regions
+    from checkpoints_tools.megatron_io import block_region, read_regions
 
     def load_shard(names: list[str]) -> dict[str, torch.Tensor]:
         tensors, regions = {}, []
@@ -152,8 +152,7 @@ def _shard_loader(slots, by_name, out_dtype, step_dir):
             row = 0
             for blk in b.blocks:
                 if blk.src is not None:
-                    dest = hf[blk.src][blk.start : blk.stop]
-                    regions.append(Region(slot.key, slot.offsets(row), dest.view((1,) * len(slot.prepend) + tuple(dest.shape))))
+                    regions.append(block_region(slot, row, hf[blk.src][blk.start : blk.stop]))
                 row += blk.rows
             tensors[b] = hf
         read_regions(step_dir, regions)

@@ -133,7 +133,7 @@ def model_structure(cfg: ModelConfig, *, vocab_tp: int = 1, naming: str = "local
     init_single_process()
     padded = dataclasses.replace(cfg, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * vocab_tp)
     with torch.device("meta"):
-        model = build_gpt_model(padded, ParallelLayout(), device="meta", use_transformer_engine=False)
+        model = build_gpt_model(padded, ParallelLayout(), on_device="meta", use_transformer_engine=False)
     params = model.state_dict()
     slots: dict[str, Slot] = {}
     objects = []
@@ -307,6 +307,31 @@ def read_slot(step_dir: Path, slot: Slot, rows: int | None = None, out: torch.Te
     out = torch.empty(shape, dtype=slot.dtype) if out is None else out
     read_regions(step_dir, [Region(slot.key, slot.offsets(0), out.view((1,) * len(slot.prepend) + shape))])
     return out
+
+
+def row_batches(slots: dict[str, Slot], budget_bytes: int) -> list[list[tuple[str, int, int]]]:
+    """(name, first row, rows) blocks of at most ~budget_bytes, grouped into batches of about that size.
+
+    Tools read one batch per checkpoint at a time: memory stays bounded whatever the tensor sizes.
+    """
+    blocks = []
+    for name, slot in slots.items():
+        row_bytes = max(1, slot.nbytes // max(1, slot.shape[0]))
+        step = max(1, budget_bytes // row_bytes)
+        blocks += [(name, r, min(step, slot.shape[0] - r), row_bytes) for r in range(0, slot.shape[0], step)]
+    batches, used = [[]], 0
+    for name, r, rows, row_bytes in blocks:
+        if batches[-1] and used + rows * row_bytes > budget_bytes:
+            batches.append([])
+            used = 0
+        batches[-1].append((name, r, rows))
+        used += rows * row_bytes
+    return [b for b in batches if b]
+
+
+def block_region(slot: Slot, row: int, dest: torch.Tensor) -> Region:
+    """The region that reads rows [row, row + len(dest)) of a parameter into `dest`."""
+    return Region(slot.key, slot.offsets(row), dest.view((1,) * len(slot.prepend) + tuple(dest.shape)))
 
 
 def resolve_keys(cfg: ModelConfig, slots: dict[str, Slot], stored: dict[str, StoredTensor], where: Path) -> dict[str, Slot]:

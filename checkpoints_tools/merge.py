@@ -70,6 +70,7 @@ def merge(
     base: str | Path | None = None,
     weights: Sequence[float] | None = None,
     scale: float | None = None,
+    max_shard_bytes: int = 5 * 10**9,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -85,10 +86,12 @@ def merge(
     kinds = {_is_hf(p) for p in inputs}
     if len(kinds) > 1:
         raise CheckpointToolError("inputs mix Hugging Face and megatron directories; convert them to one format first")
-    fn = _merge_hf if kinds.pop() else _merge_megatron
     out = Path(output_dir)
     _check_output_dir(out, overwrite)
-    fn(method, experts, Path(base) if base else None, w, out, progress)
+    if kinds.pop():
+        _merge_hf(method, experts, Path(base) if base else None, w, out, progress, max_shard_bytes)
+    else:
+        _merge_megatron(method, experts, Path(base) if base else None, w, out, progress)
     from checkpoints_tools.manifest import write_manifest
 
     write_manifest(
@@ -104,12 +107,13 @@ def _merge_megatron(method, experts, base, w, out: Path, progress: bool) -> None
     import torch
 
     from checkpoints_tools.megatron_io import (
-        Region,
+        block_region,
         init_single_process,
         model_structure,
         open_megatron,
         read_regions,
         resolve_keys,
+        row_batches,
         sharded_pieces,
         stored_tensors,
         write_checkpoint,
@@ -135,34 +139,15 @@ def _merge_megatron(method, experts, base, w, out: Path, progress: bool) -> None
                 raise ShapeMismatch(
                     f"tensor {slot.key}: {list(slot.shape)} in {models[0].step_dir} but {list(s[name].shape)} in {m.step_dir}"
                 )
-    # Work in row blocks of at most BLOCK_BYTES, batched so that each input is read once per batch.
-    blocks, batch, batch_bytes, batches = [], [], 0, []
-    for name, slot in first.items():
-        row_bytes = max(1, slot.nbytes // slot.shape[0])
-        step = max(1, BLOCK_BYTES // row_bytes)
-        blocks += [(name, r, min(step, slot.shape[0] - r)) for r in range(0, slot.shape[0], step)]
-    for name, r, rows in blocks:
-        nbytes = rows * max(1, first[name].nbytes // first[name].shape[0])
-        if batch and batch_bytes + nbytes > BLOCK_BYTES:
-            batches.append(batch)
-            batch, batch_bytes = [], 0
-        batch.append((name, r, rows))
-        batch_bytes += nbytes
-    batches.append(batch)
-
+    batches = row_batches(first, BLOCK_BYTES)
     with Arena(out / ".staging", Arena.bytes_for((s.shape, s.dtype) for s in first.values())) as arena:
         dests = {name: arena.empty(slot.shape, slot.dtype) for name, slot in first.items()}
-        with counting(progress, f"merging ({method})", len(blocks)) as advance:
+        with counting(progress, f"merging ({method})", sum(map(len, batches))) as advance:
             for batch in batches:
-                read = []  # per input: {(name, r): tensor}
+                read = []  # per input: {(name, row): tensor}
                 for m, s in zip(models, slots):
-                    got, regions = {}, []
-                    for name, r, rows in batch:
-                        src = s[name]
-                        t = torch.empty((rows, *src.shape[1:]), dtype=src.dtype)
-                        regions.append(Region(src.key, src.offsets(r), t.view((1,) * len(src.prepend) + tuple(t.shape))))
-                        got[(name, r)] = t
-                    read_regions(m.step_dir, regions)
+                    got = {(n, r): torch.empty((rows, *s[n].shape[1:]), dtype=s[n].dtype) for n, r, rows in batch}
+                    read_regions(m.step_dir, [block_region(s[n], r, got[(n, r)]) for n, r, _ in batch])
                     read.append(got)
                 for name, r, rows in batch:
                     tensors = [got[(name, r)] for got in read]
@@ -178,7 +163,7 @@ def _merge_megatron(method, experts, base, w, out: Path, progress: bool) -> None
     copy_model_files(models[0].model_dir, out)
 
 
-def _merge_hf(method, experts, base, w, out: Path, progress: bool) -> None:
+def _merge_hf(method, experts, base, w, out: Path, progress: bool, max_shard_bytes: int) -> None:
     from checkpoints_tools.hf_io import HFCheckpoint, copy_side_files, plan_shards, write_shards
     from checkpoints_tools.progress import counting
 
@@ -194,7 +179,7 @@ def _merge_hf(method, experts, base, w, out: Path, progress: bool) -> None:
         if wrong:
             n = wrong[0]
             raise ShapeMismatch(f"tensor {n}: {list(ref.info(n).shape)} in {ref.path} but {list(h.info(n).shape)} in {h.path}")
-    shards = plan_shards([(n, ref.info(n).nbytes) for n in ref.names()], max(ref.total_bytes // 4, 1 << 20))
+    shards = plan_shards([(n, ref.info(n).nbytes) for n in ref.names()], max_shard_bytes)
 
     def load_shard(names):
         merged = {}
@@ -219,17 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", nargs="+", type=float, help="task_arithmetic: one weight per expert")
     p.add_argument("--scale", type=float, help="task_arithmetic: one weight for every expert")
     p.add_argument("--output", required=True)
+    p.add_argument("--max-shard-size", default="5GB", help="HF inputs: safetensors shard size of the output")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from checkpoints_tools.hf_io import parse_size
+
     args = build_parser().parse_args(argv)
     try:
         out = merge(
             args.method, args.experts, args.output, base=args.base, weights=args.weights, scale=args.scale,
-            overwrite=args.overwrite, progress=not args.no_progress,
+            max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite, progress=not args.no_progress,
         )
     except CheckpointToolError as e:
         print(f"error: {e}", file=sys.stderr)

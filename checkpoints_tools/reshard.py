@@ -81,13 +81,14 @@ def reshard(
 
     from checkpoints_tools.manifest import write_manifest
     from checkpoints_tools.megatron_io import (
-        Region,
+        block_region,
         init_single_process,
         model_slots,
         model_structure,
         open_megatron,
         read_regions,
         resolve_keys,
+        row_batches,
         sharded_pieces,
         stored_tensors,
         write_checkpoint,
@@ -103,7 +104,7 @@ def reshard(
     source = resolve_keys(cfg, model_slots(cfg), stored_tensors(model.step_dir), model.step_dir)
     naming = resolve_naming(naming)
     target = model_structure(cfg, vocab_tp=tp, naming=naming)
-    plan = [(source[name], dataclasses.replace(slot, dtype=source[name].dtype)) for name, slot in target.slots.items()]
+    target_slots = {name: dataclasses.replace(slot, dtype=source[name].dtype) for name, slot in target.slots.items()}
 
     out = Path(output_dir)
     _check_output_dir(out, overwrite)
@@ -112,22 +113,18 @@ def reshard(
     common.pop("step", None)
     common["resharded_from"] = str(model.step_dir.resolve())
     step = checkpoint_step(model.step_dir)
-    sharded, total = [], 0
-    with Arena(out / ".staging", Arena.bytes_for((dst.shape, dst.dtype) for _, dst in plan)) as arena:
-        with counting(progress, "reading tensors", len(plan)) as advance:
-            batch, batch_bytes = [], 0
-            for i, (src, dst) in enumerate(plan):
-                dest = arena.zeros(dst.shape, dst.dtype)
-                # Vocabulary rows past vocab_size are padding: kept while they fit, zero when new.
-                view = dest[: min(src.shape[0], dst.shape[0])]
-                batch.append(Region(src.key, src.offsets(0), view.view((1,) * len(src.prepend) + tuple(view.shape))))
-                batch_bytes += dst.nbytes
-                sharded += sharded_pieces(dst, [dest])
-                total += dst.nbytes
-                if batch_bytes >= READ_BATCH_BYTES or i == len(plan) - 1:
-                    read_regions(model.step_dir, batch)
-                    advance(len(batch))
-                    batch, batch_bytes = [], 0
+    with Arena(out / ".staging", Arena.bytes_for((dst.shape, dst.dtype) for dst in target_slots.values())) as arena:
+        dests = {name: arena.zeros(dst.shape, dst.dtype) for name, dst in target_slots.items()}
+        # Vocabulary rows past vocab_size are padding: kept while they fit, zero when new.
+        readable = {name: dataclasses.replace(source[name], shape=(min(source[name].shape[0], dst.shape[0]), *dst.shape[1:]))
+                    for name, dst in target_slots.items()}
+        batches = row_batches(readable, READ_BATCH_BYTES)
+        with counting(progress, "reading tensors", sum(map(len, batches))) as advance:
+            for batch in batches:
+                read_regions(model.step_dir, [block_region(source[n], r, dests[n][r : r + rows]) for n, r, rows in batch])
+                advance(len(batch))
+        sharded = [t for name, dst in target_slots.items() for t in sharded_pieces(dst, [dests[name]])]
+        total = sum(dst.nbytes for dst in target_slots.values())
         root = out / "checkpoints"
         with bytes_on_disk(progress, "writing megatron checkpoint", step_dir(root, step), total):
             path = write_checkpoint(root, step, sharded, target.objects, common=common)

@@ -224,48 +224,7 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout, dtype: torch.dt
     )
 
 
-def build_gpt_model(
-    cfg: ModelConfig,
-    layout: ParallelLayout,
-    *,
-    dtype: torch.dtype = torch.float32,
-    pre_process: bool | None = None,
-    post_process: bool | None = None,
-    device: torch.device | str | None = None,
-    use_transformer_engine: bool | None = None,
-):
-    """Build this rank's part of the model (its TP shard and PP stage) on the runtime's device.
-
-    Requires `runtime.init_runtime` to have set up megatron's parallel state. `device` overrides the
-    runtime's device ("meta", inside `with torch.device("meta")`, builds the structure without
-    memory); `use_transformer_engine` overrides the automatic choice of layer spec.
-    """
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
-    from megatron_opd.runtime import distributed
-
-    config = transformer_config(cfg, layout, dtype)
-    use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
-    # The block spec places dense and MoE layers per moe_layer_freq (all dense without experts).
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
-    if cfg.multi_latent_attention and not use_te:
-        _adapt_local_mla_spec(spec)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=cfg.padded_vocab_size(layout.tp),
-        max_sequence_length=cfg.max_seq_len,
-        pre_process=parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process,
-        post_process=parallel_state.is_pipeline_last_stage() if post_process is None else post_process,
-        share_embeddings_and_output_weights=cfg.tie_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(cfg.rope_theta),
-        parallel_output=True,
-        **({"rope_scaling": True, "rope_scaling_factor": cfg.rope_scaling_factor} if cfg.rope_scaling == "llama3" else {}),
-    )
-    return model.to(distributed.device() if device is None else device)
+# --- Multi-latent attention with the local spec (checkpoints_tools: DeepSeek-V3 on CPU) ---
 
 
 def _adapt_local_mla_spec(spec) -> None:
@@ -300,3 +259,51 @@ def _local_mla_core_attention():
 
         _LOCAL_MLA_CORE_ATTENTION = LocalMLACoreAttention
     return _LOCAL_MLA_CORE_ATTENTION
+
+
+def build_gpt_model(
+    cfg: ModelConfig,
+    layout: ParallelLayout,
+    *,
+    dtype: torch.dtype = torch.float32,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    on_device: torch.device | str | None = None,
+    use_transformer_engine: bool | None = None,
+):
+    """Build this rank's part of the model (its TP shard and PP stage) on the runtime's device.
+
+    Requires `runtime.init_runtime` to have set up megatron's parallel state. `on_device` overrides
+    the runtime's device ("meta", inside `with torch.device("meta")`, builds the structure without
+    memory); `use_transformer_engine` overrides the automatic choice of layer spec.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from megatron_opd.runtime.distributed import device
+
+    config = transformer_config(cfg, layout, dtype)
+    use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
+    # The block spec places dense and MoE layers per moe_layer_freq (all dense without experts).
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
+    if cfg.multi_latent_attention and not use_te:
+        _adapt_local_mla_spec(spec)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=cfg.padded_vocab_size(layout.tp),
+        max_sequence_length=cfg.max_seq_len,
+        pre_process=parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process,
+        post_process=parallel_state.is_pipeline_last_stage() if post_process is None else post_process,
+        share_embeddings_and_output_weights=cfg.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rope_theta),
+        parallel_output=True,
+        # Llama 3.1-style scaling (checkpoints_tools); the defaults leave RoPE as it was.
+        rope_scaling=cfg.rope_scaling == "llama3",
+        rope_scaling_factor=cfg.rope_scaling_factor if cfg.rope_scaling == "llama3" else 8.0,
+    )
+    if on_device is not None:
+        return model.to(on_device)
+    return model.to(device())
