@@ -1,4 +1,4 @@
-"""The supported Hugging Face architectures: one name table each, built from shared rule groups, plus config translation.
+"""Supported Hugging Face architectures: a name table each (from shared rule groups), and config translation.
 
     llama        LlamaForCausalLM       GQA, SwiGLU, RMSNorm, RoPE (optionally Llama-3 scaling)
     qwen2        Qwen2ForCausalLM       llama + QKV bias
@@ -34,10 +34,18 @@ EMBEDDINGS = (
 )
 GQA_ATTENTION = (
     rule(L + "input_layernorm.weight", H + "input_layernorm.weight"),
-    rule(L + "self_attention.linear_qkv.weight", *(H + f"self_attn.{p}_proj.weight" for p in "qkv"), layout="qkv"),
+    rule(
+        L + "self_attention.linear_qkv.weight",
+        *(H + f"self_attn.{p}_proj.weight" for p in "qkv"),
+        layout="qkv",
+    ),
     rule(L + "self_attention.linear_proj.weight", H + "self_attn.o_proj.weight"),
 )
-QKV_BIAS = (rule(L + "self_attention.linear_qkv.bias", *(H + f"self_attn.{p}_proj.bias" for p in "qkv"), layout="qkv"),)
+QKV_BIAS = (
+    rule(
+        L + "self_attention.linear_qkv.bias", *(H + f"self_attn.{p}_proj.bias" for p in "qkv"), layout="qkv"
+    ),
+)
 QK_NORM = (
     rule(L + "self_attention.q_layernorm.weight", H + "self_attn.q_norm.weight"),
     rule(L + "self_attention.k_layernorm.weight", H + "self_attn.k_norm.weight"),
@@ -97,8 +105,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
         Architecture("llama", "LlamaForCausalLM", EMBEDDINGS + GQA_ATTENTION + DENSE_MLP),
-        Architecture("qwen2", "Qwen2ForCausalLM", EMBEDDINGS + GQA_ATTENTION + QKV_BIAS + DENSE_MLP, qkv_bias=True),
-        Architecture("qwen3", "Qwen3ForCausalLM", EMBEDDINGS + GQA_ATTENTION + QK_NORM + DENSE_MLP, qk_norm=True),
+        Architecture(
+            "qwen2", "Qwen2ForCausalLM", EMBEDDINGS + GQA_ATTENTION + QKV_BIAS + DENSE_MLP, qkv_bias=True
+        ),
+        Architecture(
+            "qwen3", "Qwen3ForCausalLM", EMBEDDINGS + GQA_ATTENTION + QK_NORM + DENSE_MLP, qk_norm=True
+        ),
         Architecture(
             "qwen3_moe",
             "Qwen3MoeForCausalLM",
@@ -182,7 +194,9 @@ def _rope_from_hf(arch: str, hf: dict) -> dict:
         return dict(out, rope_scaling="llama3", rope_scaling_factor=float(rope["factor"]))
     if kind == "yarn":
         if arch != "deepseek_v3":
-            raise _unsupported(arch, "rope_scaling.rope_type", kind, "megatron-core implements YaRN for MLA only")
+            raise _unsupported(
+                arch, "rope_scaling.rope_type", kind, "megatron-core implements YaRN for MLA only"
+            )
         return dict(
             out,
             rope_scaling="yarn",
@@ -205,7 +219,9 @@ def model_config_from_hf(arch: Architecture, hf: dict) -> ModelConfig:
     if hf.get("use_sliding_window"):
         raise _unsupported(a, "use_sliding_window", True, "sliding-window attention is not built")
     if arch.attention == "gqa" and hf.get("attention_bias") and not arch.qkv_bias:
-        raise _unsupported(a, "attention_bias", True, "it adds an o_proj bias the model builder does not have")
+        raise _unsupported(
+            a, "attention_bias", True, "it adds an o_proj bias the model builder does not have"
+        )
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     kw: dict[str, Any] = dict(
         vocab_size=hf["vocab_size"],
@@ -222,10 +238,15 @@ def model_config_from_hf(arch: Architecture, hf: dict) -> ModelConfig:
         **_rope_from_hf(a, hf),
     )
     if arch.attention == "gqa":
-        kw.update(num_query_groups=hf.get("num_key_value_heads") or heads, kv_channels=hf.get("head_dim") or hidden // heads)
+        kw.update(
+            num_query_groups=hf.get("num_key_value_heads") or heads,
+            kv_channels=hf.get("head_dim") or hidden // heads,
+        )
     else:
         if not hf.get("rope_interleave", True):
-            raise _unsupported(a, "rope_interleave", False, "megatron's MLA applies RoPE to interleaved pairs")
+            raise _unsupported(
+                a, "rope_interleave", False, "megatron's MLA applies RoPE to interleaved pairs"
+            )
         kw.update(
             multi_latent_attention=True,
             qk_layernorm=True,  # q_a_layernorm / kv_a_layernorm
@@ -250,16 +271,26 @@ def model_config_from_hf(arch: Architecture, hf: dict) -> ModelConfig:
             moe_router_pre_softmax=not hf.get("norm_topk_prob", False),
         )
     elif arch.moe == "deepseek_v3":
-        topk, groups, group_topk = hf["num_experts_per_tok"], hf.get("n_group") or 1, hf.get("topk_group") or 1
+        topk, groups, group_topk = (
+            hf["num_experts_per_tok"],
+            hf.get("n_group") or 1,
+            hf.get("topk_group") or 1,
+        )
         if hf.get("scoring_func", "sigmoid") != "sigmoid":
             raise _unsupported(a, "scoring_func", hf.get("scoring_func"), "DeepSeek-V3 routing is sigmoid")
         if hf.get("topk_method", "noaux_tc") != "noaux_tc":
-            raise _unsupported(a, "topk_method", hf.get("topk_method"), "only noaux_tc (DeepSeek-V3) is mapped")
+            raise _unsupported(
+                a, "topk_method", hf.get("topk_method"), "only noaux_tc (DeepSeek-V3) is mapped"
+            )
         if topk > 1 and not hf.get("norm_topk_prob", True):
-            raise _unsupported(a, "norm_topk_prob", False, "megatron's sigmoid router always normalises the top-k")
+            raise _unsupported(
+                a, "norm_topk_prob", False, "megatron's sigmoid router always normalises the top-k"
+            )
         if groups > 1 and topk // group_topk != 2:
             raise _unsupported(
-                a, "topk_group", group_topk,
+                a,
+                "topk_group",
+                group_topk,
                 f"megatron scores an expert group by its top num_experts_per_tok/topk_group experts "
                 f"({topk}/{group_topk}), DeepSeek-V3 by its top 2",
             )
@@ -336,15 +367,21 @@ def hf_config_from_model(
     }
     if cfg.rope_scaling == "llama3":
         hf["rope_scaling"] = {
-            "rope_type": "llama3", "factor": cfg.rope_scaling_factor, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+            "factor": cfg.rope_scaling_factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
         }
     elif cfg.rope_scaling == "yarn":
         hf["rope_scaling"] = {
-            "rope_type": "yarn", "factor": cfg.rope_scaling_factor,
+            "rope_type": "yarn",
+            "factor": cfg.rope_scaling_factor,
             "original_max_position_embeddings": cfg.yarn_original_max_position,
-            "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow,
-            "mscale": cfg.yarn_mscale, "mscale_all_dim": cfg.yarn_mscale_all_dim,
+            "beta_fast": cfg.yarn_beta_fast,
+            "beta_slow": cfg.yarn_beta_slow,
+            "mscale": cfg.yarn_mscale,
+            "mscale_all_dim": cfg.yarn_mscale_all_dim,
         }
     if arch.attention == "gqa":
         hf["head_dim"] = cfg.head_dim
@@ -353,14 +390,35 @@ def hf_config_from_model(
     freq = (list(cfg.moe_layer_freq) or [1] * cfg.num_layers) if cfg.is_moe else [0] * cfg.num_layers
     if arch.moe and not cfg.is_moe:
         # An architecture with experts, every layer dense: the routing fields are inert placeholders.
-        expert = {"qwen3_moe": dict(num_experts=1, num_experts_per_tok=1, moe_intermediate_size=cfg.ffn_size,
-                                    mlp_only_layers=list(range(cfg.num_layers)), decoder_sparse_step=1),
-                  "deepseek_v3": dict(n_routed_experts=1, num_experts_per_tok=1, moe_intermediate_size=cfg.ffn_size,
-                                      n_shared_experts=0, first_k_dense_replace=cfg.num_layers, n_group=1, topk_group=1)}
+        expert = {
+            "qwen3_moe": dict(
+                num_experts=1,
+                num_experts_per_tok=1,
+                moe_intermediate_size=cfg.ffn_size,
+                mlp_only_layers=list(range(cfg.num_layers)),
+                decoder_sparse_step=1,
+            ),
+            "deepseek_v3": dict(
+                n_routed_experts=1,
+                num_experts_per_tok=1,
+                moe_intermediate_size=cfg.ffn_size,
+                n_shared_experts=0,
+                first_k_dense_replace=cfg.num_layers,
+                n_group=1,
+                topk_group=1,
+            ),
+        }
         hf.update(expert[arch.moe])
     if arch.moe == "qwen3_moe" and cfg.is_moe:
-        _require(arch, cfg, moe_router_score="softmax", moe_router_expert_bias=False, moe_shared_expert_size=0,
-                 moe_topk_scaling_factor=0.0, moe_router_num_groups=0)
+        _require(
+            arch,
+            cfg,
+            moe_router_score="softmax",
+            moe_router_expert_bias=False,
+            moe_shared_expert_size=0,
+            moe_topk_scaling_factor=0.0,
+            moe_router_num_groups=0,
+        )
         hf.update(
             num_experts=cfg.num_experts,
             num_experts_per_tok=cfg.moe_topk,
@@ -384,10 +442,14 @@ def hf_config_from_model(
             num_nextn_predict_layers=0,
         )
     if arch.moe == "deepseek_v3" and cfg.is_moe:
-        _require(arch, cfg, moe_router_score="sigmoid", moe_router_expert_bias=True, moe_router_pre_softmax=False)
+        _require(
+            arch, cfg, moe_router_score="sigmoid", moe_router_expert_bias=True, moe_router_pre_softmax=False
+        )
         first = freq.index(1) if 1 in freq else cfg.num_layers
         if freq != [0] * first + [1] * (cfg.num_layers - first):
-            raise UnsupportedConfig(f"deepseek_v3 needs dense layers first, then MoE; model.moe_layer_freq={freq}")
+            raise UnsupportedConfig(
+                f"deepseek_v3 needs dense layers first, then MoE; model.moe_layer_freq={freq}"
+            )
         expert = cfg.moe_ffn_hidden_size or cfg.ffn_size
         if cfg.moe_shared_expert_size % expert:
             raise UnsupportedConfig(

@@ -76,7 +76,8 @@ def check_hf_tensors(hf, bindings, arch, cfg) -> None:
     if cfg.tie_embeddings and "lm_head.weight" in present:
         skipped.add("lm_head.weight")  # tied: the embedding is the output layer
     extra_layers = {
-        n for n in present - set(required)
+        n
+        for n in present - set(required)
         if (m := re.match(r"model\.layers\.(\d+)\.", n)) and int(m.group(1)) >= cfg.num_layers
     }
     if extra_layers and hf.config.get("num_nextn_predict_layers"):
@@ -116,11 +117,21 @@ def hf_to_megatron(
     progress: bool = True,
 ) -> Path:
     """Convert a Hugging Face model directory into a megatron model directory; returns the step dir."""
-    from checkpoints_tools.architectures import architecture_of_hf_config, get_architecture, model_config_from_hf
+    from checkpoints_tools.architectures import (
+        architecture_of_hf_config,
+        get_architecture,
+        model_config_from_hf,
+    )
     from checkpoints_tools.hf_io import HFCheckpoint, copy_side_files
     from checkpoints_tools.manifest import write_manifest
     from checkpoints_tools.mapping import bind
-    from checkpoints_tools.megatron_io import HF_SIDE_DIR, model_structure, sharded_pieces, write_checkpoint, write_model_yaml
+    from checkpoints_tools.megatron_io import (
+        HF_SIDE_DIR,
+        model_structure,
+        sharded_pieces,
+        write_checkpoint,
+        write_model_yaml,
+    )
     from checkpoints_tools.progress import bytes_on_disk, counting
     from checkpoints_tools.staging import Arena
     from megatron_opd.runtime.checkpoint import step_dir
@@ -155,14 +166,22 @@ def hf_to_megatron(
         with counting(progress, "mapping tensors", len(bindings)) as advance:
             for b in bindings:
                 pieces = _pieces(hf, b, slots[b.megatron_name], want, arena)
-                sharded += sharded_pieces(dataclasses.replace(slots[b.megatron_name], dtype=pieces[0].dtype), pieces)
+                sharded += sharded_pieces(
+                    dataclasses.replace(slots[b.megatron_name], dtype=pieces[0].dtype), pieces
+                )
                 total += sum(p.numel() * p.element_size() for p in pieces)
                 advance()
         root = out / "checkpoints"
         with bytes_on_disk(progress, "writing megatron checkpoint", step_dir(root, step), total):
             path = write_checkpoint(
-                root, step, sharded, structure.objects,
-                common={"converted_from": str(Path(input_dir).resolve()), "hf_architecture": architecture.name},
+                root,
+                step,
+                sharded,
+                structure.objects,
+                common={
+                    "converted_from": str(Path(input_dir).resolve()),
+                    "hf_architecture": architecture.name,
+                },
             )
     del sharded
     write_model_yaml(out, cfg)
@@ -171,8 +190,15 @@ def hf_to_megatron(
     write_manifest(
         out,
         "checkpoints_tools.convert",
-        {"source": "hf", "target": "megatron", "input": str(Path(input_dir).resolve()), "architecture": architecture.name,
-         "vocab_padding_tp": tp, "naming": naming, "dtype": dtype or "as stored"},
+        {
+            "source": "hf",
+            "target": "megatron",
+            "input": str(Path(input_dir).resolve()),
+            "architecture": architecture.name,
+            "vocab_padding_tp": tp,
+            "naming": naming,
+            "dtype": dtype or "as stored",
+        },
     )
     return path
 
@@ -217,14 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--source", choices=("hf", "megatron"), required=True)
     p.add_argument("--target", choices=("hf", "megatron"), required=True)
-    p.add_argument("--input", required=True, help="HF model directory, or a megatron model/checkpoint directory")
+    p.add_argument(
+        "--input", required=True, help="HF model directory, or a megatron model/checkpoint directory"
+    )
     p.add_argument("--output", required=True, help="output directory (must be empty unless --overwrite)")
     p.add_argument("--arch", help="architecture (default: from config.json / the model config)")
-    p.add_argument("--tp", type=int, default=1, help="hf->megatron: TP size whose vocabulary padding to write")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="cast weights (default: keep the stored dtype)")
     p.add_argument(
-        "--naming", choices=("auto", "local", "te"), default="auto",
+        "--tp", type=int, default=1, help="hf->megatron: TP size whose vocabulary padding to write"
+    )
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPE_NAMES), help="cast weights (default: keep the stored dtype)"
+    )
+    p.add_argument(
+        "--naming",
+        choices=("auto", "local", "te"),
+        default="auto",
         help="hf->megatron: checkpoint key names of the target layer spec (auto: te where Transformer Engine imports)",
     )
     p.add_argument("--max-shard-size", default="5GB", help="megatron->hf: safetensors shard size")
@@ -241,8 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if (args.source, args.target) == ("hf", "megatron"):
             path = hf_to_megatron(
-                args.input, args.output, tp=args.tp, arch=args.arch, dtype=args.dtype, naming=args.naming,
-                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, overwrite=args.overwrite,
+                args.input,
+                args.output,
+                tp=args.tp,
+                arch=args.arch,
+                dtype=args.dtype,
+                naming=args.naming,
+                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                overwrite=args.overwrite,
                 progress=not args.no_progress,
             )
         elif (args.source, args.target) == ("megatron", "hf"):
@@ -250,8 +290,14 @@ def main(argv: list[str] | None = None) -> int:
             from checkpoints_tools.hf_io import parse_size
 
             path = megatron_to_hf(
-                args.input, args.output, arch=args.arch, dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size),
-                model_config=args.model_config, overwrite=args.overwrite, progress=not args.no_progress,
+                args.input,
+                args.output,
+                arch=args.arch,
+                dtype=args.dtype,
+                max_shard_bytes=parse_size(args.max_shard_size),
+                model_config=args.model_config,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
             )
         else:
             raise CheckpointToolError(f"--source {args.source} --target {args.target}: nothing to convert")

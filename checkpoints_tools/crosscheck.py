@@ -47,7 +47,14 @@ def compare_model_with_checkpoint(model, step_dir: Path, vocab_size: int) -> dic
                 shape[0] = min(shape[0], vocab_size - sh.global_offset[sh.prepend_axis_num])
                 data = data[: shape[0]]
             dest = torch.empty(shape, dtype=stored[sh.key].dtype)
-            read_regions(step_dir, [Region(sh.key, tuple(sh.global_offset), dest.view((1,) * sh.prepend_axis_num + tuple(shape)))])
+            read_regions(
+                step_dir,
+                [
+                    Region(
+                        sh.key, tuple(sh.global_offset), dest.view((1,) * sh.prepend_axis_num + tuple(shape))
+                    )
+                ],
+            )
             diff = (dest.float() - data).abs().max().item() if data.numel() else 0.0
             diffs[sh.key] = max(diffs.get(sh.key, 0.0), diff)
     return diffs
@@ -74,10 +81,15 @@ def bridge_model(hf_dir: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m checkpoints_tools.crosscheck", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m checkpoints_tools.crosscheck",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--hf", required=True, help="the Hugging Face directory that was converted")
-    p.add_argument("--megatron", required=True, help="our conversion of it (model directory or step_* directory)")
+    p.add_argument(
+        "--megatron", required=True, help="our conversion of it (model directory or step_* directory)"
+    )
     args = p.parse_args(argv)
     from checkpoints_tools.errors import CheckpointToolError
     from checkpoints_tools.megatron_io import open_megatron

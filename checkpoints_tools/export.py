@@ -1,4 +1,4 @@
-"""Export a megatron model (a trained student or teacher) to Hugging Face format for SGLang, transformers and release.
+"""Export a megatron model (a trained student or teacher) to Hugging Face format: SGLang, transformers, release.
 
     python -m checkpoints_tools.export --input MODEL_DIR_OR_STEP_DIR --output HF_DIR [--arch qwen3] [--dtype bf16]
 
@@ -66,19 +66,25 @@ def megatron_to_hf(
     from checkpoints_tools.architectures import (
         architecture_of_hf_config,
         get_architecture,
-        hf_config_from_model,
         infer_architecture,
-        model_config_from_hf,
     )
     from checkpoints_tools.hf_io import plan_shards, write_shards
     from checkpoints_tools.manifest import write_manifest
     from checkpoints_tools.mapping import bind
-    from checkpoints_tools.megatron_io import init_single_process, model_slots, open_megatron, resolve_keys, stored_tensors
+    from checkpoints_tools.megatron_io import (
+        init_single_process,
+        model_slots,
+        open_megatron,
+        resolve_keys,
+        stored_tensors,
+    )
     from checkpoints_tools.progress import counting
 
     model = open_megatron(input_path, model_config)
     cfg, side = model.cfg, model.hf_side_dir
-    original = json.loads((side / "config.json").read_text()) if side and (side / "config.json").is_file() else None
+    original = (
+        json.loads((side / "config.json").read_text()) if side and (side / "config.json").is_file() else None
+    )
     if arch:
         architecture = get_architecture(arch)
     elif original is not None:
@@ -99,30 +105,22 @@ def megatron_to_hf(
         return torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
 
     by_name = {n: b for b in bindings for n in b.hf_names}
-    groups = plan_shards([(b.megatron_name, sum(nbytes(s, out_dtype(b)) for s in b.hf_shapes)) for b in bindings], max_shard_bytes)
+    sizes = [(b.megatron_name, sum(nbytes(s, out_dtype(b)) for s in b.hf_shapes)) for b in bindings]
+    groups = plan_shards(sizes, max_shard_bytes)
     by_megatron = {b.megatron_name: b for b in bindings}
     shards = [[n for m in group for n in by_megatron[m].hf_names] for group in groups]
+
+    # The dtype most weights are stored in (fp32 router biases beside bf16 weights are normal).
+    stored = max(
+        {s.dtype for s in slots.values()}, key=lambda d: sum(s.nbytes for s in slots.values() if s.dtype == d)
+    )
+    dtype_name = DTYPE_NAMES[dtype] if dtype else str(stored).replace("torch.", "")
+    config = _hf_config(architecture, cfg, original, dtype_name, dtype is not None, model, side)
 
     out = Path(output_dir)
     _check_output_dir(out, overwrite)
     with counting(progress, "writing safetensors", len(by_name)) as advance:
         write_shards(out, shards, _shard_loader(slots, by_name, out_dtype, model.step_dir), on_shard=advance)
-
-    # The dtype most weights are stored in (fp32 router biases beside bf16 weights are normal).
-    stored = max({s.dtype for s in slots.values()}, key=lambda d: sum(s.nbytes for s in slots.values() if s.dtype == d))
-    dtype_name = DTYPE_NAMES[dtype] if dtype else str(stored).replace("torch.", "")
-    config = None
-    if original is not None and architecture.name == original.get("model_type"):
-        again = dataclasses.replace(model_config_from_hf(architecture, original), make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
-        if again == cfg:
-            config = dict(original)
-            if dtype:
-                config["torch_dtype"] = dtype_name
-                config.pop("dtype", None)
-        else:
-            warnings.warn(f"{side / 'config.json'} no longer matches model.yaml; writing a generated config.json")
-    if config is None:
-        config = hf_config_from_model(architecture, cfg, torch_dtype=dtype_name, token_ids=_token_ids(model.model_dir))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if side is not None:
         for f in side.iterdir():
@@ -133,9 +131,31 @@ def megatron_to_hf(
     write_manifest(
         out,
         "checkpoints_tools.export",
-        {"input": str(model.step_dir.resolve()), "architecture": architecture.name, "dtype": dtype or "as stored"},
+        {
+            "input": str(model.step_dir.resolve()),
+            "architecture": architecture.name,
+            "dtype": dtype or "as stored",
+        },
     )
     return out
+
+
+def _hf_config(architecture, cfg, original, dtype_name, cast, model, side) -> dict:
+    """The original config.json when model.yaml still matches it (bit-exact round trips), else generated."""
+    from checkpoints_tools.architectures import hf_config_from_model, model_config_from_hf
+
+    if original is not None and architecture.name == original.get("model_type"):
+        again = model_config_from_hf(architecture, original)
+        if dataclasses.replace(again, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by) == cfg:
+            config = dict(original)
+            if cast:
+                config["torch_dtype"] = dtype_name
+                config.pop("dtype", None)
+            return config
+        warnings.warn(f"{side / 'config.json'} no longer matches model.yaml; writing a generated config.json")
+    return hf_config_from_model(
+        architecture, cfg, torch_dtype=dtype_name, token_ids=_token_ids(model.model_dir)
+    )
 
 
 def _shard_loader(slots, by_name, out_dtype, step_dir):
@@ -163,12 +183,20 @@ def _shard_loader(slots, by_name, out_dtype, step_dir):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m checkpoints_tools.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m checkpoints_tools.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--input", required=True, help="a model directory (model.yaml + checkpoints/) or one step_* directory")
-    p.add_argument("--output", required=True, help="the Hugging Face directory to write (empty unless --overwrite)")
+    p.add_argument(
+        "--input", required=True, help="a model directory (model.yaml + checkpoints/) or one step_* directory"
+    )
+    p.add_argument(
+        "--output", required=True, help="the Hugging Face directory to write (empty unless --overwrite)"
+    )
     p.add_argument("--arch", help="llama, qwen2, qwen3, qwen3_moe or deepseek_v3 (default: see above)")
-    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="cast weights (default: keep the stored dtype)")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPE_NAMES), help="cast weights (default: keep the stored dtype)"
+    )
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--model-config", help="model.yaml, when --input is a bare step_* directory")
     p.add_argument("--overwrite", action="store_true")
@@ -183,8 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = megatron_to_hf(
-            args.input, args.output, arch=args.arch, dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size),
-            model_config=args.model_config, overwrite=args.overwrite, progress=not args.no_progress,
+            args.input,
+            args.output,
+            arch=args.arch,
+            dtype=args.dtype,
+            max_shard_bytes=parse_size(args.max_shard_size),
+            model_config=args.model_config,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
         )
     except CheckpointToolError as e:
         print(f"error: {e}", file=sys.stderr)

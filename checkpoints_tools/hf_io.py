@@ -107,7 +107,9 @@ class HFCheckpoint:
         self.path = Path(directory)
         config_path = self.path / "config.json"
         if not config_path.is_file():
-            raise CheckpointToolError(f"{self.path} is not a Hugging Face model directory: config.json is missing")
+            raise CheckpointToolError(
+                f"{self.path} is not a Hugging Face model directory: config.json is missing"
+            )
         self.config: dict = json.loads(config_path.read_text())
         index_path = self.path / INDEX
         if index_path.is_file():
@@ -128,7 +130,9 @@ class HFCheckpoint:
                 if weight_map and weight_map.get(name) != file:
                     continue  # loaders follow the index; a stray copy elsewhere is not the tensor
                 if name in self._infos:
-                    raise CorruptCheckpoint(f"tensor {name} is in both {self._infos[name].file.name} and {file}")
+                    raise CorruptCheckpoint(
+                        f"tensor {name} is in both {self._infos[name].file.name} and {file}"
+                    )
                 self._infos[name] = info
         absent = [n for n in weight_map if n not in self._infos]
         if absent:

@@ -32,7 +32,8 @@ def _files(directory: Path) -> list[Path]:
 def write_manifest(directory: str | Path, tool: str, details: dict[str, Any] | None = None) -> Path:
     directory = Path(directory)
     files = {
-        str(p.relative_to(directory)): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in _files(directory)
+        str(p.relative_to(directory)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+        for p in _files(directory)
     }
     manifest = {
         "tool": tool,

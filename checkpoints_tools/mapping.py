@@ -1,4 +1,4 @@
-"""How a megatron tensor and its Hugging Face tensors correspond: rules (data) and row layouts (a small shared set).
+"""How megatron and Hugging Face tensors correspond: rules (data) and row layouts (a small shared set).
 
 A `Rule` pairs a megatron parameter name with one or more Hugging Face names (`{L}` is a layer
 index, `{E}` an expert index) and names a layout. Megatron names are those of the model's own
@@ -124,14 +124,20 @@ def check_rules(arch_name: str, rules: tuple[Rule, ...]) -> None:
         if r.layout not in LAYOUTS:
             raise CheckpointToolError(f"table {arch_name}: unknown layout {r.layout!r} for {r.megatron}")
         if _ARITY.get(r.layout, len(r.hf)) != len(r.hf) or not r.hf:
-            raise CheckpointToolError(f"table {arch_name}: layout {r.layout} takes other than {len(r.hf)} HF names")
+            raise CheckpointToolError(
+                f"table {arch_name}: layout {r.layout} takes other than {len(r.hf)} HF names"
+            )
         for h in r.hf:
             for ph in ("{L}", "{E}"):
                 if (ph in h) != (ph in r.megatron):
-                    raise CheckpointToolError(f"table {arch_name}: {ph} appears on one side only in {r.megatron} <-> {h}")
+                    raise CheckpointToolError(
+                        f"table {arch_name}: {ph} appears on one side only in {r.megatron} <-> {h}"
+                    )
 
 
-def bind(arch_name: str, rules: tuple[Rule, ...], megatron_shapes: dict[str, Shape], cfg: ModelConfig) -> list[Binding]:
+def bind(
+    arch_name: str, rules: tuple[Rule, ...], megatron_shapes: dict[str, Shape], cfg: ModelConfig
+) -> list[Binding]:
     """Match every megatron tensor to exactly one rule; error naming the tensors that have none."""
     compiled = [(_pattern(r.megatron), r) for r in rules]
     bindings, unmatched = [], []

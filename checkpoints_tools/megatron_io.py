@@ -1,4 +1,4 @@
-"""The megatron side: where each parameter lives in a dist (torch_dist) checkpoint, and reading and writing it by region.
+"""The megatron side: where each parameter lives in a torch_dist checkpoint; reading and writing by region.
 
 A torch_dist checkpoint stores *global* tensors under sharding-independent keys: megatron's
 sharded state dict maps each rank's shard to (key, offset) in the global tensor, and reshards
@@ -32,7 +32,13 @@ from typing import Any, Sequence
 
 import torch
 
-from checkpoints_tools.errors import CheckpointToolError, MissingTensors, ShapeMismatch, UnexpectedTensors, name_list
+from checkpoints_tools.errors import (
+    CheckpointToolError,
+    MissingTensors,
+    ShapeMismatch,
+    UnexpectedTensors,
+    name_list,
+)
 from megatron_opd.models.gpt import ModelConfig
 from megatron_opd.runtime.layout import ParallelLayout
 
@@ -98,7 +104,9 @@ def te_key(cfg: ModelConfig, slot: Slot) -> str:
     suffix = slot.name[len(f"decoder.layers.{layer}.") :]
     mla = cfg.multi_latent_attention
     te_suffix = {
-        "input_layernorm.weight": "input_layernorm.weight" if mla else "self_attention.linear_qkv.layer_norm_weight",
+        "input_layernorm.weight": (
+            "input_layernorm.weight" if mla else "self_attention.linear_qkv.layer_norm_weight"
+        ),
         "pre_mlp_layernorm.weight": (
             "pre_mlp_layernorm.weight" if layer_is_moe(cfg, layer) else "mlp.linear_fc1.layer_norm_weight"
         ),
@@ -131,7 +139,9 @@ def model_structure(cfg: ModelConfig, *, vocab_tp: int = 1, naming: str = "local
     if naming not in ("local", "te"):
         raise CheckpointToolError(f"unknown checkpoint naming {naming!r}; choose local or te")
     init_single_process()
-    padded = dataclasses.replace(cfg, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * vocab_tp)
+    padded = dataclasses.replace(
+        cfg, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * vocab_tp
+    )
     with torch.device("meta"):
         model = build_gpt_model(padded, ParallelLayout(), on_device="meta", use_transformer_engine=False)
     params = model.state_dict()
@@ -147,13 +157,17 @@ def model_structure(cfg: ModelConfig, *, vocab_tp: int = 1, naming: str = "local
         elif isinstance(obj, ShardedTensor):
             shards = [obj]
         else:
-            raise CheckpointToolError(f"internal: unexpected {type(obj).__name__} for {name} in megatron's sharded state dict")
+            raise CheckpointToolError(
+                f"internal: unexpected {type(obj).__name__} for {name} in megatron's sharded state dict"
+            )
         first = shards[0]
         p = first.prepend_axis_num
         prepend = tuple((first.global_offset[i], first.global_shape[i]) for i in range(p))
         shape = tuple(params[name].shape)
         if tuple(first.global_shape[p:]) != shape:
-            raise CheckpointToolError(f"internal: {name} has global shape {first.global_shape} at TP=1, param {shape}")
+            raise CheckpointToolError(
+                f"internal: {name} has global shape {first.global_shape} at TP=1, param {shape}"
+            )
         slot = Slot(name, first.key, prepend, shape, params[name].dtype)
         slots[name] = dataclasses.replace(slot, key=te_key(cfg, slot)) if naming == "te" else slot
     return Structure(slots, tuple(objects))
@@ -266,7 +280,9 @@ def _region_planner_class():
                 chunk = ChunkStorageMetadata(offsets=torch.Size(r.offsets), sizes=r.dest.shape)
                 for item in create_read_items_for_chunk_list(r.key, md, [chunk]):
                     # dest_index names the region, so that several regions of one key stay apart.
-                    items.append(dataclasses.replace(item, dest_index=MetadataIndex(str(i), item.dest_index.offset)))
+                    items.append(
+                        dataclasses.replace(item, dest_index=MetadataIndex(str(i), item.dest_index.offset))
+                    )
             return LoadPlan(items)
 
         def create_global_plan(self, global_plan):
@@ -300,7 +316,9 @@ def read_regions(step_dir: Path, regions: Sequence[Region]) -> None:
         dcp_load({}, storage_reader=_reader(step_dir), planner=planner, no_dist=True)
 
 
-def read_slot(step_dir: Path, slot: Slot, rows: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def read_slot(
+    step_dir: Path, slot: Slot, rows: int | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The first `rows` rows (default: all) of one parameter, as a tensor of the slot's dtype."""
     rows = slot.shape[0] if rows is None else rows
     shape = (rows, *slot.shape[1:])
@@ -334,7 +352,9 @@ def block_region(slot: Slot, row: int, dest: torch.Tensor) -> Region:
     return Region(slot.key, slot.offsets(row), dest.view((1,) * len(slot.prepend) + tuple(dest.shape)))
 
 
-def resolve_keys(cfg: ModelConfig, slots: dict[str, Slot], stored: dict[str, StoredTensor], where: Path) -> dict[str, Slot]:
+def resolve_keys(
+    cfg: ModelConfig, slots: dict[str, Slot], stored: dict[str, StoredTensor], where: Path
+) -> dict[str, Slot]:
     """Point every slot at the key its checkpoint really uses (local or TE naming) and check shapes.
 
     Errors name the missing megatron tensors, the checkpoint's unexpected ones, and shape mismatches
@@ -350,10 +370,17 @@ def resolve_keys(cfg: ModelConfig, slots: dict[str, Slot], stored: dict[str, Sto
             continue
         s = stored[key]
         want = slot.global_shape
-        if name in VOCAB_PARAMS and len(s.shape) == 2 and s.shape[1] == want[1] and s.shape[0] >= cfg.vocab_size:
+        if (
+            name in VOCAB_PARAMS
+            and len(s.shape) == 2
+            and s.shape[1] == want[1]
+            and s.shape[0] >= cfg.vocab_size
+        ):
             slot = dataclasses.replace(slot, shape=s.shape)
         elif s.shape != want:
-            mismatched.append(f"{name} (key {key}): checkpoint {list(s.shape)}, model.yaml gives {list(want)}")
+            mismatched.append(
+                f"{name} (key {key}): checkpoint {list(s.shape)}, model.yaml gives {list(want)}"
+            )
             continue
         resolved[name] = dataclasses.replace(slot, key=key, dtype=s.dtype)
     if missing:
@@ -459,11 +486,15 @@ def open_megatron(path: str | Path, model_config: str | Path | None = None) -> M
     if (path / "model.yaml").is_file():
         model_dir, step_dir = path, latest_complete(path / "checkpoints")
         if step_dir is None:
-            raise CheckpointToolError(f"{path} is a model directory without a complete checkpoint under checkpoints/")
+            raise CheckpointToolError(
+                f"{path} is a model directory without a complete checkpoint under checkpoints/"
+            )
     elif (path / ".metadata").is_file():
         step_dir = path
         if not (path / COMPLETE).is_file():
-            raise CheckpointToolError(f"{path} is an incomplete checkpoint (no {COMPLETE} marker): its save did not finish")
+            raise CheckpointToolError(
+                f"{path} is an incomplete checkpoint (no {COMPLETE} marker): its save did not finish"
+            )
         model_dir = path.parent.parent if (path.parent.parent / "model.yaml").is_file() else None
     else:
         raise CheckpointToolError(

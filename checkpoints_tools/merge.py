@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Sequence
 
 from checkpoints_tools.convert import _check_output_dir
-from checkpoints_tools.errors import CheckpointToolError, MissingTensors, ShapeMismatch, UnexpectedTensors, name_list
+from checkpoints_tools.errors import (
+    CheckpointToolError,
+    MissingTensors,
+    ShapeMismatch,
+    UnexpectedTensors,
+    name_list,
+)
 
 BLOCK_BYTES = 1 << 28
 
@@ -30,11 +36,15 @@ BLOCK_BYTES = 1 << 28
 def coefficients(method: str, n: int, weights: Sequence[float] | None, scale: float | None) -> list[float]:
     if method == "uniform":
         if weights is not None or scale is not None:
-            raise CheckpointToolError("uniform averages the experts equally; --weights/--scale are for task_arithmetic")
+            raise CheckpointToolError(
+                "uniform averages the experts equally; --weights/--scale are for task_arithmetic"
+            )
         return [1.0 / n] * n
     if method == "task_arithmetic":
         if weights is None and scale is None:
-            raise CheckpointToolError("task_arithmetic needs --weights (one per expert) or --scale (the same for all)")
+            raise CheckpointToolError(
+                "task_arithmetic needs --weights (one per expert) or --scale (the same for all)"
+            )
         if weights is not None and scale is not None:
             raise CheckpointToolError("pass --weights or --scale, not both")
         w = list(weights) if weights is not None else [scale] * n
@@ -85,7 +95,9 @@ def merge(
     inputs = ([Path(base)] if base else []) + experts
     kinds = {_is_hf(p) for p in inputs}
     if len(kinds) > 1:
-        raise CheckpointToolError("inputs mix Hugging Face and megatron directories; convert them to one format first")
+        raise CheckpointToolError(
+            "inputs mix Hugging Face and megatron directories; convert them to one format first"
+        )
     out = Path(output_dir)
     _check_output_dir(out, overwrite)
     if kinds.pop():
@@ -97,8 +109,12 @@ def merge(
     write_manifest(
         out,
         "checkpoints_tools.merge",
-        {"method": method, "weights": w, "base": str(Path(base).resolve()) if base else None,
-         "experts": [str(e.resolve()) for e in experts]},
+        {
+            "method": method,
+            "weights": w,
+            "base": str(Path(base).resolve()) if base else None,
+            "experts": [str(e.resolve()) for e in experts],
+        },
     )
     return out
 
@@ -128,7 +144,9 @@ def _merge_megatron(method, experts, base, w, out: Path, progress: bool) -> None
     for m in models[1:]:
         if m.cfg != cfg:
             diff = [f for f in vars(cfg) if getattr(cfg, f) != getattr(m.cfg, f)]
-            raise CheckpointToolError(f"{m.step_dir} has another model config than {models[0].step_dir}: {', '.join(diff)}")
+            raise CheckpointToolError(
+                f"{m.step_dir} has another model config than {models[0].step_dir}: {', '.join(diff)}"
+            )
     init_single_process()
     structure = model_structure(cfg)
     slots = [resolve_keys(cfg, structure.slots, stored_tensors(m.step_dir), m.step_dir) for m in models]
@@ -137,7 +155,8 @@ def _merge_megatron(method, experts, base, w, out: Path, progress: bool) -> None
         for name, slot in first.items():
             if s[name].shape != slot.shape:
                 raise ShapeMismatch(
-                    f"tensor {slot.key}: {list(slot.shape)} in {models[0].step_dir} but {list(s[name].shape)} in {m.step_dir}"
+                    f"tensor {slot.key}: {list(slot.shape)} in {models[0].step_dir} "
+                    f"but {list(s[name].shape)} in {m.step_dir}"
                 )
     batches = row_batches(first, BLOCK_BYTES)
     with Arena(out / ".staging", Arena.bytes_for((s.shape, s.dtype) for s in first.values())) as arena:
@@ -146,7 +165,9 @@ def _merge_megatron(method, experts, base, w, out: Path, progress: bool) -> None
             for batch in batches:
                 read = []  # per input: {(name, row): tensor}
                 for m, s in zip(models, slots):
-                    got = {(n, r): torch.empty((rows, *s[n].shape[1:]), dtype=s[n].dtype) for n, r, rows in batch}
+                    got = {
+                        (n, r): torch.empty((rows, *s[n].shape[1:]), dtype=s[n].dtype) for n, r, rows in batch
+                    }
                     read_regions(m.step_dir, [block_region(s[n], r, got[(n, r)]) for n, r, _ in batch])
                     read.append(got)
                 for name, r, rows in batch:
@@ -178,7 +199,9 @@ def _merge_hf(method, experts, base, w, out: Path, progress: bool, max_shard_byt
         wrong = [n for n in ref.names() if ref.info(n).shape != h.info(n).shape]
         if wrong:
             n = wrong[0]
-            raise ShapeMismatch(f"tensor {n}: {list(ref.info(n).shape)} in {ref.path} but {list(h.info(n).shape)} in {h.path}")
+            raise ShapeMismatch(
+                f"tensor {n}: {list(ref.info(n).shape)} in {ref.path} but {list(h.info(n).shape)} in {h.path}"
+            )
     shards = plan_shards([(n, ref.info(n).nbytes) for n in ref.names()], max_shard_bytes)
 
     def load_shard(names):
@@ -186,7 +209,11 @@ def _merge_hf(method, experts, base, w, out: Path, progress: bool, max_shard_byt
         for n in names:
             tensors = [h.tensor(n) for h in hfs]
             b, ex = (tensors[0], tensors[1:]) if base else (None, tensors)
-            merged[n] = combine(method, ex, b, w).to(ref.info(n).dtype) if ref.info(n).dtype.is_floating_point else tensors[0]
+            merged[n] = (
+                combine(method, ex, b, w).to(ref.info(n).dtype)
+                if ref.info(n).dtype.is_floating_point
+                else tensors[0]
+            )
         return merged
 
     with counting(progress, f"merging ({method})", len(ref.names())) as advance:
@@ -196,7 +223,9 @@ def _merge_hf(method, experts, base, w, out: Path, progress: bool, max_shard_byt
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m checkpoints_tools.merge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m checkpoints_tools.merge",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--method", choices=("uniform", "task_arithmetic"), required=True)
     p.add_argument("--experts", nargs="+", required=True, help="expert model directories (megatron or HF)")
@@ -216,8 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = merge(
-            args.method, args.experts, args.output, base=args.base, weights=args.weights, scale=args.scale,
-            max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite, progress=not args.no_progress,
+            args.method,
+            args.experts,
+            args.output,
+            base=args.base,
+            weights=args.weights,
+            scale=args.scale,
+            max_shard_bytes=parse_size(args.max_shard_size),
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
         )
     except CheckpointToolError as e:
         print(f"error: {e}", file=sys.stderr)

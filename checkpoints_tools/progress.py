@@ -25,14 +25,22 @@ def counting(enabled: bool, description: str, total: int) -> Iterator[Callable[.
     if not enabled:
         yield lambda n=1: None
         return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n=1: progress.advance(task, n)
 
 
 @contextlib.contextmanager
-def bytes_on_disk(enabled: bool, description: str, directory: Path, total: int, pattern: str = "*.distcp") -> Iterator[None]:
+def bytes_on_disk(
+    enabled: bool, description: str, directory: Path, total: int, pattern: str = "*.distcp"
+) -> Iterator[None]:
     """Shows the bytes appearing under `directory` (files matching `pattern`) while the body runs."""
     if not enabled:
         yield

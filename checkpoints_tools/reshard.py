@@ -104,7 +104,9 @@ def reshard(
     source = resolve_keys(cfg, model_slots(cfg), stored_tensors(model.step_dir), model.step_dir)
     naming = resolve_naming(naming)
     target = model_structure(cfg, vocab_tp=tp, naming=naming)
-    target_slots = {name: dataclasses.replace(slot, dtype=source[name].dtype) for name, slot in target.slots.items()}
+    target_slots = {
+        name: dataclasses.replace(slot, dtype=source[name].dtype) for name, slot in target.slots.items()
+    }
 
     out = Path(output_dir)
     _check_output_dir(out, overwrite)
@@ -113,15 +115,24 @@ def reshard(
     common.pop("step", None)
     common["resharded_from"] = str(model.step_dir.resolve())
     step = checkpoint_step(model.step_dir)
-    with Arena(out / ".staging", Arena.bytes_for((dst.shape, dst.dtype) for dst in target_slots.values())) as arena:
+    with Arena(
+        out / ".staging", Arena.bytes_for((dst.shape, dst.dtype) for dst in target_slots.values())
+    ) as arena:
         dests = {name: arena.zeros(dst.shape, dst.dtype) for name, dst in target_slots.items()}
         # Vocabulary rows past vocab_size are padding: kept while they fit, zero when new.
-        readable = {name: dataclasses.replace(source[name], shape=(min(source[name].shape[0], dst.shape[0]), *dst.shape[1:]))
-                    for name, dst in target_slots.items()}
+        readable = {
+            name: dataclasses.replace(
+                source[name], shape=(min(source[name].shape[0], dst.shape[0]), *dst.shape[1:])
+            )
+            for name, dst in target_slots.items()
+        }
         batches = row_batches(readable, READ_BATCH_BYTES)
         with counting(progress, "reading tensors", sum(map(len, batches))) as advance:
             for batch in batches:
-                read_regions(model.step_dir, [block_region(source[n], r, dests[n][r : r + rows]) for n, r, rows in batch])
+                read_regions(
+                    model.step_dir,
+                    [block_region(source[n], r, dests[n][r : r + rows]) for n, r, rows in batch],
+                )
                 advance(len(batch))
         sharded = [t for name, dst in target_slots.items() for t in sharded_pieces(dst, [dests[name]])]
         total = sum(dst.nbytes for dst in target_slots.values())
@@ -144,7 +155,9 @@ def reshard(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m checkpoints_tools.reshard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m checkpoints_tools.reshard",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--input", required=True, help="a model directory or one step_* directory")
     p.add_argument("--output", required=True, help="the model directory to write (empty unless --overwrite)")
@@ -153,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--naming", choices=("auto", "local", "te"), default="auto")
     p.add_argument("--model-config", help="model.yaml, when --input is a bare step_* directory")
-    p.add_argument("--verify", action="store_true", help="load the result in a local world of the target layout")
+    p.add_argument(
+        "--verify", action="store_true", help="load the result in a local world of the target layout"
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -165,8 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         path = reshard(
-            args.input, args.output, tp=args.tp, pp=args.pp, ep=args.ep, naming=args.naming,
-            model_config=args.model_config, overwrite=args.overwrite, progress=not args.no_progress,
+            args.input,
+            args.output,
+            tp=args.tp,
+            pp=args.pp,
+            ep=args.ep,
+            naming=args.naming,
+            model_config=args.model_config,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
         )
     except CheckpointToolError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -179,10 +201,21 @@ def main(argv: list[str] | None = None) -> int:
 
         layout = target_layout(open_megatron(args.output).cfg, args.tp, args.pp, args.ep)
         world = args.tp * args.pp * args.ep
-        fields = {"tp": layout.tp, "pp": layout.pp, "ep": layout.ep, "sequence_parallel": layout.sequence_parallel}
+        fields = {
+            "tp": layout.tp,
+            "pp": layout.pp,
+            "ep": layout.ep,
+            "sequence_parallel": layout.sequence_parallel,
+        }
         logits = verify_in_world(args.output, fields, [[0, 1, 2, 3]], world)
-        print(f"verified: loaded under tp={args.tp} pp={args.pp} ep={args.ep} on {world} ranks"
-              + (f", logits {tuple(logits.shape)} finite={bool(logits.isfinite().all())}" if logits is not None else ""))
+        print(
+            f"verified: loaded under tp={args.tp} pp={args.pp} ep={args.ep} on {world} ranks"
+            + (
+                f", logits {tuple(logits.shape)} finite={bool(logits.isfinite().all())}"
+                if logits is not None
+                else ""
+            )
+        )
     return 0
 
 

@@ -30,9 +30,7 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def mapped_tensor(
-    mm: mmap.mmap, offset: int, shape: tuple[int, ...], dtype: torch.dtype
-) -> torch.Tensor:
+def mapped_tensor(mm: mmap.mmap, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A tensor over bytes [offset, offset + numel * itemsize) of a mapping; it owns that storage."""
     numel = math.prod(shape)
     if numel == 0:

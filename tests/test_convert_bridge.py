@@ -16,8 +16,12 @@ from test_convert_models import tiny_hf_model
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="Megatron-Bridge needs CUDA and Transformer Engine"),
-    pytest.mark.skipif(importlib.util.find_spec("megatron.bridge") is None, reason="Megatron-Bridge is not installed"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="Megatron-Bridge needs CUDA and Transformer Engine"
+    ),
+    pytest.mark.skipif(
+        importlib.util.find_spec("megatron.bridge") is None, reason="Megatron-Bridge is not installed"
+    ),
 ]
 
 

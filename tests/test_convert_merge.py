@@ -37,15 +37,52 @@ def _world(root: str) -> dict:
         return merge_main([*map(str, argv), "--no-progress"])
 
     codes = {
-        "uniform": run("--method", "uniform", "--experts", root / "a_mg", root / "b_mg", "--output", root / "uniform_mg"),
-        "task": run("--method", "task_arithmetic", "--base", root / "base_mg", "--experts", root / "a_mg", root / "b_mg",
-                    "--weights", "0.5", "0.25", "--output", root / "task_mg"),
-        "uniform_hf": run("--method", "uniform", "--experts", root / "a_hf", root / "b_hf", "--output", root / "uniform_hf"),
-        "task_hf": run("--method", "task_arithmetic", "--base", root / "base_hf", "--experts", root / "a_hf", root / "b_hf",
-                       "--scale", "0.3", "--output", root / "task_hf"),
-        "mismatch": run("--method", "uniform", "--experts", root / "a_mg", root / "other_mg", "--output", root / "bad"),
-        "no_weights": run("--method", "task_arithmetic", "--base", root / "base_mg", "--experts", root / "a_mg",
-                          "--output", root / "bad2"),
+        "uniform": run(
+            "--method", "uniform", "--experts", root / "a_mg", root / "b_mg", "--output", root / "uniform_mg"
+        ),
+        "task": run(
+            "--method",
+            "task_arithmetic",
+            "--base",
+            root / "base_mg",
+            "--experts",
+            root / "a_mg",
+            root / "b_mg",
+            "--weights",
+            "0.5",
+            "0.25",
+            "--output",
+            root / "task_mg",
+        ),
+        "uniform_hf": run(
+            "--method", "uniform", "--experts", root / "a_hf", root / "b_hf", "--output", root / "uniform_hf"
+        ),
+        "task_hf": run(
+            "--method",
+            "task_arithmetic",
+            "--base",
+            root / "base_hf",
+            "--experts",
+            root / "a_hf",
+            root / "b_hf",
+            "--scale",
+            "0.3",
+            "--output",
+            root / "task_hf",
+        ),
+        "mismatch": run(
+            "--method", "uniform", "--experts", root / "a_mg", root / "other_mg", "--output", root / "bad"
+        ),
+        "no_weights": run(
+            "--method",
+            "task_arithmetic",
+            "--base",
+            root / "base_mg",
+            "--experts",
+            root / "a_mg",
+            "--output",
+            root / "bad2",
+        ),
     }
     from checkpoints_tools.errors import CheckpointToolError
     from checkpoints_tools.merge import merge
@@ -100,7 +137,8 @@ def test_task_arithmetic(results, fmt):
     t = results[fmt]
     w = (0.5, 0.25) if fmt == "megatron" else (0.3, 0.3)
     want = {
-        k: t["base"][k].double() + w[0] * (t["a"][k].double() - t["base"][k].double())
+        k: t["base"][k].double()
+        + w[0] * (t["a"][k].double() - t["base"][k].double())
         + w[1] * (t["b"][k].double() - t["base"][k].double())
         for k in t["base"]
     }

@@ -19,7 +19,10 @@ import pytest
 import torch
 
 ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3")
-TOKENS = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79], [2, 71, 82, 81, 82, 84, 59, 4, 52, 35, 36, 2, 87, 47, 13, 52]]
+TOKENS = [
+    [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79],
+    [2, 71, 82, 81, 82, 84, 59, 4, 52, 35, 36, 2, 87, 47, 13, 52],
+]
 
 
 def tiny_hf_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -30,33 +33,80 @@ def tiny_hf_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     import transformers as T
 
     torch.manual_seed(seed)
-    base = dict(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64)
+    base = dict(
+        vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64
+    )
     if arch == "llama":  # Llama 3.1-style RoPE scaling: it changes the low frequencies even at short lengths
-        llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
-        model = T.LlamaForCausalLM(T.LlamaConfig(
-            **dict(base, max_position_embeddings=16384), intermediate_size=128, num_key_value_heads=2,
-            tie_word_embeddings=True, rope_parameters=llama3,
-        ))
+        llama3 = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+            "rope_theta": 500000.0,
+        }
+        model = T.LlamaForCausalLM(
+            T.LlamaConfig(
+                **dict(base, max_position_embeddings=16384),
+                intermediate_size=128,
+                num_key_value_heads=2,
+                tie_word_embeddings=True,
+                rope_parameters=llama3,
+            )
+        )
     elif arch == "qwen2":
-        model = T.Qwen2ForCausalLM(T.Qwen2Config(**base, intermediate_size=128, num_key_value_heads=2, rope_theta=50000.0))
+        model = T.Qwen2ForCausalLM(
+            T.Qwen2Config(**base, intermediate_size=128, num_key_value_heads=2, rope_theta=50000.0)
+        )
     elif arch == "qwen3":
-        model = T.Qwen3ForCausalLM(T.Qwen3Config(**base, intermediate_size=128, num_key_value_heads=2, head_dim=24))
+        model = T.Qwen3ForCausalLM(
+            T.Qwen3Config(**base, intermediate_size=128, num_key_value_heads=2, head_dim=24)
+        )
     elif arch == "qwen3_moe":
-        model = T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(
-            **base, intermediate_size=128, moe_intermediate_size=32, num_key_value_heads=2, head_dim=16,
-            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0],
-        ))
+        model = T.Qwen3MoeForCausalLM(
+            T.Qwen3MoeConfig(
+                **base,
+                intermediate_size=128,
+                moe_intermediate_size=32,
+                num_key_value_heads=2,
+                head_dim=16,
+                num_experts=8,
+                num_experts_per_tok=2,
+                norm_topk_prob=True,
+                mlp_only_layers=[0],
+            )
+        )
     elif arch in ("deepseek_v3", "deepseek_v3_dense"):
-        yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32.0,
-                "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}
-        model = T.DeepseekV3ForCausalLM(T.DeepseekV3Config(
-            **base, intermediate_size=128, moe_intermediate_size=32, num_key_value_heads=4, n_routed_experts=8,
-            num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
-            first_k_dense_replace=1 if arch == "deepseek_v3" else base["num_hidden_layers"],
-            q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-            rope_parameters=yarn,
-        ))
+        yarn = {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "rope_theta": 10000.0,
+        }
+        model = T.DeepseekV3ForCausalLM(
+            T.DeepseekV3Config(
+                **base,
+                intermediate_size=128,
+                moe_intermediate_size=32,
+                num_key_value_heads=4,
+                n_routed_experts=8,
+                num_experts_per_tok=2,
+                n_shared_experts=1,
+                n_group=2,
+                topk_group=1,
+                first_k_dense_replace=1 if arch == "deepseek_v3" else base["num_hidden_layers"],
+                q_lora_rank=32,
+                kv_lora_rank=16,
+                qk_nope_head_dim=16,
+                qk_rope_head_dim=8,
+                v_head_dim=16,
+                rope_parameters=yarn,
+            )
+        )
     else:
         raise ValueError(arch)
     model.config._attn_implementation = "eager"
@@ -100,7 +150,9 @@ def _round_trip(arch: str, root: Path) -> dict:
 
     hf = tiny_hf_model(arch)
     hf.save_pretrained(root / "hf", max_shard_size="60KB")  # several shards + an index
-    (root / "hf" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')  # travels along
+    (root / "hf" / "tokenizer.json").write_text(
+        '{"version": "1.0", "model": {"type": "BPE"}}'
+    )  # travels along
     hf_to_megatron(root / "hf", root / "mg", progress=False)
     logits, _ = load_and_forward(str(root / "mg"), {}, TOKENS)
     reference = hf_logits(hf, TOKENS)
@@ -116,16 +168,22 @@ def _round_trip(arch: str, root: Path) -> dict:
         net = build_gpt_model(open_megatron(root / "mg").cfg, ParallelLayout())
         ours, theirs = net.rotary_pos_emb.inv_freq.float(), hf.model.rotary_emb.inv_freq.float()
         unscaled = 1.0 / (500000.0 ** (torch.arange(0, 16, 2).float() / 16))
-        rope = {"inv_freq_error": (ours - theirs).abs().max().item(), "scaling_changes": (theirs - unscaled).abs().max().item()}
+        rope = {
+            "inv_freq_error": (ours - theirs).abs().max().item(),
+            "scaling_changes": (theirs - unscaled).abs().max().item(),
+        }
     return {
         **rope,
         "max_logit_error": (logits - reference).abs().max().item(),
         "logit_scale": reference.abs().max().item(),
         "same_names": sorted(a) == sorted(b),
-        "bit_exact": sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a),
+        "bit_exact": sorted(a) == sorted(b)
+        and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a),
         "n_tensors": len(a),
-        "config_identical": (root / "hf" / "config.json").read_text() == (root / "back" / "config.json").read_text(),
-        "tokenizer_copied": (root / "back" / "tokenizer.json").read_text() == (root / "hf" / "tokenizer.json").read_text(),
+        "config_identical": (root / "hf" / "config.json").read_text()
+        == (root / "back" / "config.json").read_text(),
+        "tokenizer_copied": (root / "back" / "tokenizer.json").read_text()
+        == (root / "hf" / "tokenizer.json").read_text(),
         "reloaded_error": (hf_logits(reloaded, TOKENS) - reference).abs().max().item(),
         "manifest_problems": verify_manifest(root / "mg") + verify_manifest(root / "back"),
         "shards": len(list((root / "back").glob("model-*-of-*.safetensors"))),
@@ -195,14 +253,18 @@ def _errors(root: Path) -> dict:
     k = "model.layers.1.self_attn.k_proj.weight"
     messages = {
         "missing": variant("missing", lambda t: t.pop(k)),
-        "unexpected": variant("unexpected", lambda t: t.update({"model.layers.0.self_attn.extra.weight": torch.ones(2)})),
+        "unexpected": variant(
+            "unexpected", lambda t: t.update({"model.layers.0.self_attn.extra.weight": torch.ones(2)})
+        ),
         "shape": variant("shape", lambda t: t.update({k: torch.ones(16, 64)})),
     }
     # Export of a checkpoint whose model.yaml no longer describes it.
     hf_to_megatron(root / "ok", root / "ok_mg", progress=False)
     import dataclasses
 
-    write_model_yaml(root / "ok_mg", dataclasses.replace(read_model_yaml(root / "ok_mg" / "model.yaml"), qk_layernorm=True))
+    write_model_yaml(
+        root / "ok_mg", dataclasses.replace(read_model_yaml(root / "ok_mg" / "model.yaml"), qk_layernorm=True)
+    )
     try:
         megatron_to_hf(root / "ok_mg", root / "ok_back", progress=False)
         messages["yaml"] = "no error"
@@ -224,10 +286,36 @@ def _dtype_and_cli(root: Path) -> dict:
     hf = tiny_hf_model("qwen3_moe")
     hf.save_pretrained(root / "hf")
     codes = [
-        convert_main(["--source", "hf", "--target", "megatron", "--input", str(root / "hf"), "--output", str(root / "mg"),
-                      "--dtype", "bf16", "--no-progress"]),
-        convert_main(["--source", "megatron", "--target", "hf", "--input", str(root / "mg"), "--output", str(root / "back"),
-                      "--dtype", "fp32", "--no-progress"]),
+        convert_main(
+            [
+                "--source",
+                "hf",
+                "--target",
+                "megatron",
+                "--input",
+                str(root / "hf"),
+                "--output",
+                str(root / "mg"),
+                "--dtype",
+                "bf16",
+                "--no-progress",
+            ]
+        ),
+        convert_main(
+            [
+                "--source",
+                "megatron",
+                "--target",
+                "hf",
+                "--input",
+                str(root / "mg"),
+                "--output",
+                str(root / "back"),
+                "--dtype",
+                "fp32",
+                "--no-progress",
+            ]
+        ),
     ]
     a, b = read_safetensors_dir(root / "hf"), read_safetensors_dir(root / "back")
     # The crosscheck machinery (used against Megatron-Bridge on GPUs): a model loaded from the
@@ -242,7 +330,9 @@ def _dtype_and_cli(root: Path) -> dict:
     return {
         "codes": codes,
         "bf16_then_fp32_exact": sorted(a) == sorted(b)
-        and all(torch.equal(b[k], a[k].to(torch.bfloat16).float()) and b[k].dtype == torch.float32 for k in a),
+        and all(
+            torch.equal(b[k], a[k].to(torch.bfloat16).float()) and b[k].dtype == torch.float32 for k in a
+        ),
         "config_dtype": json.loads((root / "back" / "config.json").read_text()).get("torch_dtype"),
         "crosscheck_same": max(same.values()),
         "crosscheck_keys": len(same),
@@ -288,8 +378,15 @@ def _memory(root: Path) -> dict:
     from checkpoints_tools.architectures import get_architecture, model_config_from_hf
 
     hidden, ffn, layers = 512, 2048, 16
-    config = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     d = root / "big_hf"
     config.save_pretrained(d)
     gen = torch.Generator().manual_seed(0)
@@ -300,14 +397,25 @@ def _memory(root: Path) -> dict:
     weight_map = {}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shard = {p + "input_layernorm.weight": t(hidden), p + "post_attention_layernorm.weight": t(hidden),
-                 p + "self_attn.q_proj.weight": t(hidden, hidden), p + "self_attn.k_proj.weight": t(128, hidden),
-                 p + "self_attn.v_proj.weight": t(128, hidden), p + "self_attn.o_proj.weight": t(hidden, hidden),
-                 p + "mlp.gate_proj.weight": t(ffn, hidden), p + "mlp.up_proj.weight": t(ffn, hidden),
-                 p + "mlp.down_proj.weight": t(hidden, ffn)}
+        shard = {
+            p + "input_layernorm.weight": t(hidden),
+            p + "post_attention_layernorm.weight": t(hidden),
+            p + "self_attn.q_proj.weight": t(hidden, hidden),
+            p + "self_attn.k_proj.weight": t(128, hidden),
+            p + "self_attn.v_proj.weight": t(128, hidden),
+            p + "self_attn.o_proj.weight": t(hidden, hidden),
+            p + "mlp.gate_proj.weight": t(ffn, hidden),
+            p + "mlp.up_proj.weight": t(ffn, hidden),
+            p + "mlp.down_proj.weight": t(hidden, ffn),
+        }
         if i == 0:
-            shard.update({"model.embed_tokens.weight": t(1024, hidden), "lm_head.weight": t(1024, hidden),
-                          "model.norm.weight": t(hidden)})
+            shard.update(
+                {
+                    "model.embed_tokens.weight": t(1024, hidden),
+                    "lm_head.weight": t(1024, hidden),
+                    "model.norm.weight": t(hidden),
+                }
+            )
         name = f"model-{i + 1:05d}-of-{layers:05d}.safetensors"
         save_file(shard, str(d / name))
         weight_map.update({k: name for k in shard})
@@ -316,11 +424,16 @@ def _memory(root: Path) -> dict:
     size = sum(f.stat().st_size for f in d.glob("*.safetensors"))
     model_slots(model_config_from_hf(get_architecture("llama"), config.to_dict()))  # warm megatron's imports
     to_megatron = _peak_anon_growth(lambda: hf_to_megatron(d, root / "big_mg", progress=False))
-    to_hf = _peak_anon_growth(lambda: megatron_to_hf(root / "big_mg", root / "big_back", max_shard_bytes=8_000_000,
-                                                     progress=False))
+    to_hf = _peak_anon_growth(
+        lambda: megatron_to_hf(root / "big_mg", root / "big_back", max_shard_bytes=8_000_000, progress=False)
+    )
     a, b = read_safetensors_dir(d), read_safetensors_dir(root / "big_back")
-    return {"model_bytes": size, "to_megatron": to_megatron, "to_hf": to_hf,
-            "bit_exact_bf16": sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)}
+    return {
+        "model_bytes": size,
+        "to_megatron": to_megatron,
+        "to_hf": to_hf,
+        "bit_exact_bf16": sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a),
+    }
 
 
 def _world(root: str) -> dict:
@@ -336,10 +449,23 @@ def _world(root: str) -> dict:
     root = Path(root)
     out = {"round_trip": {a: _round_trip(a, root / a) for a in ARCHS}}
     out["students"] = {
-        "dense": _student_export(root / "dense", dict(hidden_size=64, num_layers=2, num_attention_heads=4,
-                                                      num_query_groups=2, ffn_hidden_size=96)),
-        "moe": _student_export(root / "moe", dict(hidden_size=64, num_layers=2, num_attention_heads=4, qk_layernorm=True,
-                                                  tie_embeddings=False, num_experts=4, moe_topk=2, moe_ffn_hidden_size=32)),
+        "dense": _student_export(
+            root / "dense",
+            dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96),
+        ),
+        "moe": _student_export(
+            root / "moe",
+            dict(
+                hidden_size=64,
+                num_layers=2,
+                num_attention_heads=4,
+                qk_layernorm=True,
+                tie_embeddings=False,
+                num_experts=4,
+                moe_topk=2,
+                moe_ffn_hidden_size=32,
+            ),
+        ),
     }
     out["errors"] = _errors(root / "errors")
     out["dtype_cli"] = _dtype_and_cli(root / "dtype_cli")
@@ -371,7 +497,9 @@ def test_megatron_logits_match_transformers(results, arch):
 
 def test_llama3_rope_scaling_frequencies(results):
     r = results["round_trip"]["llama"]
-    assert r["scaling_changes"] > 1e-6 and r["inv_freq_error"] <= 1e-9 * max(1.0, r["scaling_changes"]) + 1e-12, r
+    assert (
+        r["scaling_changes"] > 1e-6 and r["inv_freq_error"] <= 1e-9 * max(1.0, r["scaling_changes"]) + 1e-12
+    ), r
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -399,8 +527,16 @@ def test_tensor_errors_name_the_tensor(results):
     e = results["errors"]
     k = "model.layers.1.self_attn.k_proj.weight"
     assert e["missing"].startswith("MissingTensors") and k in e["missing"]
-    assert e["unexpected"].startswith("UnexpectedTensors") and "model.layers.0.self_attn.extra.weight" in e["unexpected"]
-    assert e["shape"].startswith("ShapeMismatch") and k in e["shape"] and "[16, 64]" in e["shape"] and "[32, 64]" in e["shape"]
+    assert (
+        e["unexpected"].startswith("UnexpectedTensors")
+        and "model.layers.0.self_attn.extra.weight" in e["unexpected"]
+    )
+    assert (
+        e["shape"].startswith("ShapeMismatch")
+        and k in e["shape"]
+        and "[16, 64]" in e["shape"]
+        and "[32, 64]" in e["shape"]
+    )
     assert e["yaml"].startswith("MissingTensors") and "q_layernorm" in e["yaml"]
 
 

@@ -26,7 +26,13 @@ from test_convert_models import TOKENS, hf_logits, tiny_hf_model
 
 
 def _all_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from checkpoints_tools.megatron_io import model_slots, open_megatron, read_slot, resolve_keys, stored_tensors
+    from checkpoints_tools.megatron_io import (
+        model_slots,
+        open_megatron,
+        read_slot,
+        resolve_keys,
+        stored_tensors,
+    )
 
     m = open_megatron(path)
     slots = resolve_keys(m.cfg, model_slots(m.cfg), stored_tensors(m.step_dir), m.step_dir)
@@ -56,7 +62,9 @@ def _prepare(root: str) -> dict:
     out["tp_round_trip_exact"] = sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     emb = c["embedding.word_embeddings.weight"]
     out["tp2_vocab_rows"] = emb.shape[0]
-    out["tp2_padding_zero"] = bool((emb[100:] == 0).all()) and torch.equal(emb[:100], a["embedding.word_embeddings.weight"][:100])
+    out["tp2_padding_zero"] = bool((emb[100:] == 0).all()) and torch.equal(
+        emb[:100], a["embedding.word_embeddings.weight"][:100]
+    )
 
     # Local -> Transformer Engine naming -> local, on the MoE model (whose MoE-layer norms differ).
     reshard(root / "qwen3_moe" / "tp1", root / "qwen3_moe" / "te", naming="te", progress=False)
