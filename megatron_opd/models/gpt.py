@@ -49,6 +49,27 @@ class ModelConfig:
     moe_router_expert_bias: bool = False
     moe_topk_scaling_factor: float = 0.0  # 0: none
     moe_aux_loss_coeff: float = 0.0
+    # --- Architectures imported from Hugging Face checkpoints (checkpoints_tools) ---
+    # RoPE scaling. "llama3": Llama 3.1+ (megatron fixes the low/high frequency factors at 1 and 4
+    # and the original context at 8192). "yarn": DeepSeek-V3 (megatron has it for MLA only).
+    rope_scaling: Literal["none", "llama3", "yarn"] = "none"
+    rope_scaling_factor: float = 1.0
+    yarn_original_max_position: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 1.0
+    yarn_mscale_all_dim: float = 0.0
+    # Multi-latent attention (DeepSeek-V2/V3). num_query_groups and kv_channels do not apply.
+    multi_latent_attention: bool = False
+    q_lora_rank: int = 0  # 0: queries are not compressed (one linear_q_proj)
+    kv_lora_rank: int = 0
+    qk_head_dim: int = 0  # per-head query/key channels without RoPE
+    qk_pos_emb_head_dim: int = 0  # per-head query/key channels with RoPE
+    v_head_dim: int = 0
+    # Group-limited routing (DeepSeek-V3): top-k experts are chosen inside the best
+    # moe_router_group_topk of moe_router_num_groups expert groups. 0: no groups.
+    moe_router_num_groups: int = 0
+    moe_router_group_topk: int = 0
 
     @property
     def is_moe(self) -> bool:
@@ -75,6 +96,17 @@ class ModelConfig:
             raise ValueError(
                 f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"model.num_query_groups={self.query_groups}"
+            )
+        if self.rope_scaling == "yarn" and not self.multi_latent_attention:
+            raise ValueError(
+                "model.rope_scaling=yarn needs model.multi_latent_attention (megatron-core has YaRN for MLA only)"
+            )
+        if self.rope_scaling == "llama3" and self.multi_latent_attention:
+            raise ValueError("model.rope_scaling=llama3 does not apply to multi-latent attention; use yarn")
+        mla_dims = (self.kv_lora_rank, self.qk_head_dim, self.qk_pos_emb_head_dim, self.v_head_dim)
+        if self.multi_latent_attention and not all(mla_dims):
+            raise ValueError(
+                "model.multi_latent_attention needs kv_lora_rank, qk_head_dim, qk_pos_emb_head_dim and v_head_dim"
             )
         if self.moe_layer_freq and len(self.moe_layer_freq) != self.num_layers:
             raise ValueError(
@@ -121,13 +153,41 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout, dtype: torch.dt
             # fp32 routing scores keep top-k choices identical across TP/EP layouts.
             moe_router_dtype="fp32",
         )
-    return TransformerConfig(
+        if cfg.moe_router_num_groups:
+            moe.update(
+                moe_router_num_groups=cfg.moe_router_num_groups, moe_router_group_topk=cfg.moe_router_group_topk
+            )
+    config_cls, mla = TransformerConfig, {}
+    if cfg.multi_latent_attention:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        config_cls = MLATransformerConfig
+        mla = dict(
+            q_lora_rank=cfg.q_lora_rank or None,
+            kv_lora_rank=cfg.kv_lora_rank,
+            qk_head_dim=cfg.qk_head_dim,
+            qk_pos_emb_head_dim=cfg.qk_pos_emb_head_dim,
+            v_head_dim=cfg.v_head_dim,
+            rotary_base=cfg.rope_theta,
+            rope_type="yarn" if cfg.rope_scaling == "yarn" else "rope",
+        )
+        if cfg.rope_scaling == "yarn":
+            mla.update(
+                rotary_scaling_factor=cfg.rope_scaling_factor,
+                original_max_position_embeddings=cfg.yarn_original_max_position,
+                beta_fast=cfg.yarn_beta_fast,
+                beta_slow=cfg.yarn_beta_slow,
+                mscale=cfg.yarn_mscale,
+                mscale_all_dim=cfg.yarn_mscale_all_dim,
+            )
+    return config_cls(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.query_groups,
         ffn_hidden_size=cfg.ffn_size,
-        kv_channels=cfg.head_dim,
+        # MLA: the attention output has v_head_dim channels per head (what the core attention reshapes to).
+        kv_channels=cfg.v_head_dim if cfg.multi_latent_attention else cfg.head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_eps,
         gated_linear_unit=True,
@@ -162,7 +222,45 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout, dtype: torch.dt
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",
         **moe,
+        **mla,
     )
+
+
+# --- Multi-latent attention with the local spec (checkpoints_tools: DeepSeek-V3 on CPU) ---
+
+
+def _adapt_local_mla_spec(spec) -> None:
+    """Make megatron-core 0.16.1's multi-latent attention build with the local (non-TE) spec.
+
+    Two gaps, both seen on CPU: (1) `multi_latent_attention` sets HAVE_TE=True when the TE
+    extension module imports, which it does without TE (its classes are then mocks and
+    `isinstance(x, TELinear)` raises TypeError); (2) MLA passes k_channels/v_channels to its core
+    attention, which the local DotProductAttention does not accept. The local attention is
+    correct for MLA once config.kv_channels = v_head_dim: queries/keys carry their own widths.
+    """
+    from megatron.core.extensions import transformer_engine as te_extension
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.HAVE_TE = te_extension.HAVE_TE
+    core_attention = _local_mla_core_attention()
+    for layer_spec in spec.layer_specs:
+        layer_spec.submodules.self_attention.submodules.core_attention = core_attention
+
+
+_LOCAL_MLA_CORE_ATTENTION = None
+
+
+def _local_mla_core_attention():
+    global _LOCAL_MLA_CORE_ATTENTION
+    if _LOCAL_MLA_CORE_ATTENTION is None:
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        class LocalMLACoreAttention(DotProductAttention):
+            def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
+                super().__init__(*args, **kwargs)
+
+        _LOCAL_MLA_CORE_ATTENTION = LocalMLACoreAttention
+    return _LOCAL_MLA_CORE_ATTENTION
 
 
 def build_gpt_model(
@@ -172,10 +270,14 @@ def build_gpt_model(
     dtype: torch.dtype = torch.float32,
     pre_process: bool | None = None,
     post_process: bool | None = None,
+    on_device: torch.device | str | None = None,
+    use_transformer_engine: bool | None = None,
 ):
     """Build this rank's part of the model (its TP shard and PP stage) on the runtime's device.
 
-    Requires `runtime.init_runtime` to have set up megatron's parallel state.
+    Requires `runtime.init_runtime` to have set up megatron's parallel state. `on_device` overrides
+    the runtime's device ("meta", inside `with torch.device("meta")`, builds the structure without
+    memory); `use_transformer_engine` overrides the automatic choice of layer spec.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -184,10 +286,11 @@ def build_gpt_model(
     from megatron_opd.runtime.distributed import device
 
     config = transformer_config(cfg, layout, dtype)
+    use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
     # The block spec places dense and MoE layers per moe_layer_freq (all dense without experts).
-    spec = get_gpt_decoder_block_spec(
-        config, use_transformer_engine=transformer_engine_available(), normalization="RMSNorm"
-    )
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
+    if cfg.multi_latent_attention and not use_te:
+        _adapt_local_mla_spec(spec)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -199,7 +302,12 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_base=int(cfg.rope_theta),
         parallel_output=True,
+        # Llama 3.1-style scaling (checkpoints_tools); the defaults leave RoPE as it was.
+        rope_scaling=cfg.rope_scaling == "llama3",
+        rope_scaling_factor=cfg.rope_scaling_factor if cfg.rope_scaling == "llama3" else 8.0,
     )
+    if on_device is not None:
+        return model.to(on_device)
     return model.to(device())
 
 

@@ -1,0 +1,266 @@
+"""Weight-merging baselines: combine several experts into one model, to compare OPD against.
+
+    python -m checkpoints_tools.merge --method uniform --experts A B C --output MERGED
+    python -m checkpoints_tools.merge --method task_arithmetic --base BASE --experts A B --weights 0.5 0.3 --output MERGED
+
+    uniform          theta = (1/n) sum_i theta_i
+    task_arithmetic  theta = theta_base + sum_i w_i (theta_i - theta_base)   (--weights, or --scale for all)
+
+Inputs are all megatron model directories / checkpoints (same model.yaml) or all Hugging Face
+directories (same tensors); the output has the same format, with the model files (model.yaml,
+tokenizer, hf/ or config.json and tokenizer files) of the base, else of the first expert, and a
+manifest recording method, weights and inputs. Every tensor is combined in float32 and stored
+in its input dtype. Streaming: tensor by tensor (megatron: row blocks of at most ~256 MB from
+each input into a file-backed arena; HF: one output shard at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from checkpoints_tools.convert import _check_output_dir
+from checkpoints_tools.errors import (
+    CheckpointToolError,
+    MissingTensors,
+    ShapeMismatch,
+    UnexpectedTensors,
+    name_list,
+)
+
+BLOCK_BYTES = 1 << 28
+
+
+def coefficients(method: str, n: int, weights: Sequence[float] | None, scale: float | None) -> list[float]:
+    if method == "uniform":
+        if weights is not None or scale is not None:
+            raise CheckpointToolError(
+                "uniform averages the experts equally; --weights/--scale are for task_arithmetic"
+            )
+        return [1.0 / n] * n
+    if method == "task_arithmetic":
+        if weights is None and scale is None:
+            raise CheckpointToolError(
+                "task_arithmetic needs --weights (one per expert) or --scale (the same for all)"
+            )
+        if weights is not None and scale is not None:
+            raise CheckpointToolError("pass --weights or --scale, not both")
+        w = list(weights) if weights is not None else [scale] * n
+        if len(w) != n:
+            raise CheckpointToolError(f"--weights has {len(w)} values for {n} experts")
+        return w
+    raise CheckpointToolError(f"unknown merge method {method!r}; choose uniform or task_arithmetic")
+
+
+def combine(method: str, experts, base, w: list[float]):
+    """The merged tensor in float32 from the inputs' tensors (any dtype)."""
+    if method == "uniform":
+        out = experts[0].float() * w[0]
+        for x, wi in zip(experts[1:], w[1:]):
+            out += x.float() * wi
+        return out
+    b = base.float()
+    out = b.clone()
+    for x, wi in zip(experts, w):
+        out += (x.float() - b) * wi
+    return out
+
+
+def _is_hf(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "model.yaml").is_file()
+
+
+def merge(
+    method: str,
+    experts: Sequence[str | Path],
+    output_dir: str | Path,
+    *,
+    base: str | Path | None = None,
+    weights: Sequence[float] | None = None,
+    scale: float | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    experts = [Path(e) for e in experts]
+    if not experts:
+        raise CheckpointToolError("no experts to merge")
+    if method == "task_arithmetic" and base is None:
+        raise CheckpointToolError("task_arithmetic needs --base (the model the experts were fine-tuned from)")
+    if method == "uniform" and base is not None:
+        raise CheckpointToolError("uniform does not use --base")
+    w = coefficients(method, len(experts), weights, scale)
+    inputs = ([Path(base)] if base else []) + experts
+    kinds = {_is_hf(p) for p in inputs}
+    if len(kinds) > 1:
+        raise CheckpointToolError(
+            "inputs mix Hugging Face and megatron directories; convert them to one format first"
+        )
+    out = Path(output_dir)
+    _check_output_dir(out, overwrite)
+    if kinds.pop():
+        _merge_hf(method, experts, Path(base) if base else None, w, out, progress, max_shard_bytes)
+    else:
+        _merge_megatron(method, experts, Path(base) if base else None, w, out, progress)
+    from checkpoints_tools.manifest import write_manifest
+
+    write_manifest(
+        out,
+        "checkpoints_tools.merge",
+        {
+            "method": method,
+            "weights": w,
+            "base": str(Path(base).resolve()) if base else None,
+            "experts": [str(e.resolve()) for e in experts],
+        },
+    )
+    return out
+
+
+def _merge_megatron(method, experts, base, w, out: Path, progress: bool) -> None:
+    import torch
+
+    from checkpoints_tools.megatron_io import (
+        block_region,
+        init_single_process,
+        model_structure,
+        open_megatron,
+        read_regions,
+        resolve_keys,
+        row_batches,
+        sharded_pieces,
+        stored_tensors,
+        write_checkpoint,
+    )
+    from checkpoints_tools.progress import bytes_on_disk, counting
+    from checkpoints_tools.reshard import copy_model_files
+    from checkpoints_tools.staging import Arena
+    from megatron_opd.runtime.checkpoint import step_dir
+
+    models = [open_megatron(p) for p in ([base] if base else []) + experts]
+    cfg = models[0].cfg
+    for m in models[1:]:
+        if m.cfg != cfg:
+            diff = [f for f in vars(cfg) if getattr(cfg, f) != getattr(m.cfg, f)]
+            raise CheckpointToolError(
+                f"{m.step_dir} has another model config than {models[0].step_dir}: {', '.join(diff)}"
+            )
+    init_single_process()
+    structure = model_structure(cfg)
+    slots = [resolve_keys(cfg, structure.slots, stored_tensors(m.step_dir), m.step_dir) for m in models]
+    first = slots[0]
+    for m, s in zip(models[1:], slots[1:]):
+        for name, slot in first.items():
+            if s[name].shape != slot.shape:
+                raise ShapeMismatch(
+                    f"tensor {slot.key}: {list(slot.shape)} in {models[0].step_dir} "
+                    f"but {list(s[name].shape)} in {m.step_dir}"
+                )
+    batches = row_batches(first, BLOCK_BYTES)
+    with Arena(out / ".staging", Arena.bytes_for((s.shape, s.dtype) for s in first.values())) as arena:
+        dests = {name: arena.empty(slot.shape, slot.dtype) for name, slot in first.items()}
+        with counting(progress, f"merging ({method})", sum(map(len, batches))) as advance:
+            for batch in batches:
+                read = []  # per input: {(name, row): tensor}
+                for m, s in zip(models, slots):
+                    got = {
+                        (n, r): torch.empty((rows, *s[n].shape[1:]), dtype=s[n].dtype) for n, r, rows in batch
+                    }
+                    read_regions(m.step_dir, [block_region(s[n], r, got[(n, r)]) for n, r, _ in batch])
+                    read.append(got)
+                for name, r, rows in batch:
+                    tensors = [got[(name, r)] for got in read]
+                    b, ex = (tensors[0], tensors[1:]) if base else (None, tensors)
+                    dests[name][r : r + rows].copy_(combine(method, ex, b, w))
+                advance(len(batch))
+        sharded = [t for name, slot in first.items() for t in sharded_pieces(slot, [dests[name]])]
+        total = sum(slot.nbytes for slot in first.values())
+        root = out / "checkpoints"
+        with bytes_on_disk(progress, "writing megatron checkpoint", step_dir(root, 0), total):
+            write_checkpoint(root, 0, sharded, structure.objects, common={"merged": method, "weights": w})
+    del sharded
+    copy_model_files(models[0].model_dir, out)
+
+
+def _merge_hf(method, experts, base, w, out: Path, progress: bool, max_shard_bytes: int) -> None:
+    from checkpoints_tools.hf_io import HFCheckpoint, copy_side_files, plan_shards, write_shards
+    from checkpoints_tools.progress import counting
+
+    hfs = [HFCheckpoint(p) for p in ([base] if base else []) + experts]
+    ref = hfs[0]
+    for h in hfs[1:]:
+        missing, extra = set(ref.names()) - set(h.names()), set(h.names()) - set(ref.names())
+        if missing:
+            raise MissingTensors(f"{h.path} lacks tensors that {ref.path} has: {name_list(missing)}")
+        if extra:
+            raise UnexpectedTensors(f"{h.path} has tensors that {ref.path} does not: {name_list(extra)}")
+        wrong = [n for n in ref.names() if ref.info(n).shape != h.info(n).shape]
+        if wrong:
+            n = wrong[0]
+            raise ShapeMismatch(
+                f"tensor {n}: {list(ref.info(n).shape)} in {ref.path} but {list(h.info(n).shape)} in {h.path}"
+            )
+    shards = plan_shards([(n, ref.info(n).nbytes) for n in ref.names()], max_shard_bytes)
+
+    def load_shard(names):
+        merged = {}
+        for n in names:
+            tensors = [h.tensor(n) for h in hfs]
+            b, ex = (tensors[0], tensors[1:]) if base else (None, tensors)
+            merged[n] = (
+                combine(method, ex, b, w).to(ref.info(n).dtype)
+                if ref.info(n).dtype.is_floating_point
+                else tensors[0]
+            )
+        return merged
+
+    with counting(progress, f"merging ({method})", len(ref.names())) as advance:
+        write_shards(out, shards, load_shard, on_shard=advance)
+    copy_side_files(ref.side_files(), out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m checkpoints_tools.merge",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--method", choices=("uniform", "task_arithmetic"), required=True)
+    p.add_argument("--experts", nargs="+", required=True, help="expert model directories (megatron or HF)")
+    p.add_argument("--base", help="task_arithmetic: the model the experts were fine-tuned from")
+    p.add_argument("--weights", nargs="+", type=float, help="task_arithmetic: one weight per expert")
+    p.add_argument("--scale", type=float, help="task_arithmetic: one weight for every expert")
+    p.add_argument("--output", required=True)
+    p.add_argument("--max-shard-size", default="5GB", help="HF inputs: safetensors shard size of the output")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from checkpoints_tools.hf_io import parse_size
+
+    args = build_parser().parse_args(argv)
+    try:
+        out = merge(
+            args.method,
+            args.experts,
+            args.output,
+            base=args.base,
+            weights=args.weights,
+            scale=args.scale,
+            max_shard_bytes=parse_size(args.max_shard_size),
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except CheckpointToolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
