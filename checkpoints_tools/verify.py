@@ -11,17 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _fix_cpu_event_record() -> None:
-    """cpu_compat's stand-in CUDA stream returns None from record_event(); megatron's alltoall MoE
-    dispatcher then calls .synchronize() on it (MoE forward at any EP). Inert once cpu_compat returns
-    an event itself (reported for a fix there)."""
-    from megatron_opd.runtime import cpu_compat
-
-    stream = getattr(cpu_compat, "_NullStream", None)
-    if stream is not None and stream().record_event() is None:
-        stream.__getattr__ = lambda self, name: (lambda *a, **k: stream())
-
-
 def load_and_forward(path: str, layout: dict, tokens: list[list[int]], seed: int = 0):
     """Worker: returns (logits [b, s, vocab_size] float32 on rank 0 else None, the layout it ran)."""
     import torch
@@ -33,8 +22,6 @@ def load_and_forward(path: str, layout: dict, tokens: list[list[int]], seed: int
     from megatron_opd.runtime.layout import ParallelLayout
 
     resolved = init_runtime(ParallelLayout(**layout), seed)
-    if not torch.cuda.is_available():
-        _fix_cpu_event_record()
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 

@@ -33,6 +33,17 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags (see: bench WHICH --help)")
 
 
+def _passthrough_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the tool's own flags (see: TOOL --help)")
+
+
+_CHECKPOINT_TOOLS = {
+    "convert": "Hugging Face <-> megatron dist checkpoint",
+    "export": "any trained model to Hugging Face format (SGLang, transformers)",
+    "reshard": "a megatron checkpoint to another TP/PP/EP layout",
+    "merge": "weight-merging baselines (uniform average, task arithmetic)",
+}
+
 # name -> (help, add_arguments, "module:function")
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
     "run": (
@@ -51,6 +62,14 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]]
         _serve_teacher_args,
         "megatron_opd.teachers.server:serve_command",
     ),
+    **{
+        tool: (
+            f"checkpoint tools: {text} (python -m checkpoints_tools.{tool}; see docs/checkpoints.md)",
+            _passthrough_args,
+            "",  # dispatched in main() before parsing
+        )
+        for tool, text in _CHECKPOINT_TOOLS.items()
+    },
     "bench": (
         "benchmarks that print a table: loss (reverse-KL kernels), teachers (signal wire formats)",
         _bench_args,
@@ -90,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_known_warnings()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _CHECKPOINT_TOOLS:  # the tool parses its own flags, --help included
+        return int(importlib.import_module(f"checkpoints_tools.{argv[0]}").main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     module, _, function = args._target.partition(":")
     return int(getattr(importlib.import_module(module), function)(args) or 0)

@@ -440,12 +440,10 @@ def _world(root: str) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from checkpoints_tools.verify import _fix_cpu_event_record
     from megatron_opd.runtime.distributed import init_runtime
     from megatron_opd.runtime.layout import ParallelLayout
 
     init_runtime(ParallelLayout(), seed=0)
-    _fix_cpu_event_record()
     root = Path(root)
     out = {"round_trip": {a: _round_trip(a, root / a) for a in ARCHS}}
     out["students"] = {

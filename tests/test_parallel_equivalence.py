@@ -164,7 +164,7 @@ def test_ep2_moe_forward_backward_equal_ep1(tmp_path):
 
 
 def _dp_worker(run_dir: str):
-    cfg, trainer = _setup(DENSE + ["train.optim.lr=4e-3", "train.optim.decay=constant", "train.steps=8"], run_dir)
+    cfg, trainer = _setup(DENSE + ["train.optim.lr=2e-3", "train.optim.decay=constant", "train.steps=8"], run_dir)
     stage, _ = _sft_micro_batches(cfg, trainer)
     losses, weights = [], []
     for step in range(8):
@@ -178,7 +178,7 @@ def test_dp2_training_reduces_loss_with_identical_replicas(tmp_path):
     (losses0, w0, dp), (losses1, w1, _) = out
     assert dp == 2
     assert losses0 == losses1  # the reported loss is the global token mean
-    assert sum(losses0[-3:]) / 3 < losses0[0] * 0.85, f"loss did not fall: {losses0}"
+    assert max(losses0[-3:]) < losses0[0] * 0.9, f"loss did not fall: {losses0}"
     for step, (a, b) in enumerate(zip(w0, w1)):
         assert torch.equal(a, b), f"replicas diverged after step {step}"
     assert not torch.equal(w0[0], w0[-1])

@@ -1,7 +1,8 @@
 """The model directory: what a stage leaves behind so that anyone can load the model again.
 
     <dir>/model.yaml        the ModelConfig
-    <dir>/tokenizer.json    the tokenizer (its fingerprint proves compatibility)
+    <dir>/tokenizer.json    our character tokenizer (its fingerprint proves compatibility);
+                            models imported from Hugging Face keep theirs under <dir>/hf/ instead
     <dir>/checkpoints/step_NNNNNNNN/   megatron dist checkpoints (runtime.checkpoint)
 
 Teacher servers, rollout servers, conversion tools and later stages all load models this way.
@@ -24,7 +25,7 @@ from megatron_opd.runtime.checkpoint import latest_complete
 class ModelDir:
     path: Path
     model: ModelConfig
-    tokenizer: CharTokenizer
+    tokenizer: CharTokenizer | None  # None: an imported model whose tokenizer lives in hf/
 
     @property
     def checkpoints(self) -> Path:
@@ -57,4 +58,5 @@ def read_model_dir(directory: str | os.PathLike) -> ModelDir:
     if not (path / "model.yaml").is_file():
         raise FileNotFoundError(f"{path} is not a model directory: model.yaml is missing")
     model = load_config(path / "model.yaml", cls=ModelConfig)
-    return ModelDir(path, model, load_tokenizer(path))
+    tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
+    return ModelDir(path, model, tokenizer)

@@ -31,6 +31,7 @@ from megatron_opd.config import JobConfig, dump_config
 from megatron_opd.models.gpt import build_gpt_model
 from megatron_opd.runtime import checkpoint as ckpt
 from megatron_opd.runtime.layout import ParallelLayout
+from megatron_opd.runtime.resiliency import Resiliency
 from megatron_opd.stages.reporting import MetricsWriter, Progress
 
 
@@ -154,6 +155,8 @@ class Trainer:
         self.is_logger = self.rank == 0
         self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger)
         self.ledger = SampleLedger(self.run_dir / "samples.jsonl", enabled=self.is_logger)
+        self.resiliency = Resiliency()
+        self.stopped_by: str | None = None  # the signal that ended the run early, if any
         if self.is_logger:
             dump_config(cfg, self.run_dir / "config.yaml")
 
@@ -311,16 +314,24 @@ class Trainer:
                     metrics.update(evaluation)
                 progress.update(self.step, metrics, stage.progress_keys)
                 last = metrics
+                self.resiliency.on_step(self.step)
+                if self.resiliency.should_stop():
+                    self.stopped_by = self.resiliency.received or "a signal on another rank"
+                    break
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
                     self.save(stage)
         finally:
             progress.close()
         self.save(stage)
+        if self.stopped_by and self.is_logger:
+            print(f"stopped by {self.stopped_by} at step {self.step}; checkpoint saved, rerun to resume", flush=True)
+        last["stopped_early"] = float(self.stopped_by is not None)
         last["wall_time_s"] = time.monotonic() - start_time
         return last
 
     def close(self) -> None:
         self.writer.close()
+        self.resiliency.close()
 
 
 class SampleLedger:
