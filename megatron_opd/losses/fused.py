@@ -1,0 +1,229 @@
+"""Reverse KL computed straight from hidden states and vocab-parallel output-layer shards.
+
+z = h W^T (student) and u = g U^T (teacher) are only ever formed for a chunk of tokens at a time,
+so the extra memory is O(chunk x V/TP) instead of the O(tokens x V/TP) of materialised logits. The
+forward keeps three numbers per token (log Z_z, log Z_u, KL); the backward recomputes each chunk's
+logits from the saved hidden states and weights, forms dKL/dz in place, and accumulates
+dL/dh = dKL/dz W and dL/dW += dKL/dz^T h.
+
+Why recompute rather than form the gradients in the forward: the loss is per token, so dL/dW =
+sum_t g_t (dKL_t/dz_t)^T h_t depends on the incoming per-token gradient g, which the forward does
+not know (a masked mean makes it mask/total, not uniform). Forming it in the forward would be
+exact only for a uniform g. Recomputing costs one more pass of both logit matmuls (6 matmuls of
+[tokens, d] x [d, V/TP] in all instead of 4) but never stores anything of size tokens x V/TP, and
+skips the rows whose incoming gradient is zero (masked positions).
+
+Teachers: `teacher_weight` may be one shard or a sequence of per-teacher shards with
+`teacher_index` naming each row's teacher; rows are grouped by teacher so that one head is in use
+at a time. All teachers of one call share the teacher hidden size (it may differ from the
+student's).
+
+Tensor parallelism: every rank holds the full hidden states [tokens, d] and its vocabulary shard of
+the weights. dL/dh from one shard is a partial sum, so the backward all-reduces it over `group`,
+exactly like the input gradient of megatron's ColumnParallelLinear; dL/dW stays local to the shard.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.losses.vocab_parallel import (
+    VocabShard,
+    all_reduce_,
+    check_temperature,
+    combine_kl_statistics,
+    compute_dtype,
+    kl_grad_,
+    local_kl_statistics,
+)
+
+DEFAULT_CHUNK_SIZE = 256
+
+
+def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden @ weight^T into the work buffer `out` (in the compute dtype)."""
+    if hidden.dtype == out.dtype:
+        return torch.mm(hidden, weight.t(), out=out)
+    # bf16 weights: the matmul runs (and accumulates) at its own precision, as megatron's
+    # output layer does, and the logits are widened for the softmax statistics.
+    return out.copy_(hidden @ weight.t())
+
+
+def _teacher_order(teacher_index: torch.Tensor | None, n_rows: int, n_teachers: int, device) -> tuple[torch.Tensor, list[int]]:
+    """Row order grouped by teacher, and the number of rows of each teacher."""
+    if teacher_index is None:
+        return torch.arange(n_rows, device=device), [n_rows]
+    order = torch.argsort(teacher_index, stable=True)
+    return order, torch.bincount(teacher_index, minlength=n_teachers).tolist()
+
+
+def _chunks(order: torch.Tensor, counts: list[int], chunk_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(teacher, row indices) chunks, never mixing teachers within a chunk."""
+    start = 0
+    for teacher, count in enumerate(counts):
+        for s in range(start, start + count, chunk_size):
+            yield teacher, order[s : min(s + chunk_size, start + count)]
+        start += count
+
+
+def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """acc += grad_logits^T hidden, with acc possibly wider (float32 for bf16 weights)."""
+    if acc.dtype == hidden.dtype:
+        acc.addmm_(grad_logits.t(), hidden)
+    else:
+        acc.add_(grad_logits.t() @ hidden)
+
+
+class _FusedLinearReverseKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, g, teacher_index, temperature, shard, group, chunk_size, *teacher_weights):
+        cdtype = compute_dtype(h, w, g, *teacher_weights)
+        n, valid = h.shape[0], shard.valid
+        order, counts = _teacher_order(teacher_index, n, len(teacher_weights), h.device)
+        local = torch.empty(n, 5, dtype=cdtype, device=h.device)
+        if valid == 0:  # a rank holding only padding: no mass, lowest maxima
+            local[:, :2] = torch.finfo(cdtype).min
+            local[:, 2:] = 0.0
+        else:
+            work = torch.empty(3, min(chunk_size, n), valid, dtype=cdtype, device=h.device)
+            for teacher, rows in _chunks(order, counts, chunk_size):
+                m = rows.numel()
+                a = _logits_into(work[0, :m], h.index_select(0, rows), w[:valid])
+                b = _logits_into(work[1, :m], g.index_select(0, rows), teacher_weights[teacher][:valid])
+                local.index_copy_(0, rows, local_kl_statistics(a, b, work[2, :m], temperature))
+        norms = combine_kl_statistics(local, group)
+        ctx.save_for_backward(h, w, g, teacher_index, norms, *teacher_weights)
+        ctx.temperature, ctx.shard, ctx.group, ctx.chunk_size = temperature, shard, group, chunk_size
+        return norms[:, 2].clone()
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        h, w, g, teacher_index, norms, *teacher_weights = ctx.saved_tensors
+        temperature, valid, chunk_size = ctx.temperature, ctx.shard.valid, ctx.chunk_size
+        cdtype = norms.dtype
+        grad_h = torch.zeros_like(h)
+        grad_w = torch.zeros_like(w)
+        # float32 accumulation of the weight gradient across chunks for bf16 weights.
+        acc_w = grad_w[:valid] if w.dtype == cdtype else torch.zeros(valid, w.shape[1], dtype=cdtype, device=w.device)
+        # Rows with zero incoming gradient (masked positions) add nothing: skip their matmuls.
+        active = torch.nonzero(grad_kl != 0).squeeze(1)
+        active_teachers = None if teacher_index is None else teacher_index[active]
+        order, counts = _teacher_order(active_teachers, active.numel(), len(teacher_weights), h.device)
+        order = active[order]
+        if valid > 0 and order.numel() > 0:
+            scale = grad_kl.to(cdtype) / temperature
+            work = torch.empty(2, min(chunk_size, order.numel()), valid, dtype=cdtype, device=h.device)
+            for teacher, rows in _chunks(order, counts, chunk_size):
+                m = rows.numel()
+                h_rows = h.index_select(0, rows)
+                a = _logits_into(work[0, :m], h_rows, w[:valid])
+                b = _logits_into(work[1, :m], g.index_select(0, rows), teacher_weights[teacher][:valid])
+                grad_z = kl_grad_(a, b, norms[rows], scale[rows], temperature).to(w.dtype)
+                grad_h.index_copy_(0, rows, grad_z @ w[:valid])
+                _accumulate_weight_grad(acc_w, grad_z, h_rows)
+        if acc_w.data_ptr() != grad_w.data_ptr():
+            grad_w[:valid] = acc_w
+        # Each shard saw only its own vocabulary columns: sum the partial input gradients.
+        all_reduce_(grad_h, dist.ReduceOp.SUM, ctx.group)
+        return (grad_h, grad_w, None, None, None, None, None, None) + (None,) * len(teacher_weights)
+
+
+def _check_fused_inputs(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weights: Sequence[torch.Tensor],
+    teacher_index: torch.Tensor | None,
+    chunk_size: int,
+) -> None:
+    if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(
+            f"student_weight must be the output-layer shard [V/TP, d] with d = student_hidden's "
+            f"last dimension {student_hidden.shape[-1]}, got {tuple(student_weight.shape)}"
+        )
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"teacher_hidden {tuple(teacher_hidden.shape)} and student_hidden "
+            f"{tuple(student_hidden.shape)} must have the same tokens"
+        )
+    if not teacher_weights:
+        raise ValueError("teacher_weight is an empty sequence")
+    for k, u in enumerate(teacher_weights):
+        if u.dim() != 2 or u.shape != (student_weight.shape[0], teacher_hidden.shape[-1]):
+            raise ValueError(
+                f"teacher {k}'s output-layer shard must be [V/TP, d_teacher] = "
+                f"[{student_weight.shape[0]}, {teacher_hidden.shape[-1]}] (the student's vocabulary "
+                f"shard, teacher_hidden's width), got {tuple(u.shape)}"
+            )
+        if u.dtype != teacher_hidden.dtype:
+            raise ValueError(f"teacher {k}'s weight is {u.dtype} but teacher_hidden is {teacher_hidden.dtype}")
+    if student_weight.dtype != student_hidden.dtype:
+        raise ValueError(f"student_weight is {student_weight.dtype} but student_hidden is {student_hidden.dtype}")
+    if teacher_index is None:
+        if len(teacher_weights) > 1:
+            raise ValueError(f"{len(teacher_weights)} teacher weights need a teacher_index naming each row's teacher")
+    else:
+        if teacher_index.dtype != torch.long or teacher_index.shape != student_hidden.shape[:-1]:
+            raise ValueError(
+                f"teacher_index must be int64 of shape {tuple(student_hidden.shape[:-1])}, got "
+                f"{teacher_index.dtype} {tuple(teacher_index.shape)}"
+            )
+        if teacher_index.numel() and not 0 <= int(teacher_index.min()) <= int(teacher_index.max()) < len(teacher_weights):
+            raise ValueError(
+                f"teacher_index values must lie in [0, {len(teacher_weights)}), got "
+                f"[{int(teacher_index.min())}, {int(teacher_index.max())}]"
+            )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def fused_linear_reverse_kl(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    group: dist.ProcessGroup | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    teacher_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token KL(softmax(h W^T / T) || softmax(g U^T / T)) without materialising the logits.
+
+    Args:
+        student_hidden: [..., d] the hidden states entering the student's output layer, full on
+            every TP rank (gather sequence-parallel activations first; see docs/losses.md).
+        student_weight: [V/TP, d] this rank's shard of the student's output-layer weight.
+        teacher_hidden: [..., d_teacher] the teacher's final hidden states for the same tokens;
+            gets no gradient.
+        teacher_weight: [V/TP, d_teacher] this rank's shard of the teacher's output layer, or a
+            sequence of such shards, one per teacher (then `teacher_index` is required).
+        temperature, vocab_size, group: as in `vocab_parallel_reverse_kl`.
+        chunk_size: tokens per chunk; the work memory is 3 x chunk_size x V/TP float32.
+        teacher_index: [...] int64, the teacher (position in `teacher_weight`) of each token.
+
+    Returns:
+        [...] the KL per token, float32 (float64 for float64 inputs). Gradients flow to
+        `student_hidden` (summed over the TP group) and `student_weight` (this shard's rows).
+    """
+    teacher_weights = [teacher_weight] if isinstance(teacher_weight, torch.Tensor) else list(teacher_weight)
+    _check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weights, teacher_index, chunk_size)
+    check_temperature(temperature)
+    shard = VocabShard.of(student_weight.shape[0], vocab_size, group)
+    d, d_teacher = student_hidden.shape[-1], teacher_hidden.shape[-1]
+    kl = _FusedLinearReverseKL.apply(
+        student_hidden.reshape(-1, d),
+        student_weight,
+        teacher_hidden.reshape(-1, d_teacher).detach(),
+        None if teacher_index is None else teacher_index.reshape(-1),
+        temperature,
+        shard,
+        group,
+        chunk_size,
+        *(u.detach() for u in teacher_weights),
+    )
+    return kl.reshape(student_hidden.shape[:-1])
