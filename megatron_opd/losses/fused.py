@@ -36,6 +36,7 @@ from megatron_opd.losses.vocab_parallel import (
     check_temperature,
     combine_kl_statistics,
     compute_dtype,
+    fill_no_mass_statistics_,
     kl_grad_,
     local_kl_statistics,
 )
@@ -84,9 +85,8 @@ class _FusedLinearReverseKL(torch.autograd.Function):
         n, valid = h.shape[0], shard.valid
         order, counts = _teacher_order(teacher_index, n, len(teacher_weights), h.device)
         local = torch.empty(n, 5, dtype=cdtype, device=h.device)
-        if valid == 0:  # a rank holding only padding: no mass, lowest maxima
-            local[:, :2] = torch.finfo(cdtype).min
-            local[:, 2:] = 0.0
+        if valid == 0:
+            fill_no_mass_statistics_(local)
         else:
             work = torch.empty(3, min(chunk_size, n), valid, dtype=cdtype, device=h.device)
             for teacher, rows in _chunks(order, counts, chunk_size):
@@ -106,8 +106,9 @@ class _FusedLinearReverseKL(torch.autograd.Function):
         cdtype = norms.dtype
         grad_h = torch.zeros_like(h)
         grad_w = torch.zeros_like(w)
-        # float32 accumulation of the weight gradient across chunks for bf16 weights.
-        acc_w = grad_w[:valid] if w.dtype == cdtype else torch.zeros(valid, w.shape[1], dtype=cdtype, device=w.device)
+        # bf16 weights: accumulate the weight gradient over chunks in float32, cast once at the end.
+        in_place = w.dtype == cdtype
+        acc_w = grad_w[:valid] if in_place else torch.zeros(valid, w.shape[1], dtype=cdtype, device=w.device)
         # Rows with zero incoming gradient (masked positions) add nothing: skip their matmuls.
         active = torch.nonzero(grad_kl != 0).squeeze(1)
         active_teachers = None if teacher_index is None else teacher_index[active]
@@ -124,7 +125,7 @@ class _FusedLinearReverseKL(torch.autograd.Function):
                 grad_z = kl_grad_(a, b, norms[rows], scale[rows], temperature).to(w.dtype)
                 grad_h.index_copy_(0, rows, grad_z @ w[:valid])
                 _accumulate_weight_grad(acc_w, grad_z, h_rows)
-        if acc_w.data_ptr() != grad_w.data_ptr():
+        if not in_place:
             grad_w[:valid] = acc_w
         # Each shard saw only its own vocabulary columns: sum the partial input gradients.
         all_reduce_(grad_h, dist.ReduceOp.SUM, ctx.group)

@@ -123,6 +123,13 @@ def local_kl_statistics(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor,
     return torch.stack([max_a, max_b, sum_a, sum_b, weighted], dim=1)
 
 
+def fill_no_mass_statistics_(local: torch.Tensor) -> torch.Tensor:
+    """Statistics of a shard that holds only padding: lowest maxima, no mass."""
+    local[:, :2] = torch.finfo(local.dtype).min
+    local[:, 2:] = 0.0
+    return local
+
+
 def combine_kl_statistics(local: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Shard statistics -> per-row (log Z_z, log Z_u, KL) [rows, 3]: one MAX and one SUM all-reduce."""
     local_max = local[:, :2]
@@ -172,9 +179,8 @@ class _ReverseKL(torch.autograd.Function):
         n, valid = z.shape[0], shard.valid
         step = rows_per_chunk(valid)
         local = torch.empty(n, 5, dtype=cdtype, device=z.device)
-        if valid == 0:  # a rank holding only padding: no mass, lowest maxima
-            local[:, :2] = torch.finfo(cdtype).min
-            local[:, 2:] = 0.0
+        if valid == 0:
+            fill_no_mass_statistics_(local)
         else:
             work = torch.empty(3, min(step, n), valid, dtype=cdtype, device=z.device)
             for r0, r1 in row_chunks(n, step):
