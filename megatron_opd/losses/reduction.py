@@ -43,10 +43,12 @@ import torch.distributed as dist
 
 def count_response_tokens(masks: Iterable[torch.Tensor], group: dist.ProcessGroup | None = None) -> int:
     """N: response tokens over all of this rank's micro-batch masks, summed over the DP `group`."""
+    masks = list(masks)
     local = sum(int(mask.count_nonzero()) for mask in masks)
     if group is None:
         return local
-    total = torch.tensor([local], dtype=torch.long)
+    # On the masks' device: NCCL reduces only CUDA tensors.
+    total = torch.tensor([local], dtype=torch.long, device=masks[0].device if masks else None)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return int(total)
 
