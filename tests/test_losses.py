@@ -162,7 +162,8 @@ def test_fused_equals_unfused_with_mixed_teachers(chunk_size):
     upstream[2] = 0  # a masked row: skipped in the backward, gradient exactly zero
 
     kl = fused_linear_reverse_kl(
-        h, w, g, teachers, teacher_index=teacher_index, temperature=1.4, vocab_size=vocab, chunk_size=chunk_size
+        h, w, g, teachers,
+        teacher_index=teacher_index, temperature=1.4, vocab_size=vocab, chunk_size=chunk_size,
     )
     grads = grad_of(kl, (h, w), upstream)
 
@@ -305,7 +306,8 @@ def test_masked_rows_give_zero_loss_and_zero_gradients():
 
     # A step without any response token: zero loss and zero gradients, not 0/0.
     empty = torch.zeros_like(mask)
-    loss = masked_token_mean(vocab_parallel_reverse_kl(z, u), empty, total_tokens=count_response_tokens([empty]))
+    per_token = vocab_parallel_reverse_kl(z, u)
+    loss = masked_token_mean(per_token, empty, total_tokens=count_response_tokens([empty]))
     (grad,) = grad_of(loss, z, None)
     assert loss == 0 and (grad == 0).all()
 

@@ -44,7 +44,9 @@ def _reverse_kl_checks(rank, group, gen) -> dict[str, float]:
     for vocab in (VOCAB, 15):
         full, part = _leaf(z), _leaf(_shard(z, rank))
         kl_1 = vocab_parallel_reverse_kl(full, u, temperature=0.7, vocab_size=vocab)
-        kl_2 = vocab_parallel_reverse_kl(part, _shard(u, rank), temperature=0.7, vocab_size=vocab, group=group)
+        kl_2 = vocab_parallel_reverse_kl(
+            part, _shard(u, rank), temperature=0.7, vocab_size=vocab, group=group
+        )
         kl_1.backward(upstream)
         kl_2.backward(upstream)
         out[f"reverse_kl/vocab{vocab}/value"] = _max_diff(kl_2, kl_1)
@@ -74,7 +76,9 @@ def _fused_checks(rank, group, gen) -> dict[str, float]:
     # The unfused TP=2 loss from materialised logit shards, for fused == unfused under TP.
     h3, w3 = _leaf(h), _leaf(_shard(w, rank, 0))
     teacher_logits = torch.stack([g @ _shard(t, rank, 0).T for t in teachers])[teacher_index, torch.arange(n)]
-    kl_3 = vocab_parallel_reverse_kl(h3 @ w3.T, teacher_logits, temperature=1.3, vocab_size=VOCAB, group=group)
+    kl_3 = vocab_parallel_reverse_kl(
+        h3 @ w3.T, teacher_logits, temperature=1.3, vocab_size=VOCAB, group=group
+    )
     kl_3.backward(upstream)
     # The unfused loss's hidden gradient is this shard's partial sum, as megatron's would be
     # before ColumnParallelLinear's all-reduce.
@@ -123,11 +127,10 @@ def _topk_and_sampled_checks(rank, group, gen) -> dict[str, float]:
     sampled = torch.randint(0, VOCAB, (n, 1), generator=gen)
     teacher_logprob = log_q_all.gather(-1, sampled).squeeze(-1)
     full, part = _leaf(z), _leaf(_shard(z, rank))
-    loss_1 = sampled_kl_policy_loss(vocab_parallel_logprobs(full, sampled, temperature=0.9, vocab_size=VOCAB).squeeze(-1), teacher_logprob)
-    loss_2 = sampled_kl_policy_loss(
-        vocab_parallel_logprobs(part, sampled, temperature=0.9, vocab_size=VOCAB, group=group).squeeze(-1),
-        teacher_logprob,
-    )
+    log_p_1 = vocab_parallel_logprobs(full, sampled, temperature=0.9, vocab_size=VOCAB)
+    log_p_2 = vocab_parallel_logprobs(part, sampled, temperature=0.9, vocab_size=VOCAB, group=group)
+    loss_1 = sampled_kl_policy_loss(log_p_1.squeeze(-1), teacher_logprob)
+    loss_2 = sampled_kl_policy_loss(log_p_2.squeeze(-1), teacher_logprob)
     loss_1.sum().backward()
     loss_2.sum().backward()
     out["sampled/value"] = _max_diff(loss_2, loss_1)
@@ -171,7 +174,8 @@ def _dp_mean_checks(rank, group, gen) -> dict[str, float]:
     dist.all_reduce(grad, group=group)
     grad /= TP  # DDP's average over data-parallel ranks
     wl = _leaf(w)
-    big = masked_token_mean(vocab_parallel_reverse_kl(hidden @ wl.T, teacher), mask, total_tokens=int(mask.sum()))
+    everything = vocab_parallel_reverse_kl(hidden @ wl.T, teacher)
+    big = masked_token_mean(everything, mask, total_tokens=int(mask.sum()))
     big.backward()
     return {"dp_mean/token_count": float(total != int(mask.sum())), "dp_mean/grad": _max_diff(grad, wl.grad)}
 
@@ -184,8 +188,11 @@ def tp_world_checks() -> dict[str, float]:
     rank = dist.get_rank()
     gen = torch.Generator().manual_seed(1234)  # the same global inputs on both ranks
     out: dict[str, float] = {}
-    for checks in (_reverse_kl_checks, _fused_checks, _topk_and_sampled_checks, _gradcheck_replicated_hidden, _dp_mean_checks):
-        out.update(checks(rank, group, gen))
+    checks = (
+        _reverse_kl_checks, _fused_checks, _topk_and_sampled_checks, _gradcheck_replicated_hidden, _dp_mean_checks
+    )
+    for check in checks:
+        out.update(check(rank, group, gen))
     return out
 
 

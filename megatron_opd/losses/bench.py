@@ -33,6 +33,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
 
 from megatron_opd.losses.fused import DEFAULT_CHUNK_SIZE, fused_linear_reverse_kl
 from megatron_opd.losses.vocab_parallel import vocab_parallel_reverse_kl
@@ -156,7 +158,10 @@ def measure(variant: str, tokens: int, vocab: int, hidden: int, chunk_size: int,
         step()
         _sync(device)
         times.append((time.perf_counter() - start, time.process_time() - cpu_start))
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _proc_status_mib("VmHWM")
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = _proc_status_mib("VmHWM")
     # The best run: on a shared machine, interference only ever adds time.
     seconds, cpu_seconds = min(times)
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "extra_mib": peak - before}
@@ -175,7 +180,9 @@ def copy_bandwidth_gbs(device: torch.device, mib: int = 1024) -> float:
     return 5 * 2 * src.numel() / (time.perf_counter() - start) / 1e9
 
 
-def modeled_bytes(variant: str, tokens: int, vocab: int, hidden: int, chunk_size: int, itemsize: int) -> float:
+def modeled_bytes(
+    variant: str, tokens: int, vocab: int, hidden: int, chunk_size: int, itemsize: int
+) -> float:
     """The traffic a variant cannot avoid, for its achieved-bandwidth column (CUDA only).
 
     A loss from logits reads z and u in the forward, reads them again and writes dz in the backward
@@ -199,7 +206,8 @@ def _run_child(variant: str, tokens: int, vocab: int, args: argparse.Namespace) 
         "--chunk-size", str(args.chunk_size), "--dtype", args.dtype, "--device", args.device,
         "--repeats", str(args.repeats),
     ]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")])))
+    python_path = [str(PACKAGE_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(python_path))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"measuring {variant} at {tokens}x{vocab} failed:\n{done.stderr[-3000:]}")
@@ -210,15 +218,17 @@ def _run_child(variant: str, tokens: int, vocab: int, args: argparse.Namespace) 
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m megatron_opd.losses.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_opd.losses.bench", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant (the fastest is reported)")
-    parser.add_argument("--quick", action="store_true", help="a small smoke table (tokens 256, vocab 4096, hidden 64)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant; the fastest counts")
+    parser.add_argument("--quick", action="store_true", help="smoke table: tokens 256, vocab 4096, hidden 64")
     parser.add_argument("--measure", choices=list(VARIANTS), help=argparse.SUPPRESS)  # one child measurement
     args = parser.parse_args(argv)
     if args.quick:
@@ -229,8 +239,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _table(rows: list[dict], args: argparse.Namespace, copy_gbs: float | None):
-    from rich.table import Table
-
     on_cuda = copy_gbs is not None
     caption = (
         f"forward+backward, 1 rank, hidden {args.hidden}, {args.dtype}, chunk {args.chunk_size}, "
@@ -253,7 +261,8 @@ def _table(rows: list[dict], args: argparse.Namespace, copy_gbs: float | None):
     for name in columns:
         table.add_column(name, justify="left" if name == "variant" else "right")
     for row in rows:
-        cells = [str(row["tokens"]), str(row["vocab"]), row["variant"], f"{row['seconds']:.3f}", f"{row['time_ratio']:.2f}x"]
+        cells = [str(row["tokens"]), str(row["vocab"]), row["variant"]]
+        cells += [f"{row['seconds']:.3f}", f"{row['time_ratio']:.2f}x"]
         if on_cuda:
             cells += [f"{row['gbs']:.0f}", f"{row['gbs'] / copy_gbs:.0%}"]
         else:
@@ -281,11 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     if args.measure:
-        result = measure(args.measure, args.tokens[0], args.vocab[0], args.hidden, args.chunk_size, dtype, device, args.repeats)
-        print(json.dumps(result))
+        problem = (args.tokens[0], args.vocab[0], args.hidden, args.chunk_size, dtype, device, args.repeats)
+        print(json.dumps(measure(args.measure, *problem)))
         return 0
-
-    from rich.console import Console
 
     copy_gbs = copy_bandwidth_gbs(device) if device.type == "cuda" else None
     rows = []

@@ -53,7 +53,9 @@ def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) 
     return out.copy_(hidden @ weight.t())
 
 
-def _teacher_order(teacher_index: torch.Tensor | None, n_rows: int, n_teachers: int, device) -> tuple[torch.Tensor, list[int]]:
+def _teacher_order(
+    teacher_index: torch.Tensor | None, n_rows: int, n_teachers: int, device: torch.device
+) -> tuple[torch.Tensor, list[int]]:
     """Row order grouped by teacher, and the number of rows of each teacher."""
     if teacher_index is None:
         return torch.arange(n_rows, device=device), [n_rows]
@@ -160,22 +162,24 @@ def _check_fused_inputs(
                 f"shard, teacher_hidden's width), got {tuple(u.shape)}"
             )
         if u.dtype != teacher_hidden.dtype:
-            raise ValueError(f"teacher {k}'s weight is {u.dtype} but teacher_hidden is {teacher_hidden.dtype}")
+            raise ValueError(f"teacher {k}'s weight is {u.dtype}, teacher_hidden {teacher_hidden.dtype}")
     if student_weight.dtype != student_hidden.dtype:
-        raise ValueError(f"student_weight is {student_weight.dtype} but student_hidden is {student_hidden.dtype}")
+        raise ValueError(f"student_weight is {student_weight.dtype}, student_hidden {student_hidden.dtype}")
     if teacher_index is None:
         if len(teacher_weights) > 1:
-            raise ValueError(f"{len(teacher_weights)} teacher weights need a teacher_index naming each row's teacher")
+            raise ValueError(
+                f"{len(teacher_weights)} teacher weights need a teacher_index naming each row's teacher"
+            )
     else:
         if teacher_index.dtype != torch.long or teacher_index.shape != student_hidden.shape[:-1]:
             raise ValueError(
                 f"teacher_index must be int64 of shape {tuple(student_hidden.shape[:-1])}, got "
                 f"{teacher_index.dtype} {tuple(teacher_index.shape)}"
             )
-        if teacher_index.numel() and not 0 <= int(teacher_index.min()) <= int(teacher_index.max()) < len(teacher_weights):
+        lowest, highest = (int(teacher_index.min()), int(teacher_index.max())) if teacher_index.numel() else (0, 0)
+        if not 0 <= lowest <= highest < len(teacher_weights):
             raise ValueError(
-                f"teacher_index values must lie in [0, {len(teacher_weights)}), got "
-                f"[{int(teacher_index.min())}, {int(teacher_index.max())}]"
+                f"teacher_index values must lie in [0, {len(teacher_weights)}), got [{lowest}, {highest}]"
             )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -212,7 +216,9 @@ def fused_linear_reverse_kl(
         `student_hidden` (summed over the TP group) and `student_weight` (this shard's rows).
     """
     teacher_weights = [teacher_weight] if isinstance(teacher_weight, torch.Tensor) else list(teacher_weight)
-    _check_fused_inputs(student_hidden, student_weight, teacher_hidden, teacher_weights, teacher_index, chunk_size)
+    _check_fused_inputs(
+        student_hidden, student_weight, teacher_hidden, teacher_weights, teacher_index, chunk_size
+    )
     check_temperature(temperature)
     shard = VocabShard.of(student_weight.shape[0], vocab_size, group)
     d, d_teacher = student_hidden.shape[-1], teacher_hidden.shape[-1]

@@ -68,7 +68,9 @@ def masked_token_mean(
     which dp_size and num_microbatches to pass.
     """
     if per_token.shape != mask.shape:
-        raise ValueError(f"per_token {tuple(per_token.shape)} and mask {tuple(mask.shape)} must have the same shape")
+        raise ValueError(
+            f"per_token {tuple(per_token.shape)} and mask {tuple(mask.shape)} must have the same shape"
+        )
     if int(total_tokens) < 0 or dp_size < 1 or num_microbatches < 1:
         raise ValueError(
             f"need total_tokens >= 0, dp_size >= 1, num_microbatches >= 1; got {int(total_tokens)}, "

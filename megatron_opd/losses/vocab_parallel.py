@@ -100,7 +100,9 @@ def rows_per_chunk(width: int) -> int:
 # chunk, already in the compute dtype, and overwrites them; no [rows, V] tensor is allocated.
 
 
-def local_kl_statistics(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor, temperature: float) -> torch.Tensor:
+def local_kl_statistics(
+    a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Per-row statistics of one shard, relative to the shard's own maxima: [rows, 5] =
     (max a, max b, sum exp(a - max a), sum exp(b - max b), sum exp(a - max a) * (a' - b'))
     where a' and b' are a and b shifted by their shard maxima."""
@@ -149,7 +151,9 @@ def combine_kl_statistics(local: torch.Tensor, group: dist.ProcessGroup | None) 
     return torch.stack([global_max[:, 0] + log_sum_a, global_max[:, 1] + log_sum_b, kl], dim=1)
 
 
-def kl_grad_(a: torch.Tensor, b: torch.Tensor, norms: torch.Tensor, scale: torch.Tensor, temperature: float) -> torch.Tensor:
+def kl_grad_(
+    a: torch.Tensor, b: torch.Tensor, norms: torch.Tensor, scale: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """dKL/dz for one chunk, written into `b`: p (log p - log q - KL) * scale per row.
 
     `norms` holds the rows' (log Z_z, log Z_u, KL); `scale` is the incoming gradient / T.
