@@ -149,8 +149,14 @@ def test_gradcheck_custom_functions():
     )
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 64])
-def test_fused_equals_unfused_with_mixed_teachers(chunk_size):
+@pytest.mark.parametrize(
+    "chunk_size,upstream_kind",
+    [(1, "random"), (3, "random"), (64, "random"), (3, "masked_mean"), (4, "mean")],
+)
+def test_fused_equals_unfused_with_mixed_teachers(chunk_size, upstream_kind):
+    """Every path of the fused backward: per-token gradients that are all different (most rows
+    recomputed), a masked mean (only the masked rows corrected), a plain mean (nothing
+    recomputed), and a second backward through the same graph (everything recomputed)."""
     gen = torch.Generator().manual_seed(2)
     n, d, d_teacher, padded, vocab = 10, 6, 4, 13, 11
     h = torch.randn(n, d, generator=gen, dtype=F64, requires_grad=True)
@@ -158,14 +164,19 @@ def test_fused_equals_unfused_with_mixed_teachers(chunk_size):
     g = torch.randn(n, d_teacher, generator=gen, dtype=F64)
     teachers = [torch.randn(padded, d_teacher, generator=gen, dtype=F64) for _ in range(3)]
     teacher_index = torch.randint(0, 3, (n,), generator=gen)
-    upstream = torch.randn(n, generator=gen, dtype=F64)
-    upstream[2] = 0  # a masked row: skipped in the backward, gradient exactly zero
+    upstream = {
+        "random": torch.randn(n, generator=gen, dtype=F64),
+        "masked_mean": (torch.arange(n) % 4 != 2).to(F64) / 7,
+        "mean": torch.full((n,), 1 / n, dtype=F64),
+    }[upstream_kind]
+    upstream[2] = 0  # a masked row: its gradient is exactly zero
 
     kl = fused_linear_reverse_kl(
         h, w, g, teachers,
         teacher_index=teacher_index, temperature=1.4, vocab_size=vocab, chunk_size=chunk_size,
     )
-    grads = grad_of(kl, (h, w), upstream)
+    grads = torch.autograd.grad(kl, (h, w), upstream, retain_graph=True)
+    again = grad_of(kl, (h, w), upstream)
 
     teacher_logits = torch.stack([g @ t.T for t in teachers])[teacher_index, torch.arange(n)]
     unfused = vocab_parallel_reverse_kl(h @ w.T, teacher_logits, temperature=1.4, vocab_size=vocab)
@@ -174,10 +185,35 @@ def test_fused_equals_unfused_with_mixed_teachers(chunk_size):
 
     torch.testing.assert_close(kl, unfused, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(kl, ref, rtol=1e-10, atol=1e-12)
-    for got, want in zip(grads, unfused_grads):
+    for got, got_again, want in zip(grads, again, unfused_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_again, want, rtol=1e-10, atol=1e-12)
     assert (grads[0][2] == 0).all()
     assert (grads[1][vocab:] == 0).all()
+
+
+def test_fused_backward_recomputes_only_rows_off_the_common_gradient(monkeypatch):
+    import megatron_opd.losses.fused as fused
+
+    recomputed = []
+    kl_grad = fused.kl_grad_
+
+    def counting_kl_grad(a, b, norms, *rest):
+        recomputed.append(len(norms))
+        return kl_grad(a, b, norms, *rest)
+
+    monkeypatch.setattr(fused, "kl_grad_", counting_kl_grad)
+    gen = torch.Generator().manual_seed(9)
+    h = torch.randn(12, 5, generator=gen, dtype=F64, requires_grad=True)
+    w = torch.randn(9, 5, generator=gen, dtype=F64, requires_grad=True)
+    g, t = torch.randn(12, 3, generator=gen, dtype=F64), torch.randn(9, 3, generator=gen, dtype=F64)
+    mask = torch.ones(12, dtype=torch.bool)
+    mask[[1, 7, 8]] = False
+    for expected_rows, per_token_weights in ((0, torch.ones(12)), (3, mask)):
+        recomputed.clear()
+        kl = fused_linear_reverse_kl(h, w, g, t, chunk_size=4)
+        masked_token_mean(kl, per_token_weights.bool(), total_tokens=int(per_token_weights.sum())).backward()
+        assert sum(recomputed) == expected_rows
 
 
 def reference_topk(z, ids, log_q, temperature, vocab_size, tail_floor=1e-6):

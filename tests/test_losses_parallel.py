@@ -189,7 +189,11 @@ def tp_world_checks() -> dict[str, float]:
     gen = torch.Generator().manual_seed(1234)  # the same global inputs on both ranks
     out: dict[str, float] = {}
     checks = (
-        _reverse_kl_checks, _fused_checks, _topk_and_sampled_checks, _gradcheck_replicated_hidden, _dp_mean_checks
+        _reverse_kl_checks,
+        _fused_checks,
+        _topk_and_sampled_checks,
+        _gradcheck_replicated_hidden,
+        _dp_mean_checks,
     )
     for check in checks:
         out.update(check(rank, group, gen))

@@ -1,17 +1,19 @@
 """Reverse KL computed straight from hidden states and vocab-parallel output-layer shards.
 
 z = h W^T (student) and u = g U^T (teacher) are only ever formed for a chunk of tokens at a time,
-so the extra memory is O(chunk x V/TP) instead of the O(tokens x V/TP) of materialised logits. The
-forward keeps three numbers per token (log Z_z, log Z_u, KL); the backward recomputes each chunk's
-logits from the saved hidden states and weights, forms dKL/dz in place, and accumulates
-dL/dh = dKL/dz W and dL/dW += dKL/dz^T h.
+so the extra memory is O(chunk x V/TP) instead of the O(tokens x V/TP) of materialised logits.
 
-Why recompute rather than form the gradients in the forward: the loss is per token, so dL/dW =
-sum_t g_t (dKL_t/dz_t)^T h_t depends on the incoming per-token gradient g, which the forward does
-not know (a masked mean makes it mask/total, not uniform). Forming it in the forward would be
-exact only for a uniform g. Recomputing costs one more pass of both logit matmuls (6 matmuls of
-[tokens, d] x [d, V/TP] in all instead of 4) but never stores anything of size tokens x V/TP, and
-skips the rows whose incoming gradient is zero (masked positions).
+Gradients are formed in the forward, chunk by chunk, for an incoming gradient of 1 per token:
+dh_t = dKL_t/dz_t W for every row, and S = sum_t (dKL_t/dz_t)^T h_t. That costs 4 matmuls of
+[tokens, d] x [d, V/TP] in all, like an unfused step, where recomputing the logits in the backward
+would cost 6. The backward then makes them exact for any incoming per-token gradient g:
+- dL/dh_t = g_t dh_t, exactly, row by row;
+- dL/dW = sum_t g_t X_t with X_t = (dKL_t/dz_t)^T h_t, which S gives as c S + sum_t (g_t - c) X_t
+  for any constant c. c is the most common value of g, so only rows with another value are
+  recomputed: none for a plain mean, the masked rows for a masked mean. Pass the response rows
+  only (gathered), and nothing is recomputed.
+Memory: S is the weight gradient's own buffer (float32 for bf16 weights), dh is [tokens, d].
+Rows whose KL is infinite or undefined (see vocab_parallel) get zero gradient.
 
 Teachers: `teacher_weight` may be one shard or a sequence of per-teacher shards with
 `teacher_index` naming each row's teacher; rows are grouped by teacher so that one head is in use
@@ -19,8 +21,10 @@ at a time. All teachers of one call share the teacher hidden size (it may differ
 student's).
 
 Tensor parallelism: every rank holds the full hidden states [tokens, d] and its vocabulary shard of
-the weights. dL/dh from one shard is a partial sum, so the backward all-reduces it over `group`,
-exactly like the input gradient of megatron's ColumnParallelLinear; dL/dW stays local to the shard.
+the weights. Each chunk's statistics are combined with one MAX and one SUM all-reduce (the chunk
+sequence is the same on every rank). dL/dh from one shard is a partial sum, so the backward
+all-reduces it over `group`, exactly like the input gradient of megatron's ColumnParallelLinear;
+dL/dW stays local to the shard.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from megatron_opd.losses.vocab_parallel import (
     fill_no_mass_statistics_,
     kl_grad_,
     local_kl_statistics,
+    unit_kl_grad_from_statistics_,
 )
 
 DEFAULT_CHUNK_SIZE = 256
@@ -80,58 +85,100 @@ def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden
         acc.add_(grad_logits.t() @ hidden)
 
 
+def _weight_grad_buffers(
+    w: torch.Tensor, valid: int, cdtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight gradient, and where its real rows accumulate: in place, or in float32 beside a
+    bf16 gradient (cast once at the end). Padding rows keep a zero gradient."""
+    grad_w = torch.zeros_like(w)
+    if w.dtype == cdtype:
+        return grad_w, grad_w[:valid]
+    return grad_w, torch.zeros(valid, w.shape[1], dtype=cdtype, device=w.device)
+
+
+def _most_common(values: torch.Tensor) -> torch.Tensor:
+    if values.numel() == 0:
+        return values.new_zeros(())
+    unique, counts = torch.unique(values, return_counts=True)
+    return unique[counts.argmax()]
+
+
 class _FusedLinearReverseKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, g, teacher_index, temperature, shard, group, chunk_size, *teacher_weights):
         cdtype = compute_dtype(h, w, g, *teacher_weights)
         n, valid = h.shape[0], shard.valid
+        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        norms = torch.empty(n, 3, dtype=cdtype, device=h.device)
+        unit_dh = torch.zeros_like(h) if want_dh else None
+        grad_w, unit_dw = _weight_grad_buffers(w, valid, cdtype) if want_dw else (None, None)
+        work = torch.empty(3, min(chunk_size, n), valid, dtype=cdtype, device=h.device)
         order, counts = _teacher_order(teacher_index, n, len(teacher_weights), h.device)
-        local = torch.empty(n, 5, dtype=cdtype, device=h.device)
-        if valid == 0:
-            fill_no_mass_statistics_(local)
-        else:
-            work = torch.empty(3, min(chunk_size, n), valid, dtype=cdtype, device=h.device)
-            for teacher, rows in _chunks(order, counts, chunk_size):
-                m = rows.numel()
-                a = _logits_into(work[0, :m], h.index_select(0, rows), w[:valid])
+        for teacher, rows in _chunks(order, counts, chunk_size):
+            m = rows.numel()
+            if valid == 0:
+                local = fill_no_mass_statistics_(torch.empty(m, 5, dtype=cdtype, device=h.device))
+            else:
+                h_rows = h.index_select(0, rows)
+                a = _logits_into(work[0, :m], h_rows, w[:valid])
                 b = _logits_into(work[1, :m], g.index_select(0, rows), teacher_weights[teacher][:valid])
-                local.index_copy_(0, rows, local_kl_statistics(a, b, work[2, :m], temperature))
-        norms = combine_kl_statistics(local, group)
-        ctx.save_for_backward(h, w, g, teacher_index, norms, *teacher_weights)
+                local = local_kl_statistics(a, b, work[2, :m], temperature)
+            chunk_norms = combine_kl_statistics(local, group)
+            norms.index_copy_(0, rows, chunk_norms)
+            if valid > 0 and (want_dh or want_dw):
+                grad_z = unit_kl_grad_from_statistics_(a, b, local, chunk_norms, temperature).to(w.dtype)
+                if want_dh:
+                    unit_dh.index_copy_(0, rows, grad_z @ w[:valid])
+                if want_dw:
+                    _accumulate_weight_grad(unit_dw, grad_z, h_rows)
+        ctx.save_for_backward(h, w, g, teacher_index, norms, unit_dh, *teacher_weights)
         ctx.temperature, ctx.shard, ctx.group, ctx.chunk_size = temperature, shard, group, chunk_size
+        ctx.unit_dw, ctx.grad_w = unit_dw, grad_w
         return norms[:, 2].clone()
 
     @staticmethod
     def backward(ctx, grad_kl):
-        h, w, g, teacher_index, norms, *teacher_weights = ctx.saved_tensors
-        temperature, valid, chunk_size = ctx.temperature, ctx.shard.valid, ctx.chunk_size
-        cdtype = norms.dtype
-        grad_h = torch.zeros_like(h)
-        grad_w = torch.zeros_like(w)
-        # bf16 weights: accumulate the weight gradient over chunks in float32, cast once at the end.
-        in_place = w.dtype == cdtype
-        acc_w = grad_w[:valid] if in_place else torch.zeros(valid, w.shape[1], dtype=cdtype, device=w.device)
-        # Rows with zero incoming gradient (masked positions) add nothing: skip their matmuls.
-        active = torch.nonzero(grad_kl != 0).squeeze(1)
-        active_teachers = None if teacher_index is None else teacher_index[active]
-        order, counts = _teacher_order(active_teachers, active.numel(), len(teacher_weights), h.device)
-        order = active[order]
-        if valid > 0 and order.numel() > 0:
-            scale = grad_kl.to(cdtype) / temperature
-            work = torch.empty(2, min(chunk_size, order.numel()), valid, dtype=cdtype, device=h.device)
-            for teacher, rows in _chunks(order, counts, chunk_size):
-                m = rows.numel()
-                h_rows = h.index_select(0, rows)
-                a = _logits_into(work[0, :m], h_rows, w[:valid])
-                b = _logits_into(work[1, :m], g.index_select(0, rows), teacher_weights[teacher][:valid])
-                grad_z = kl_grad_(a, b, norms[rows], scale[rows], temperature).to(w.dtype)
-                grad_h.index_copy_(0, rows, grad_z @ w[:valid])
-                _accumulate_weight_grad(acc_w, grad_z, h_rows)
-        if not in_place:
-            grad_w[:valid] = acc_w
-        # Each shard saw only its own vocabulary columns: sum the partial input gradients.
-        all_reduce_(grad_h, dist.ReduceOp.SUM, ctx.group)
+        h, w, g, teacher_index, norms, unit_dh, *teacher_weights = ctx.saved_tensors
+        finite = torch.isfinite(norms[:, 2])
+        grad_kl = torch.where(finite, grad_kl.to(norms.dtype), 0.0)
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = unit_dh * grad_kl[:, None].to(unit_dh.dtype)
+            # Each shard saw only its own vocabulary columns: sum the partial input gradients.
+            all_reduce_(grad_h, dist.ReduceOp.SUM, ctx.group)
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad(ctx, h, w, g, teacher_index, norms, teacher_weights, grad_kl, finite)
         return (grad_h, grad_w, None, None, None, None, None, None) + (None,) * len(teacher_weights)
+
+
+def _weight_grad(ctx, h, w, g, teacher_index, norms, teacher_weights, grad_kl, finite) -> torch.Tensor:
+    """sum_t g_t X_t = c S + sum_t (g_t - c) X_t, recomputing X_t only where g_t differs from c."""
+    valid, temperature, cdtype = ctx.shard.valid, ctx.temperature, norms.dtype
+    unit_dw, grad_w = ctx.unit_dw, ctx.grad_w
+    ctx.unit_dw = ctx.grad_w = None  # handed out below; a second backward recomputes everything
+    if unit_dw is None:
+        grad_w, unit_dw = _weight_grad_buffers(w, valid, cdtype)
+        common = grad_kl.new_zeros(())
+    else:
+        common = _most_common(grad_kl[finite])
+    unit_dw.mul_(common)
+    residual = grad_kl - common * finite
+    rows = torch.nonzero(residual != 0).squeeze(1)
+    if valid > 0 and rows.numel() > 0:
+        row_teachers = None if teacher_index is None else teacher_index[rows]
+        order, counts = _teacher_order(row_teachers, rows.numel(), len(teacher_weights), h.device)
+        scale = residual / temperature
+        work = torch.empty(2, min(ctx.chunk_size, rows.numel()), valid, dtype=cdtype, device=h.device)
+        for teacher, chunk in _chunks(rows[order], counts, ctx.chunk_size):
+            m = chunk.numel()
+            h_rows = h.index_select(0, chunk)
+            a = _logits_into(work[0, :m], h_rows, w[:valid])
+            b = _logits_into(work[1, :m], g.index_select(0, chunk), teacher_weights[teacher][:valid])
+            grad_z = kl_grad_(a, b, norms[chunk], scale[chunk], temperature).to(w.dtype)
+            _accumulate_weight_grad(unit_dw, grad_z, h_rows)
+    if w.dtype != cdtype:
+        grad_w[:valid] = unit_dw
+    return grad_w
 
 
 def _check_fused_inputs(
@@ -176,7 +223,9 @@ def _check_fused_inputs(
                 f"teacher_index must be int64 of shape {tuple(student_hidden.shape[:-1])}, got "
                 f"{teacher_index.dtype} {tuple(teacher_index.shape)}"
             )
-        lowest, highest = (int(teacher_index.min()), int(teacher_index.max())) if teacher_index.numel() else (0, 0)
+        lowest, highest = (0, 0)
+        if teacher_index.numel():
+            lowest, highest = int(teacher_index.min()), int(teacher_index.max())
         if not 0 <= lowest <= highest < len(teacher_weights):
             raise ValueError(
                 f"teacher_index values must lie in [0, {len(teacher_weights)}), got [{lowest}, {highest}]"

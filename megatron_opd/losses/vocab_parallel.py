@@ -104,8 +104,11 @@ def local_kl_statistics(
     a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """Per-row statistics of one shard, relative to the shard's own maxima: [rows, 5] =
-    (max a, max b, sum exp(a - max a), sum exp(b - max b), sum exp(a - max a) * (a' - b'))
-    where a' and b' are a and b shifted by their shard maxima."""
+    (max a, max b, sum e, sum exp(b'), sum e (a' - b')) where a = z/T and b = u/T, a' and b' are
+    them shifted by their shard maxima, and e = exp(a').
+
+    Leaves e in `a` and e (a' - b') in `b` (NaN-free), which `unit_kl_grad_from_statistics_`
+    turns into the gradient once the statistics are combined across ranks."""
     if temperature != 1.0:
         a.div_(temperature)
         b.div_(temperature)
@@ -167,6 +170,24 @@ def kl_grad_(
     b.mul_(a).mul_(scale[:, None])
     # p = 0 columns (0 * -inf) and rows without a distribution or with zero incoming gradient.
     return b.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+
+
+def unit_kl_grad_from_statistics_(
+    e: torch.Tensor, weighted: torch.Tensor, local: torch.Tensor, norms: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """dKL/dz for an incoming gradient of 1, from what `local_kl_statistics` left in its buffers.
+
+    With r = exp(max a - log Z_z) and c = (max a - log Z_z) - (max b - log Z_u) per row,
+    p = r e and log p - log q = (a' - b') + c, so dKL/dz = r (e (a' - b') + e (c - KL)) / T.
+    Written into `weighted`; rows with an infinite or undefined KL get zero.
+    """
+    shifted_z = local[:, 0] - norms[:, 0]
+    shifted_u = local[:, 1] - norms[:, 1]
+    kl = norms[:, 2]
+    finite = torch.isfinite(kl)
+    e.mul_(torch.where(finite, shifted_z - shifted_u - kl, 0.0)[:, None])
+    weighted.add_(e).mul_(torch.where(finite, shifted_z.exp() / temperature, 0.0)[:, None])
+    return weighted.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 # --- full-vocabulary reverse KL from logits ----------------------------------------------------
