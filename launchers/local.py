@@ -95,13 +95,20 @@ def start_servers(cfg: JobConfig, stack: ExitStack) -> dict[str, list[str]]:
 
     endpoints: dict[str, list[str]] = {}
     handles = []
+    logs = cfg.run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     for name in sorted(cfg.teachers):
         if cfg.teachers[name].endpoints:
             endpoints[name] = list(cfg.teachers[name].endpoints)
             continue
         replicas = [
             stack.enter_context(
-                start_teacher_server(model_dir=str(_expert_dir(cfg, name)), name=f"{name}-{i}", wait=False, threads=1)
+                start_teacher_server(
+                    model_dir=str(_expert_dir(cfg, name)),
+                    wait=False,
+                    threads=1,
+                    log_path=logs / f"teacher-{name}-{i}.log",
+                )
             )
             for i in range(cfg.pipeline.replicas)
         ]
@@ -112,7 +119,7 @@ def start_servers(cfg: JobConfig, stack: ExitStack) -> dict[str, list[str]]:
         if value and not isinstance(value[0], str):
             urls = [h.url for h in value]
             if len(urls) > 1 and cfg.pipeline.router:
-                router = stack.enter_context(start_router(urls, name=f"{name}-router"))
+                router = stack.enter_context(start_router(urls, log_path=logs / f"router-{name}.log"))
                 urls = [router.url]
             endpoints[name] = urls
     _say("teacher servers ready: " + ", ".join(f"{n} -> {u}" for n, u in endpoints.items()))
