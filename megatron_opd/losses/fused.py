@@ -29,7 +29,7 @@ dL/dW stays local to the shard.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -151,7 +151,17 @@ class _FusedLinearReverseKL(torch.autograd.Function):
         return (grad_h, grad_w, None, None, None, None, None, None) + (None,) * len(teacher_weights)
 
 
-def _weight_grad(ctx, h, w, g, teacher_index, norms, teacher_weights, grad_kl, finite) -> torch.Tensor:
+def _weight_grad(
+    ctx: Any,
+    h: torch.Tensor,
+    w: torch.Tensor,
+    g: torch.Tensor,
+    teacher_index: torch.Tensor | None,
+    norms: torch.Tensor,
+    teacher_weights: list[torch.Tensor],
+    grad_kl: torch.Tensor,
+    finite: torch.Tensor,
+) -> torch.Tensor:
     """sum_t g_t X_t = c S + sum_t (g_t - c) X_t, recomputing X_t only where g_t differs from c."""
     valid, temperature, cdtype = ctx.shard.valid, ctx.temperature, norms.dtype
     unit_dw, grad_w = ctx.unit_dw, ctx.grad_w
@@ -250,7 +260,9 @@ def fused_linear_reverse_kl(
 
     Args:
         student_hidden: [..., d] the hidden states entering the student's output layer, full on
-            every TP rank (gather sequence-parallel activations first; see docs/losses.md).
+            every TP rank (gather sequence-parallel activations first; see docs/losses.md). Pass
+            the response rows only: the backward recomputes the rows whose incoming gradient
+            differs from the most common one, i.e. the masked rows of a masked mean.
         student_weight: [V/TP, d] this rank's shard of the student's output-layer weight.
         teacher_hidden: [..., d_teacher] the teacher's final hidden states for the same tokens;
             gets no gradient.
