@@ -105,10 +105,10 @@ def _most_common(values: torch.Tensor) -> torch.Tensor:
 
 class _FusedLinearReverseKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, g, teacher_index, temperature, shard, group, chunk_size, *teacher_weights):
+    def forward(ctx, h, w, g, teacher_index, temperature, shard, group, chunk_size, wanted, *teacher_weights):
         cdtype = compute_dtype(h, w, g, *teacher_weights)
         n, valid = h.shape[0], shard.valid
-        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_dh, want_dw = wanted
         norms = torch.empty(n, 3, dtype=cdtype, device=h.device)
         unit_dh = torch.zeros_like(h) if want_dh else None
         grad_w, unit_dw = _weight_grad_buffers(w, valid, cdtype) if want_dw else (None, None)
@@ -148,7 +148,7 @@ class _FusedLinearReverseKL(torch.autograd.Function):
             all_reduce_(grad_h, dist.ReduceOp.SUM, ctx.group)
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(ctx, h, w, g, teacher_index, norms, teacher_weights, grad_kl, finite)
-        return (grad_h, grad_w, None, None, None, None, None, None) + (None,) * len(teacher_weights)
+        return (grad_h, grad_w) + (None,) * (7 + len(teacher_weights))
 
 
 def _weight_grad(
@@ -283,6 +283,8 @@ def fused_linear_reverse_kl(
     check_temperature(temperature)
     shard = VocabShard.of(student_weight.shape[0], vocab_size, group)
     d, d_teacher = student_hidden.shape[-1], teacher_hidden.shape[-1]
+    # Decided here: inside forward, needs_input_grad ignores an enclosing torch.no_grad().
+    wanted = tuple(torch.is_grad_enabled() and x.requires_grad for x in (student_hidden, student_weight))
     kl = _FusedLinearReverseKL.apply(
         student_hidden.reshape(-1, d),
         student_weight,
@@ -292,6 +294,7 @@ def fused_linear_reverse_kl(
         shard,
         group,
         chunk_size,
+        wanted,
         *(u.detach() for u in teacher_weights),
     )
     return kl.reshape(student_hidden.shape[:-1])
