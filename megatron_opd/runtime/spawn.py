@@ -59,6 +59,24 @@ def _destroy_process_group() -> None:
         pass
 
 
+def _other_failures(procs, results, values, first: str, grace_s: float = 2.0) -> str:
+    """What the other ranks did in the moments after the first failure (a rank that died hard is
+    often the cause of another rank's connection error, which may be reported first)."""
+    notes = []
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(p.is_alive() for p in procs):
+        try:
+            rank, status, value = results.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if status == "error" and f"rank {rank} failed" not in first:
+            notes.append(f"rank {rank} also failed:\n{value}")
+    for rank, p in enumerate(procs):
+        if not p.is_alive() and p.exitcode not in (0, None) and rank not in values:
+            notes.append(f"rank {rank} exited with exit code {p.exitcode}")
+    return "".join("\n" + n for n in notes)
+
+
 def spawn_world(
     fn: Callable[..., Any],
     world_size: int,
@@ -119,6 +137,7 @@ def spawn_world(
                 failure = f"rank {rank} failed:\n{value}"
     finally:
         if failure is not None:
+            failure += _other_failures(procs, results, values, failure)
             for p in procs:
                 if p.is_alive():
                     p.kill()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -319,6 +320,7 @@ class Trainer:
                 metrics.update(stage.after_step(self.step))
                 self.step += 1
                 self.ledger.append(self.step, _gather_replica_ids(batch.sample_ids))
+                inject_fault(self.step)
                 self.consumed_samples += t.global_batch_size
                 if self.step % self.cfg.run.log_every == 0 or self.step == t.steps:
                     self.writer.write(self.step, metrics, prefix="train/")
@@ -346,6 +348,27 @@ class Trainer:
     def close(self) -> None:
         self.writer.close()
         self.resiliency.close()
+
+
+def inject_fault(step: int) -> None:
+    """Test hook: MEGATRON_OPD_FAULT="<exit|hang|signal>:<rank>:<step>" makes that rank die hard,
+    hang, or receive SIGUSR1 right after that step (first attempt only under torchrun/ft_launcher
+    restarts). Resume, requeue and heartbeat tests use it; unset, it does nothing."""
+    spec = os.environ.get("MEGATRON_OPD_FAULT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    kind, rank, at = spec.split(":")
+    if int(rank) != dist.get_rank() or int(at) != step:
+        return
+    if kind == "exit":
+        os._exit(17)
+    elif kind == "hang":
+        while True:
+            time.sleep(3600)
+    elif kind == "signal":
+        os.kill(os.getpid(), signal.SIGUSR1)
+    else:
+        raise ValueError(f"MEGATRON_OPD_FAULT={spec!r}: kind must be exit, hang or signal")
 
 
 class SampleLedger:
