@@ -49,12 +49,18 @@ def _expert_dir(cfg: JobConfig, name: str) -> Path:
 
 def train_experts(cfg: JobConfig) -> dict[str, dict[str, float]]:
     """Train the missing experts; return each expert's final held-out accuracy per domain."""
+    unknown = set(cfg.pipeline.expert_overrides_by_teacher) - set(cfg.teachers)
+    if unknown:
+        raise ValueError(
+            f"pipeline.expert_overrides_by_teacher names {sorted(unknown)}, which are not teachers "
+            f"(teachers: {sorted(cfg.teachers)})"
+        )
     jobs = {}
     for name in sorted(cfg.teachers):
         out = _expert_dir(cfg, name)
         jobs[name] = derive(
             cfg,
-            cfg.pipeline.expert_overrides,
+            cfg.pipeline.expert_overrides + cfg.pipeline.expert_overrides_by_teacher.get(name, []),
             **{
                 "stage": "sft",
                 "run.output_dir": str(out.parent),

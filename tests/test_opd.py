@@ -264,3 +264,60 @@ def test_bad_input_fails_before_any_step(teachers, tmp_path):
     assert "'sorter'" in messages["tokenizer"]
     for cfg in cases.values():
         assert not (cfg.run_dir / "metrics.jsonl").exists() or not (cfg.run_dir / "metrics.jsonl").read_text()
+
+
+# -- the SGLang rollout engine against our SGLang-compatible server ---------------------------------
+
+
+def _rollout_worker(cfg_tree: dict, rollout_url: str):
+    import urllib.request
+
+    from megatron_opd.config import build, derive
+    from megatron_opd.data.tokenizer import CharTokenizer
+    from megatron_opd.rollout.embedded import SamplingParams, generate
+    from megatron_opd.runtime.distributed import init_runtime
+    from megatron_opd.stages.opd import OPDStage
+    from megatron_opd.stages.trainer import Trainer
+
+    cfg = build(JobConfig, cfg_tree)
+    layout = init_runtime(cfg.parallel, cfg.run.seed)
+    trainer = Trainer(cfg, layout)
+    tok = CharTokenizer()
+    stage = OPDStage(cfg, trainer, tok)  # the engine pushes the student's weights at start
+    prompts = stage.source.prompts(0, 12)
+    # Greedy through HTTP equals greedy in-job: the server holds exactly the student's weights.
+    greedy = derive(cfg, ["rollout.temperature=0.0"]).rollout
+    from megatron_opd.rollout.sglang import SGLangRolloutEngine
+
+    http = SGLangRolloutEngine(greedy, trainer, tok, max_len=cfg.model.max_seq_len, seed=0)
+    remote = http.generate(prompts, 0)
+    local = generate(trainer.module, prompts, tok, SamplingParams(max_new_tokens=6, temperature=0.0), max_len=cfg.model.max_seq_len)
+    same_before = torch.equal(remote.tokens, local.tokens)
+    # Train two steps (weights synced after each), then compare again.
+    for step in range(2):
+        batch = stage.make_batch(step)
+        trainer.train_step(batch.micro_batches, stage.loss, stage.forward)
+        stage.after_step(step)
+    versions = stage._last_batch.weight_version
+    http.sync_weights(2)
+    remote = http.generate(prompts, 2)
+    local = generate(trainer.module, prompts, tok, SamplingParams(max_new_tokens=6, temperature=0.0), max_len=cfg.model.max_seq_len)
+    info = json.loads(urllib.request.urlopen(rollout_url + "/model_info").read())
+    http.close()
+    stage.close()
+    return same_before, torch.equal(remote.tokens, local.tokens), versions, info["weight_version"], remote.behavior_logprobs
+
+
+def test_sglang_rollout_engine_syncs_weights(teachers, tmp_path):
+    rollout = start_teacher_server(model_dir=teachers["arith"][0])  # other weights than the student
+    try:
+        cfg = _job(teachers, tmp_path, "rollout.engine=sglang", f"rollout.endpoints=[{rollout.url}]")
+        out = spawn_world(_rollout_worker, 2, (to_dict(cfg), rollout.url), timeout_s=240)
+    finally:
+        rollout.stop()
+    same_before, same_after, version_at_step1, server_version, logprobs = out[0]
+    assert same_before and same_after, "the rollout server does not hold the student's weights"
+    assert version_at_step1 == "1"  # step 1's samples came from the weights after step 0's update
+    assert server_version == "2"
+    assert (logprobs <= 0).all() and logprobs.abs().sum() > 0
+    assert out[1][0] == same_before  # both TP ranks got the same batch

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -29,6 +30,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _rank_main(fn, rank, world_size, port, args, env, results):
+    # Each rank leads its own process group, so the harness can also reap what a rank started
+    # (checkpoint writers, multiprocessing managers) when the rank dies without cleaning up.
+    os.setpgrp()
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank),
@@ -146,6 +150,10 @@ def spawn_world(
             if p.is_alive():
                 p.kill()
                 p.join()
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         results.close()
     if failure is not None:
         raise WorldFailed(failure)
