@@ -206,12 +206,18 @@ def test_rank_killed_mid_run_resumes_like_uninterrupted(teachers, tmp_path):
     straight = _job(teachers, tmp_path / "a", "train.steps=6", "train.checkpoint_every=2")
     spawn_world(_run, 2, (to_dict(straight),), timeout_s=240)
 
-    killed = _job(teachers, tmp_path / "b", "train.steps=6", "train.checkpoint_every=2")
+    # The interrupted run also keeps its teacher signals in a zarr store: after the restart, the
+    # redone step 5 reads them back instead of scoring again, and must train identically.
+    store = tmp_path / "signals"
+    killed = _job(teachers, tmp_path / "b", "train.steps=6", "train.checkpoint_every=2", f"opd.signal_store={store}")
     with pytest.raises(WorldFailed, match="exit code 17"):
         spawn_world(_run, 2, (to_dict(killed),), timeout_s=240, env={"MEGATRON_OPD_FAULT": "exit:1:5"})
     ledger = read_ledger(killed.run_dir)
     assert [e["step"] for e in ledger] == [1, 2, 3, 4, 5]  # step 5 finished, then rank 1 died
+    written = sorted(p.name for p in store.iterdir())
+    assert written == [f"step_{s:08d}" for s in range(5)]  # steps 0..4 scored before the kill
     spawn_world(_run, 2, (to_dict(killed),), timeout_s=240)
+    assert sorted(p.name for p in store.iterdir()) == [f"step_{s:08d}" for s in range(6)]
 
     a, b = _per_step(straight.run_dir, "train/kl"), _per_step(killed.run_dir, "train/kl")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]

@@ -31,8 +31,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _rank_main(fn, rank, world_size, port, args, env, results):
     # Each rank leads its own process group, so the harness can also reap what a rank started
-    # (checkpoint writers, multiprocessing managers) when the rank dies without cleaning up.
+    # (checkpoint writers, multiprocessing managers) when the rank dies without cleaning up; and
+    # dies with its parent, which no longer shares a terminal process group with it.
     os.setpgrp()
+    _die_with_parent()
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank),
@@ -51,6 +53,16 @@ def _rank_main(fn, rank, world_size, port, args, env, results):
         results.put((rank, "error", traceback.format_exc()))
     finally:
         _destroy_process_group()
+
+
+def _die_with_parent() -> None:
+    """Linux prctl(PR_SET_PDEATHSIG, SIGKILL); elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def _destroy_process_group() -> None:

@@ -122,6 +122,12 @@ class OPDStage:
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.mp_group, self.mp_src = _model_parallel_group_and_src()
         self.pool = self._start_pool()
+        self.store = None
+        if cfg.opd.signal_store and dist.get_rank() == self.mp_src:
+            from megatron_opd.teachers.store import TeacherStore
+
+            # float32: signals read back after a restart must equal the ones first scored.
+            self.store = TeacherStore(cfg.opd.signal_store, hidden_dtype="float32")
         self.heads = self._load_teacher_heads()
         self.rollout = self._make_rollout_engine()
 
@@ -192,7 +198,7 @@ class OPDStage:
         batch = self.rollout.generate(prompts, step)
         t_rollout = time.perf_counter() - t0
         t0 = time.perf_counter()
-        batch, signals = self._score(batch)
+        batch, signals = self._score(batch, step)
         t_score = time.perf_counter() - t0
         metrics = self._rollout_metrics(batch)
         metrics.update(rollout_time_s=t_rollout, score_time_s=t_score)
@@ -200,11 +206,20 @@ class OPDStage:
         self._last_batch = batch
         return StepBatch(self._micro_batches(batch, signals), batch.sample_ids, metrics)
 
-    def _score(self, batch: Trajectories) -> tuple[Trajectories, list[TeacherSignals]]:
+    def _score(self, batch: Trajectories, step: int) -> tuple[Trajectories, list[TeacherSignals]]:
+        """Route and score on the replica's first rank (or read a step already in the signal store,
+        as after a restart), then broadcast to the replica."""
         result = None
         if dist.get_rank() == self.mp_src:
             routed = self.pool.route(batch)
-            result = (routed.teacher, self.pool.score(routed))
+            part = self.trainer.dp_rank
+            if self.store is not None and self.store.is_written(step, part):
+                signals = self.store.read(step, routed.sample_ids)
+            else:
+                signals = self.pool.score(routed)
+                if self.store is not None:
+                    self.store.write(step, part, routed.sample_ids, signals)
+            result = (routed.teacher, signals)
         teachers, signals = _broadcast_object(result, self.mp_src, self.mp_group)
         batch.teacher = teachers
         return batch, signals
