@@ -32,6 +32,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from checkpoints_tools.errors import add_output_flags, run_tool
+
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -263,50 +265,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-shard-size", default="5GB", help="megatron->hf: safetensors shard size")
     p.add_argument("--model-config", help="megatron->hf: model.yaml, when --input is a bare step_* directory")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_flags(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _convert(args: argparse.Namespace) -> Path:
     from checkpoints_tools.errors import CheckpointToolError
 
+    if (args.source, args.target) == ("hf", "megatron"):
+        return hf_to_megatron(
+            args.input,
+            args.output,
+            tp=args.tp,
+            arch=args.arch,
+            dtype=args.dtype,
+            naming=args.naming,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    if (args.source, args.target) == ("megatron", "hf"):
+        from checkpoints_tools.export import export_from_args
+
+        return export_from_args(args)
+    raise CheckpointToolError(f"--source {args.source} --target {args.target}: nothing to convert")
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if (args.source, args.target) == ("hf", "megatron"):
-            path = hf_to_megatron(
-                args.input,
-                args.output,
-                tp=args.tp,
-                arch=args.arch,
-                dtype=args.dtype,
-                naming=args.naming,
-                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                overwrite=args.overwrite,
-                progress=not args.no_progress,
-            )
-        elif (args.source, args.target) == ("megatron", "hf"):
-            from checkpoints_tools.export import megatron_to_hf
-            from checkpoints_tools.hf_io import parse_size
-
-            path = megatron_to_hf(
-                args.input,
-                args.output,
-                arch=args.arch,
-                dtype=args.dtype,
-                max_shard_bytes=parse_size(args.max_shard_size),
-                model_config=args.model_config,
-                overwrite=args.overwrite,
-                progress=not args.no_progress,
-            )
-        else:
-            raise CheckpointToolError(f"--source {args.source} --target {args.target}: nothing to convert")
-    except CheckpointToolError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
-
+    return run_tool(lambda: _convert(args))
 
 if __name__ == "__main__":
     sys.exit(main())

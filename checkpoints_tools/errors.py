@@ -6,7 +6,10 @@ Entry points print the message (no traceback) and exit with status 2; library ca
 
 from __future__ import annotations
 
-from typing import Iterable
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Iterable
 
 
 class CheckpointToolError(Exception):
@@ -42,3 +45,20 @@ def name_list(names: Iterable[str], limit: int = 12) -> str:
     names = sorted(names)
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every tool that writes a directory shares."""
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_tool(job: Callable[[], str | Path]) -> int:
+    """Run an entry point's job: 'wrote DIR' and 0, or a one-line 'error: ...' and 2."""
+    try:
+        out = job()
+    except CheckpointToolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0

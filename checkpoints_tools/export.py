@@ -29,6 +29,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from checkpoints_tools.errors import add_output_flags, run_tool
+
 from checkpoints_tools.convert import DTYPE_NAMES, _check_output_dir, torch_dtype
 
 
@@ -199,33 +201,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--model-config", help="model.yaml, when --input is a bare step_* directory")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_flags(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from checkpoints_tools.errors import CheckpointToolError
+def export_from_args(args: argparse.Namespace) -> Path:
     from checkpoints_tools.hf_io import parse_size
 
-    args = build_parser().parse_args(argv)
-    try:
-        out = megatron_to_hf(
-            args.input,
-            args.output,
-            arch=args.arch,
-            dtype=args.dtype,
-            max_shard_bytes=parse_size(args.max_shard_size),
-            model_config=args.model_config,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    except CheckpointToolError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return megatron_to_hf(
+        args.input,
+        args.output,
+        arch=args.arch,
+        dtype=args.dtype,
+        max_shard_bytes=parse_size(args.max_shard_size),
+        model_config=args.model_config,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_tool(lambda: export_from_args(args))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from checkpoints_tools.errors import add_output_flags, run_tool
 from typing import Sequence
 
 from checkpoints_tools.convert import _check_output_dir
@@ -234,8 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, help="task_arithmetic: one weight for every expert")
     p.add_argument("--output", required=True)
     p.add_argument("--max-shard-size", default="5GB", help="HF inputs: safetensors shard size of the output")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_flags(p)
     return p
 
 
@@ -243,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     from checkpoints_tools.hf_io import parse_size
 
     args = build_parser().parse_args(argv)
-    try:
-        out = merge(
+    return run_tool(
+        lambda: merge(
             args.method,
             args.experts,
             args.output,
@@ -255,12 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except CheckpointToolError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
-
+    )
 
 if __name__ == "__main__":
     sys.exit(main())

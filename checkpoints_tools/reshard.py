@@ -32,6 +32,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from checkpoints_tools.errors import add_output_flags, run_tool
+
 from checkpoints_tools.convert import _check_output_dir, resolve_naming
 
 READ_BATCH_BYTES = 1 << 28  # one region read covers at most ~256 MB of tensors
@@ -169,17 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verify", action="store_true", help="load the result in a local world of the target layout"
     )
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from checkpoints_tools.errors import CheckpointToolError
-
     args = build_parser().parse_args(argv)
-    try:
-        path = reshard(
+    status = run_tool(
+        lambda: reshard(
             args.input,
             args.output,
             tp=args.tp,
@@ -190,11 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except CheckpointToolError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    if args.verify:
+    )
+    if status == 0 and args.verify:
         from checkpoints_tools.verify import verify_in_world
 
         from checkpoints_tools.megatron_io import open_megatron
@@ -216,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 else ""
             )
         )
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -71,6 +70,7 @@ def train_experts(cfg: JobConfig) -> dict[str, dict[str, float]]:
             },
         )
     missing = [n for n, job in jobs.items() if latest_complete(job.run_dir / "checkpoints") is None]
+    missing.sort(key=lambda n: -jobs[n].train.steps)  # longest first: the pool then packs the rest
     concurrent = max(1, min(cfg.pipeline.parallel_experts, len(missing)))
     if missing:
         _say(f"training experts {missing} ({concurrent} at a time)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import torch
 
 from megatron_opd.runtime.spawn import spawn_world
