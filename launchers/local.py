@@ -27,7 +27,7 @@ from typing import Any
 
 from megatron_opd.config import JobConfig, derive, load_config, to_dict
 from megatron_opd.runtime.checkpoint import latest_complete
-from megatron_opd.runtime.spawn import spawn_world
+from megatron_opd.runtime.spawn import spawn_world, terminate_all
 
 
 def _run_world(cfg: JobConfig, threads: int | None = None) -> dict[str, Any]:
@@ -76,7 +76,11 @@ def train_experts(cfg: JobConfig) -> dict[str, dict[str, float]]:
         _say(f"training experts {missing} ({concurrent} at a time)")
         threads = max(1, (os.cpu_count() or 1) // concurrent) if concurrent > 1 else None
         with ThreadPoolExecutor(concurrent) as pool:
-            list(pool.map(lambda n: _run_world(jobs[n], threads), missing))
+            try:
+                list(pool.map(lambda n: _run_world(jobs[n], threads), missing))
+            except BaseException:  # Ctrl-C reaches this thread only: stop the worlds of the others
+                terminate_all()
+                raise
     accuracy = {}
     for name, job in jobs.items():
         summary = json.loads((job.run_dir / "summary.json").read_text())

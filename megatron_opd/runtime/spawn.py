@@ -19,6 +19,17 @@ import traceback
 from typing import Any, Callable, Sequence
 
 
+_LIVE: set = set()  # rank processes of every world in flight, for terminate_all()
+
+
+def terminate_all() -> None:
+    """Kill every rank of every world this process started (e.g. on Ctrl-C in a launcher whose
+    worlds run in other threads, which the interrupt does not reach)."""
+    for p in list(_LIVE):
+        if p.is_alive():
+            p.kill()
+
+
 class WorldFailed(RuntimeError):
     """A rank raised, died or the world ran past its deadline; the message holds the traceback."""
 
@@ -121,6 +132,7 @@ def spawn_world(
     ]
     for p in procs:
         p.start()
+        _LIVE.add(p)
     deadline = time.monotonic() + timeout_s
     values: dict[int, Any] = {}
     failure: str | None = None
@@ -166,6 +178,7 @@ def spawn_world(
                 os.killpg(p.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            _LIVE.discard(p)
         results.close()
     if failure is not None:
         raise WorldFailed(failure)
