@@ -676,7 +676,7 @@ def render(p: JobPlan) -> str:
     ]
     if c.api_key_env:
         out += [
-            f': "${{{c.api_key_env}:?export the teachers\' API key in {c.api_key_env} before sbatch}}"',
+            f': "${{{c.api_key_env}:?export the teacher API key in {c.api_key_env} before sbatch}}"',
             f'AUTH_HEADER="Authorization: Bearer ${c.api_key_env}"',
         ]
     else:
@@ -751,10 +751,14 @@ def _sbatch_lines(p: JobPlan) -> list[str]:
 
     lines = []
     if c.layout == "hetjob":
+        routers = {f"teacher-{pool.key.rsplit('.', 1)[-1]}" if "teachers" in pool.key else "rollout": pool
+                   for pool in p.pools if pool.router}  # fmt: skip
         for i, (role, nodes, mem) in enumerate(p.het_groups):
             if i:
                 lines.append("#SBATCH hetjob")
             lines.append(f"# het group {i}: {role}")
+            if mem and role in routers:  # the router shares the first node of the group
+                mem = f"{_mem_mb(mem) + _mem_mb(routers[role].cfg.router_mem)}M"
             lines += [f"#SBATCH {o}" for o in (common if i == 0 else []) + resources(nodes, mem or "0")]
     else:
         lines += [f"#SBATCH {o}" for o in common + resources(p.total_nodes, _job_mem(p))]

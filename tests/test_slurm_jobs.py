@@ -87,7 +87,7 @@ def _cluster(tmp: Path, **trainer) -> dict:
         "workdir": str(tmp),
         "base_port": _free_port(),
         "health_timeout_s": 180,
-        "trainer": {"nodes": 1, "procs_per_node": 2, "mem": "4000M", "rdzv_port": _free_port(), "stop_timeout_s": 60, **trainer},
+        "trainer": {"nodes": 1, "procs_per_node": 2, "mem": "4000M", "rdzv_port": _free_port(), "stop_timeout_s": 30, **trainer},
     }
 
 
