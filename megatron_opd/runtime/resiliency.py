@@ -28,7 +28,6 @@ so a launcher can set them for every rank without touching the job config:
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -40,7 +39,6 @@ from typing import Literal, Mapping
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
 
 # ft_launcher gives each rank the path of its rank monitor's socket in this variable.
 _FT_SOCKET_ENV = "FT_RANK_MONITOR_IPC_SOCKET"
