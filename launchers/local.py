@@ -49,12 +49,18 @@ def _expert_dir(cfg: JobConfig, name: str) -> Path:
 
 def train_experts(cfg: JobConfig) -> dict[str, dict[str, float]]:
     """Train the missing experts; return each expert's final held-out accuracy per domain."""
+    unknown = set(cfg.pipeline.expert_overrides_by_teacher) - set(cfg.teachers)
+    if unknown:
+        raise ValueError(
+            f"pipeline.expert_overrides_by_teacher names {sorted(unknown)}, which are not teachers "
+            f"(teachers: {sorted(cfg.teachers)})"
+        )
     jobs = {}
     for name in sorted(cfg.teachers):
         out = _expert_dir(cfg, name)
         jobs[name] = derive(
             cfg,
-            cfg.pipeline.expert_overrides,
+            cfg.pipeline.expert_overrides + cfg.pipeline.expert_overrides_by_teacher.get(name, []),
             **{
                 "stage": "sft",
                 "run.output_dir": str(out.parent),
@@ -95,13 +101,20 @@ def start_servers(cfg: JobConfig, stack: ExitStack) -> dict[str, list[str]]:
 
     endpoints: dict[str, list[str]] = {}
     handles = []
+    logs = cfg.run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     for name in sorted(cfg.teachers):
         if cfg.teachers[name].endpoints:
             endpoints[name] = list(cfg.teachers[name].endpoints)
             continue
         replicas = [
             stack.enter_context(
-                start_teacher_server(model_dir=str(_expert_dir(cfg, name)), name=f"{name}-{i}", wait=False, threads=1)
+                start_teacher_server(
+                    model_dir=str(_expert_dir(cfg, name)),
+                    wait=False,
+                    threads=1,
+                    log_path=logs / f"teacher-{name}-{i}.log",
+                )
             )
             for i in range(cfg.pipeline.replicas)
         ]
@@ -112,7 +125,7 @@ def start_servers(cfg: JobConfig, stack: ExitStack) -> dict[str, list[str]]:
         if value and not isinstance(value[0], str):
             urls = [h.url for h in value]
             if len(urls) > 1 and cfg.pipeline.router:
-                router = stack.enter_context(start_router(urls, name=f"{name}-router"))
+                router = stack.enter_context(start_router(urls, log_path=logs / f"router-{name}.log"))
                 urls = [router.url]
             endpoints[name] = urls
     _say("teacher servers ready: " + ", ".join(f"{n} -> {u}" for n, u in endpoints.items()))

@@ -100,8 +100,10 @@ class OPDConfig:
 class PipelineConfig:
     """How `megatron-opd run` prepares what the OPD stage needs (launchers/local.py)."""
 
-    # Overrides for the SFT job that trains each expert whose model directory has no checkpoint.
+    # Overrides for the SFT job that trains each expert whose model directory has no checkpoint,
+    # then per teacher name (a harder domain may need more steps).
     expert_overrides: list[str] = field(default_factory=list)
+    expert_overrides_by_teacher: dict[str, list[str]] = field(default_factory=dict)
     parallel_experts: int = 1  # experts trained at once
     # Overrides for a short mixed SFT warm start of the student ([]: none).
     student_overrides: list[str] = field(default_factory=list)

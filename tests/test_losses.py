@@ -216,6 +216,29 @@ def test_fused_backward_recomputes_only_rows_off_the_common_gradient(monkeypatch
         assert sum(recomputed) == expected_rows
 
 
+def test_fused_forward_skips_gradient_work_without_autograd(monkeypatch):
+    import megatron_opd.losses.fused as fused
+
+    calls = []
+    unit_grad = fused.unit_kl_grad_from_statistics_
+
+    def counting_unit_grad(*args):
+        calls.append(1)
+        return unit_grad(*args)
+
+    monkeypatch.setattr(fused, "unit_kl_grad_from_statistics_", counting_unit_grad)
+    gen = torch.Generator().manual_seed(10)
+    h = torch.randn(6, 4, generator=gen, dtype=F64, requires_grad=True)
+    w = torch.randn(7, 4, generator=gen, dtype=F64, requires_grad=True)
+    g, t = torch.randn(6, 3, generator=gen, dtype=F64), torch.randn(7, 3, generator=gen, dtype=F64)
+    with torch.no_grad():
+        evaluated = fused_linear_reverse_kl(h, w, g, t, chunk_size=4)
+    assert calls == []
+    trained = fused_linear_reverse_kl(h, w, g, t, chunk_size=4)
+    assert len(calls) == 2  # two chunks
+    torch.testing.assert_close(evaluated, trained.detach())
+
+
 def reference_topk(z, ids, log_q, temperature, vocab_size, tail_floor=1e-6):
     log_p = reference_log_softmax(z, temperature, vocab_size).gather(-1, ids)
     p, q = log_p.exp(), log_q.exp()

@@ -29,7 +29,7 @@ dL/dW stays local to the shard.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -105,10 +105,10 @@ def _most_common(values: torch.Tensor) -> torch.Tensor:
 
 class _FusedLinearReverseKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, g, teacher_index, temperature, shard, group, chunk_size, *teacher_weights):
+    def forward(ctx, h, w, g, teacher_index, temperature, shard, group, chunk_size, wanted, *teacher_weights):
         cdtype = compute_dtype(h, w, g, *teacher_weights)
         n, valid = h.shape[0], shard.valid
-        want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_dh, want_dw = wanted
         norms = torch.empty(n, 3, dtype=cdtype, device=h.device)
         unit_dh = torch.zeros_like(h) if want_dh else None
         grad_w, unit_dw = _weight_grad_buffers(w, valid, cdtype) if want_dw else (None, None)
@@ -148,10 +148,20 @@ class _FusedLinearReverseKL(torch.autograd.Function):
             all_reduce_(grad_h, dist.ReduceOp.SUM, ctx.group)
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(ctx, h, w, g, teacher_index, norms, teacher_weights, grad_kl, finite)
-        return (grad_h, grad_w, None, None, None, None, None, None) + (None,) * len(teacher_weights)
+        return (grad_h, grad_w) + (None,) * (7 + len(teacher_weights))
 
 
-def _weight_grad(ctx, h, w, g, teacher_index, norms, teacher_weights, grad_kl, finite) -> torch.Tensor:
+def _weight_grad(
+    ctx: Any,
+    h: torch.Tensor,
+    w: torch.Tensor,
+    g: torch.Tensor,
+    teacher_index: torch.Tensor | None,
+    norms: torch.Tensor,
+    teacher_weights: list[torch.Tensor],
+    grad_kl: torch.Tensor,
+    finite: torch.Tensor,
+) -> torch.Tensor:
     """sum_t g_t X_t = c S + sum_t (g_t - c) X_t, recomputing X_t only where g_t differs from c."""
     valid, temperature, cdtype = ctx.shard.valid, ctx.temperature, norms.dtype
     unit_dw, grad_w = ctx.unit_dw, ctx.grad_w
@@ -250,7 +260,9 @@ def fused_linear_reverse_kl(
 
     Args:
         student_hidden: [..., d] the hidden states entering the student's output layer, full on
-            every TP rank (gather sequence-parallel activations first; see docs/losses.md).
+            every TP rank (gather sequence-parallel activations first; see docs/losses.md). Pass
+            the response rows only: the backward recomputes the rows whose incoming gradient
+            differs from the most common one, i.e. the masked rows of a masked mean.
         student_weight: [V/TP, d] this rank's shard of the student's output-layer weight.
         teacher_hidden: [..., d_teacher] the teacher's final hidden states for the same tokens;
             gets no gradient.
@@ -271,6 +283,8 @@ def fused_linear_reverse_kl(
     check_temperature(temperature)
     shard = VocabShard.of(student_weight.shape[0], vocab_size, group)
     d, d_teacher = student_hidden.shape[-1], teacher_hidden.shape[-1]
+    # Decided here: inside forward, needs_input_grad ignores an enclosing torch.no_grad().
+    wanted = tuple(torch.is_grad_enabled() and x.requires_grad for x in (student_hidden, student_weight))
     kl = _FusedLinearReverseKL.apply(
         student_hidden.reshape(-1, d),
         student_weight,
@@ -280,6 +294,7 @@ def fused_linear_reverse_kl(
         shard,
         group,
         chunk_size,
+        wanted,
         *(u.detach() for u in teacher_weights),
     )
     return kl.reshape(student_hidden.shape[:-1])

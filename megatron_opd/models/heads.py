@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megatron_opd.models.gpt import ModelConfig
 
@@ -43,9 +44,12 @@ def load_output_layer_shard(
     d = teacher.hidden_size
     if student_padded_vocab % tp_size:
         raise ValueError(f"student padded vocabulary {student_padded_vocab} is not divisible by tp={tp_size}")
+    # Ranks that read the same rows must say which one is the main replica (replica_id 0); TP is
+    # megatron's innermost dimension, so rank // tp numbers the readers of one vocabulary shard.
+    rank = dist.get_rank() if dist.is_initialized() else 0
     if teacher_padded == student_padded_vocab:
         local = torch.empty(shard_rows, d, dtype=torch.float32)
-        sharded = ShardedTensor.from_rank_offsets(key, local, (0, tp_rank, tp_size), replica_id=0)
+        sharded = ShardedTensor.from_rank_offsets(key, local, (0, tp_rank, tp_size), replica_id=rank // tp_size)
         return dist_checkpointing.load({"w": sharded}, str(checkpoint))["w"].to(dtype)
     # The checkpoint's own padding differs from the student's: read the full matrix. Its size is
     # only known from the checkpoint metadata (the teacher was saved with its own TP padding).
@@ -55,7 +59,7 @@ def load_output_layer_shard(
     if shape[1] != d:
         raise ValueError(f"{checkpoint}: {key} has hidden size {shape[1]}, teacher model.yaml says {d}")
     full = dist_checkpointing.load(
-        {"w": ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=torch.float32), replica_id=0)},
+        {"w": ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=torch.float32), replica_id=rank)},
         str(checkpoint),
     )["w"]
     out = torch.zeros(shard_rows, d, dtype=dtype)

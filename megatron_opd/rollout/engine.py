@@ -34,6 +34,9 @@ class RolloutConfig:
     # SGLang engine: "disk" exports weights and calls /update_weights_from_disk; "distributed"
     # broadcasts them over NCCL (/init_weights_update_group + /update_weights_from_distributed).
     weight_sync: Literal["disk", "distributed"] = "disk"
+    # What "disk" sync writes for the servers: our megatron dist checkpoint (our embedded server
+    # loads it) or a Hugging Face export (stock SGLang loads that).
+    weight_format: Literal["megatron", "hf"] = "megatron"
     sync_every: int = 1
 
     @property

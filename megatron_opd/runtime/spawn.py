@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -29,6 +30,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _rank_main(fn, rank, world_size, port, args, env, results):
+    # Each rank leads its own process group, so the harness can also reap what a rank started
+    # (checkpoint writers, multiprocessing managers) when the rank dies without cleaning up; and
+    # dies with its parent, which no longer shares a terminal process group with it.
+    os.setpgrp()
+    _die_with_parent()
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank),
@@ -49,6 +55,16 @@ def _rank_main(fn, rank, world_size, port, args, env, results):
         _destroy_process_group()
 
 
+def _die_with_parent() -> None:
+    """Linux prctl(PR_SET_PDEATHSIG, SIGKILL); elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except OSError:
+        pass
+
+
 def _destroy_process_group() -> None:
     try:
         import torch.distributed as dist
@@ -57,6 +73,24 @@ def _destroy_process_group() -> None:
             dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - best effort at exit
         pass
+
+
+def _other_failures(procs, results, values, first: str, grace_s: float = 2.0) -> str:
+    """What the other ranks did in the moments after the first failure (a rank that died hard is
+    often the cause of another rank's connection error, which may be reported first)."""
+    notes = []
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(p.is_alive() for p in procs):
+        try:
+            rank, status, value = results.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if status == "error" and f"rank {rank} failed" not in first:
+            notes.append(f"rank {rank} also failed:\n{value}")
+    for rank, p in enumerate(procs):
+        if not p.is_alive() and p.exitcode not in (0, None) and rank not in values:
+            notes.append(f"rank {rank} exited with exit code {p.exitcode}")
+    return "".join("\n" + n for n in notes)
 
 
 def spawn_world(
@@ -119,6 +153,7 @@ def spawn_world(
                 failure = f"rank {rank} failed:\n{value}"
     finally:
         if failure is not None:
+            failure += _other_failures(procs, results, values, failure)
             for p in procs:
                 if p.is_alive():
                     p.kill()
@@ -127,6 +162,10 @@ def spawn_world(
             if p.is_alive():
                 p.kill()
                 p.join()
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         results.close()
     if failure is not None:
         raise WorldFailed(failure)

@@ -45,7 +45,10 @@ def run_stage(cfg: JobConfig) -> dict[str, Any]:
         if trainer.is_logger:
             write_model_dir(cfg.run_dir, cfg.model, tokenizer)
         stage = make_stage(cfg, trainer, tokenizer)
-        final = trainer.fit(stage)
+        try:
+            final = trainer.fit(stage)
+        finally:
+            stage.close()
         if trainer.is_logger:
             (cfg.run_dir / "summary.json").write_text(json.dumps(final, indent=1))
             _print_summary(cfg, final)

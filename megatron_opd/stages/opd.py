@@ -18,6 +18,7 @@ broadcasts the signals to the rest of its group.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 from typing import Any
@@ -34,7 +35,19 @@ from megatron_opd.models.model_dir import read_model_dir
 from megatron_opd.rollout.embedded import responses
 from megatron_opd.rollout.engine import EmbeddedRolloutEngine, RolloutEngine
 from megatron_opd.stages.evaluation import domain_accuracy
-from megatron_opd.stages.trainer import MicroBatch, StepBatch, Trainer, metric
+from megatron_opd.stages.trainer import MicroBatch, StepBatch, Trainer, logits_forward, metric
+
+
+@contextlib.contextmanager
+def output_layer_bypassed(model: torch.nn.Module):
+    """Make megatron's output layer hand back its input: GPTModel.forward then returns the final
+    (post-norm) hidden states [b, s, h] instead of logits, for losses that apply the head themselves."""
+    layer = model.output_layer
+    layer.forward = lambda input_, weight=None, runtime_gather_output=None: (input_, None)
+    try:
+        yield
+    finally:
+        del layer.forward
 
 
 def _model_parallel_group_and_src():
@@ -94,9 +107,27 @@ class OPDStage:
                     f"of teachers {sorted(cfg.teachers)}"
                 )
         self.teacher_names = sorted(cfg.teachers)
+        if cfg.opd.fused_output_layer and cfg.parallel.sequence_parallel:
+            raise ValueError(
+                "opd.fused_output_layer needs parallel.sequence_parallel=false (the fused loss takes the "
+                "full hidden states on every TP rank)"
+            )
+        for name, t in cfg.teachers.items():
+            if t.signal in ("topk", "sampled") and t.temperature != 1.0:
+                raise ValueError(
+                    f"teachers.{name}.temperature={t.temperature} needs the full distribution; with "
+                    f"signal={t.signal!r} servers return raw (T=1) log-probs and the tempered teacher "
+                    f"cannot be rebuilt: use signal=hidden or temperature=1.0"
+                )
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.mp_group, self.mp_src = _model_parallel_group_and_src()
         self.pool = self._start_pool()
+        self.store = None
+        if cfg.opd.signal_store and dist.get_rank() == self.mp_src:
+            from megatron_opd.teachers.store import TeacherStore
+
+            # float32: signals read back after a restart must equal the ones first scored.
+            self.store = TeacherStore(cfg.opd.signal_store, hidden_dtype="float32")
         self.heads = self._load_teacher_heads()
         self.rollout = self._make_rollout_engine()
 
@@ -167,7 +198,7 @@ class OPDStage:
         batch = self.rollout.generate(prompts, step)
         t_rollout = time.perf_counter() - t0
         t0 = time.perf_counter()
-        batch, signals = self._score(batch)
+        batch, signals = self._score(batch, step)
         t_score = time.perf_counter() - t0
         metrics = self._rollout_metrics(batch)
         metrics.update(rollout_time_s=t_rollout, score_time_s=t_score)
@@ -175,11 +206,20 @@ class OPDStage:
         self._last_batch = batch
         return StepBatch(self._micro_batches(batch, signals), batch.sample_ids, metrics)
 
-    def _score(self, batch: Trajectories) -> tuple[Trajectories, list[TeacherSignals]]:
+    def _score(self, batch: Trajectories, step: int) -> tuple[Trajectories, list[TeacherSignals]]:
+        """Route and score on the replica's first rank (or read a step already in the signal store,
+        as after a restart), then broadcast to the replica."""
         result = None
         if dist.get_rank() == self.mp_src:
             routed = self.pool.route(batch)
-            result = (routed.teacher, self.pool.score(routed))
+            part = self.trainer.dp_rank
+            if self.store is not None and self.store.is_written(step, part):
+                signals = self.store.read(step, routed.sample_ids)
+            else:
+                signals = self.pool.score(routed)
+                if self.store is not None:
+                    self.store.write(step, part, routed.sample_ids, signals)
+            result = (routed.teacher, signals)
         teachers, signals = _broadcast_object(result, self.mp_src, self.mp_group)
         batch.teacher = teachers
         return batch, signals
@@ -225,60 +265,57 @@ class OPDStage:
             )
         return mbs
 
-    # -- the loss ---------------------------------------------------------------------------------
+    # -- forward and loss -------------------------------------------------------------------------
 
-    def loss(self, mb: MicroBatch, logits: torch.Tensor):
+    def forward(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+        """Vocab-parallel logits, or (opd.fused_output_layer) the hidden states entering the output
+        layer, so that the loss applies student and teacher heads chunk by chunk."""
+        if not self.cfg.opd.fused_output_layer:
+            return logits_forward(model, mb)
+        with output_layer_bypassed(self.trainer.module):
+            return logits_forward(model, mb)  # [b, s, h]
+
+    def _student_output_weight(self) -> torch.Tensor:
+        module = self.trainer.module
+        return module.shared_embedding_or_output_weight() if self.cfg.model.tie_embeddings else module.output_layer.weight
+
+    def loss(self, mb: MicroBatch, output: torch.Tensor):
         from megatron_opd import losses
 
-        prompt_lens, response_lens = mb.data["prompt_lens"], mb.data["response_lens"]
+        fused = self.cfg.opd.fused_output_layer
+        prompt_lens = mb.data["prompt_lens"]
         vocab = self.tokenizer.vocab_size
-        total = logits.new_zeros((), dtype=torch.float32)
+        total = output.new_zeros((), dtype=torch.float32)
         count = 0
         reports: dict[str, torch.Tensor] = {}
         per_domain = torch.zeros(len(self.source.domains), 2, dtype=torch.float64)
         for s in mb.data["signals"]:
             teacher = self.cfg.teachers[s.teacher]
-            rows = s.rows
-            # Student logits at the positions that predict each response token, [N, V/tp].
+            # The student's output (logits or hidden) at the positions that predict each response
+            # token, [N, V/tp] or [N, h], rows in the order of _flatten_responses.
             j = torch.arange(int(s.response_lens.max()))
             keep = j[None, :] < s.response_lens[:, None]
-            pos = (prompt_lens[rows][:, None] - 1 + j[None, :])[keep]
-            row_of = rows[:, None].expand_as(keep)[keep]
-            student = logits[row_of, pos]
-            if s.kind == "hidden":
-                hidden = _flatten_responses(s.hidden, s.response_lens).to(student.dtype)
-                teacher_logits = hidden @ self.heads[s.teacher].to(student.dtype).t()
-                kl = losses.vocab_parallel_reverse_kl(
-                    student, teacher_logits, temperature=teacher.temperature, vocab_size=vocab, group=self.tp_group
-                )
-            elif s.kind == "logits":
-                teacher_logits = self._shard_full_vocab(_flatten_responses(s.logits, s.response_lens), student)
-                kl = losses.vocab_parallel_reverse_kl(
-                    student, teacher_logits, temperature=teacher.temperature, vocab_size=vocab, group=self.tp_group
-                )
-            elif s.kind == "topk":
-                out = losses.topk_reverse_kl(
+            pos = (prompt_lens[s.rows][:, None] - 1 + j[None, :])[keep]
+            row_of = s.rows[:, None].expand_as(keep)[keep]
+            student = output[row_of, pos]
+            if fused and s.kind == "hidden":
+                kl = losses.fused_linear_reverse_kl(
                     student,
-                    _flatten_responses(s.topk_ids, s.response_lens),
-                    _flatten_responses(s.topk_logprobs, s.response_lens),
+                    self._student_output_weight(),
+                    _flatten_responses(s.hidden, s.response_lens).to(student.dtype),
+                    self.heads[s.teacher].to(student.dtype),
                     temperature=teacher.temperature,
                     vocab_size=vocab,
                     group=self.tp_group,
+                    chunk_size=self.cfg.opd.fused_chunk_size,
                 )
-                kl = out.kl
-                reports[f"topk_mass/{s.teacher}"] = metric(out.covered_mass.sum(), out.covered_mass.numel())
-            else:  # sampled
-                tokens = mb.tokens[row_of, pos + 1]
-                kl, surrogate = losses.sampled_kl_surrogate(
-                    student, tokens, _flatten_responses(s.sampled_logprobs, s.response_lens),
-                    vocab_size=vocab, group=self.tp_group,
-                )
-                total = total + surrogate.sum()
-                count += kl.numel()
-                reports[f"kl/{s.teacher}"] = metric(kl.sum(), kl.numel())
-                self._add_domain(per_domain, mb.data["domain_ids"][row_of], kl)
-                continue
-            total = total + kl.sum()
+                total = total + kl.sum()
+            else:
+                if fused:  # the other signal kinds need this rows' logits: form them here
+                    student = student @ self._student_output_weight().t()
+                kl, surrogate, extra = self._unfused_kl(s, teacher, student, mb.tokens[row_of, pos + 1])
+                total = total + (kl.sum() if surrogate is None else surrogate.sum())
+                reports.update(extra)
             count += kl.numel()
             reports[f"kl/{s.teacher}"] = metric(kl.sum(), kl.numel())
             self._add_domain(per_domain, mb.data["domain_ids"][row_of], kl)
@@ -287,8 +324,37 @@ class OPDStage:
                 reports[f"kl_domain/{d.name}"] = metric(ksum, n)
         reports["kl"] = metric(per_domain[:, 0].sum(), per_domain[:, 1].sum())
         if count == 0:  # every row empty: keep the graph connected so backward still runs
-            total = logits.sum() * 0.0
+            total = output.sum() * 0.0
         return total, torch.tensor(count, dtype=torch.int), reports
+
+    def _unfused_kl(self, s: TeacherSignals, teacher, student: torch.Tensor, tokens: torch.Tensor):
+        """(per-token KL, surrogate to minimise instead of the KL or None, extra metrics)."""
+        from megatron_opd import losses
+
+        vocab, group = self.tokenizer.vocab_size, self.tp_group
+        if s.kind in ("hidden", "logits"):
+            if s.kind == "hidden":
+                hidden = _flatten_responses(s.hidden, s.response_lens).to(student.dtype)
+                teacher_logits = hidden @ self.heads[s.teacher].to(student.dtype).t()
+            else:
+                teacher_logits = self._shard_full_vocab(_flatten_responses(s.logits, s.response_lens), student)
+            kl = losses.vocab_parallel_reverse_kl(
+                student, teacher_logits, temperature=teacher.temperature, vocab_size=vocab, group=group
+            )
+            return kl, None, {}
+        if s.kind == "topk":
+            out = losses.topk_reverse_kl(
+                student,
+                _flatten_responses(s.topk_ids, s.response_lens),
+                _flatten_responses(s.topk_logprobs, s.response_lens),
+                vocab_size=vocab,
+                group=group,
+            )
+            return out.kl, None, {f"topk_mass/{s.teacher}": metric(out.teacher_mass.sum(), out.teacher_mass.numel())}
+        # sampled: the k1 estimate, minimised through its policy-gradient surrogate
+        student_lp = losses.vocab_parallel_logprobs(student, tokens[:, None], vocab_size=vocab, group=group).squeeze(-1)
+        teacher_lp = _flatten_responses(s.sampled_logprobs, s.response_lens).to(student_lp.dtype)
+        return losses.sampled_reverse_kl(student_lp, teacher_lp), losses.sampled_kl_policy_loss(student_lp, teacher_lp), {}
 
     @staticmethod
     def _add_domain(per_domain: torch.Tensor, domain_ids: torch.Tensor, kl: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ from megatron_opd.data.domains import PromptSource, demonstrations
 from megatron_opd.data.tokenizer import CharTokenizer
 from megatron_opd.models.gpt import mask_vocab_padding
 from megatron_opd.stages.evaluation import domain_accuracy
-from megatron_opd.stages.trainer import MicroBatch, StepBatch, Trainer, metric, split_micro_batches
+from megatron_opd.stages.trainer import MicroBatch, StepBatch, Trainer, logits_forward, metric, split_micro_batches
 
 
 class SFTStage:
@@ -36,6 +36,8 @@ class SFTStage:
             batch.tokens, self.cfg.train.micro_batch_size, labels=labels, loss_mask=batch.prediction_mask()
         )
         return StepBatch(micro_batches, sample_ids=batch.sample_ids)
+
+    forward = staticmethod(logits_forward)
 
     def loss(self, mb: MicroBatch, logits: torch.Tensor):
         from megatron.core import tensor_parallel
@@ -65,4 +67,7 @@ class SFTStage:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
         pass

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,6 +47,13 @@ class MicroBatch:
 
 # loss(micro_batch, output) -> (sum of per-token losses, number of tokens, {metric: [sum, count]})
 LossFunc = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+# forward(model, micro_batch) -> what the last pipeline stage hands to the loss
+ForwardFunc = Callable[[torch.nn.Module, MicroBatch], torch.Tensor]
+
+
+def logits_forward(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """The usual forward: vocab-parallel logits [b, s, V/tp] on the last pipeline stage."""
+    return model(mb.tokens, mb.position_ids, None)
 
 
 @dataclass
@@ -62,6 +70,8 @@ class Stage(Protocol):
 
     def make_batch(self, step: int) -> StepBatch: ...
 
+    def forward(self, model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor: ...
+
     def loss(self, mb: MicroBatch, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]: ...
 
     def after_step(self, step: int) -> dict[str, float]: ...
@@ -71,6 +81,8 @@ class Stage(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def metric(total: torch.Tensor | float, count: torch.Tensor | float) -> torch.Tensor:
@@ -171,7 +183,9 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------------------
 
-    def forward_backward(self, micro_batches: list[MicroBatch], loss: LossFunc) -> dict[str, float]:
+    def forward_backward(
+        self, micro_batches: list[MicroBatch], loss: LossFunc, forward: ForwardFunc = logits_forward
+    ) -> dict[str, float]:
         """Gradients of the step's loss in the DDP buffers (`param.main_grad`), no optimizer step."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -182,8 +196,7 @@ class Trainer:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            output = model(mb.tokens, mb.position_ids, None)
-            return output, partial(loss, mb)
+            return forward(model, mb), partial(loss, mb)
 
         reports = get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -196,9 +209,11 @@ class Trainer:
         )
         return self.reduce_reports(reports)
 
-    def train_step(self, micro_batches: list[MicroBatch], loss: LossFunc) -> dict[str, float]:
+    def train_step(
+        self, micro_batches: list[MicroBatch], loss: LossFunc, forward: ForwardFunc = logits_forward
+    ) -> dict[str, float]:
         t0 = time.perf_counter()
-        metrics = self.forward_backward(micro_batches, loss)
+        metrics = self.forward_backward(micro_batches, loss, forward)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         elapsed = time.perf_counter() - t0
@@ -300,11 +315,12 @@ class Trainer:
         try:
             while self.step < t.steps:
                 batch = stage.make_batch(self.step)
-                metrics = self.train_step(batch.micro_batches, stage.loss)
+                metrics = self.train_step(batch.micro_batches, stage.loss, stage.forward)
                 metrics.update(batch.metrics)
                 metrics.update(stage.after_step(self.step))
                 self.step += 1
                 self.ledger.append(self.step, _gather_replica_ids(batch.sample_ids))
+                inject_fault(self.step)
                 self.consumed_samples += t.global_batch_size
                 if self.step % self.cfg.run.log_every == 0 or self.step == t.steps:
                     self.writer.write(self.step, metrics, prefix="train/")
@@ -332,6 +348,27 @@ class Trainer:
     def close(self) -> None:
         self.writer.close()
         self.resiliency.close()
+
+
+def inject_fault(step: int) -> None:
+    """Test hook: MEGATRON_OPD_FAULT="<exit|hang|signal>:<rank>:<step>" makes that rank die hard,
+    hang, or receive SIGUSR1 right after that step (first attempt only under torchrun/ft_launcher
+    restarts). Resume, requeue and heartbeat tests use it; unset, it does nothing."""
+    spec = os.environ.get("MEGATRON_OPD_FAULT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    kind, rank, at = spec.split(":")
+    if int(rank) != dist.get_rank() or int(at) != step:
+        return
+    if kind == "exit":
+        os._exit(17)
+    elif kind == "hang":
+        while True:
+            time.sleep(3600)
+    elif kind == "signal":
+        os.kill(os.getpid(), signal.SIGUSR1)
+    else:
+        raise ValueError(f"MEGATRON_OPD_FAULT={spec!r}: kind must be exit, hang or signal")
 
 
 class SampleLedger:
