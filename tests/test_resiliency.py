@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_opd.runtime.resiliency import Resiliency, ResiliencyConfig, first_attempt
+from megatron_opd.runtime.resiliency import Resiliency, ResiliencyConfig
 from megatron_opd.runtime.spawn import spawn_world
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,22 +51,12 @@ def test_no_marker_without_a_stop(tmp_path, restore_signals):
 
 def test_config_from_env():
     cfg = ResiliencyConfig.from_env(
-        {"OPD_STOP_SIGNALS": "SIGTERM", "OPD_HEARTBEATS": "off", "OPD_STOP_MARKER": "/x/stopped", "OPD_FAULT_HANG": "1:5"}
+        {"OPD_STOP_SIGNALS": "SIGTERM", "OPD_HEARTBEATS": "off", "OPD_STOP_MARKER": "/x/stopped"}
     )
-    assert (cfg.stop_signals, cfg.heartbeats, cfg.stop_marker, cfg.hang_rank, cfg.hang_step) == (
-        ["SIGTERM"], "off", "/x/stopped", 1, 5)  # fmt: skip
+    assert (cfg.stop_signals, cfg.heartbeats, cfg.stop_marker) == (["SIGTERM"], "off", "/x/stopped")
     assert ResiliencyConfig.from_env({}) == ResiliencyConfig()
-    with pytest.raises(ValueError, match="OPD_FAULT_HANG='5'; expected RANK:STEP"):
-        ResiliencyConfig.from_env({"OPD_FAULT_HANG": "5"})
     with pytest.raises(ValueError, match="OPD_HEARTBEATS='yes'"):
         ResiliencyConfig.from_env({"OPD_HEARTBEATS": "yes"})
-
-
-def test_first_attempt_reads_launcher_and_slurm_restart_counts():
-    assert first_attempt({})
-    assert first_attempt({"TORCHELASTIC_RESTART_COUNT": "0", "SLURM_RESTART_COUNT": "0"})
-    assert not first_attempt({"TORCHELASTIC_RESTART_COUNT": "1"})
-    assert not first_attempt({"SLURM_RESTART_COUNT": "2"})
 
 
 def test_heartbeats_on_without_ft_launcher_is_an_error(monkeypatch, restore_signals):

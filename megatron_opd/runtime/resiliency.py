@@ -22,16 +22,15 @@ so a launcher can set them for every rank without touching the job config:
     OPD_STOP_SIGNALS   comma-separated signal names (default SIGTERM,SIGUSR1)
     OPD_HEARTBEATS     auto (under ft_launcher) | on | off
     OPD_STOP_MARKER    file rank 0 writes after stopping early with a complete checkpoint
-    OPD_FAULT_HANG     RANK:STEP: that rank hangs after that step, on a job's first attempt only
-                       (a fault-injection drill for the hang detection; see docs/launching.md)
+
+To drill the hang detection, the trainer's own fault hook `MEGATRON_OPD_FAULT=hang:RANK:STEP`
+(stages/trainer.py) makes a rank hang on the first attempt.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping
@@ -42,8 +41,6 @@ import torch.distributed as dist
 
 # ft_launcher gives each rank the path of its rank monitor's socket in this variable.
 _FT_SOCKET_ENV = "FT_RANK_MONITOR_IPC_SOCKET"
-# Restart counters: ft_launcher / torchrun (group restarts) and SLURM (requeues).
-_RESTART_ENV = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
 
 
 @dataclass
@@ -55,10 +52,6 @@ class ResiliencyConfig:
     heartbeats: Literal["auto", "on", "off"] = "auto"
     # Written by rank 0 (its content: the step and the signal) once a stop's checkpoint is saved.
     stop_marker: str = ""
-    # Fault injection: rank `hang_rank` sleeps forever after step `hang_step`, on the first
-    # attempt only (no ft_launcher restart and no SLURM requeue yet). -1: off.
-    hang_rank: int = -1
-    hang_step: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "ResiliencyConfig":
@@ -72,18 +65,7 @@ class ResiliencyConfig:
                 raise ValueError(f"OPD_HEARTBEATS={value!r}; expected auto, on or off")
             cfg.heartbeats = value  # type: ignore[assignment]
         cfg.stop_marker = env.get("OPD_STOP_MARKER", "")
-        if env.get("OPD_FAULT_HANG"):
-            rank, sep, step = env["OPD_FAULT_HANG"].partition(":")
-            if not sep or not rank.strip().isdigit() or not step.strip().isdigit():
-                raise ValueError(f"OPD_FAULT_HANG={env['OPD_FAULT_HANG']!r}; expected RANK:STEP, e.g. 1:3")
-            cfg.hang_rank, cfg.hang_step = int(rank), int(step)
         return cfg
-
-
-def first_attempt(env: Mapping[str, str] | None = None) -> bool:
-    """No launcher restart and no SLURM requeue has happened yet."""
-    env = os.environ if env is None else env
-    return all(int(env.get(name, "0") or 0) == 0 for name in _RESTART_ENV)
 
 
 class Resiliency:
@@ -144,15 +126,7 @@ class Resiliency:
 
     def on_step(self, step: int) -> None:
         self.last_step = step
-        if self.cfg.hang_rank >= 0 and step == self.cfg.hang_step and self._rank() == self.cfg.hang_rank:
-            if first_attempt():
-                self._hang(step)
         self.heartbeat()
-
-    def _hang(self, step: int) -> None:
-        print(f"OPD_FAULT_HANG: rank {self._rank()} hangs after step {step} (fault injection)", file=sys.stderr, flush=True)
-        while True:  # no heartbeat from here on: the rank monitor must notice
-            time.sleep(3600)
 
     @staticmethod
     def _rank() -> int:
