@@ -627,12 +627,14 @@ trap 'on_stop TERM' TERM
 
 requeue_or_exit() {
     if [[ $REQUEUE == 1 ]] && ((ATTEMPT < MAX_REQUEUES)); then
-        log "requeueing job $SLURM_JOB_ID (attempt $((ATTEMPT + 1)) of at most $MAX_REQUEUES requeues); it resumes from the newest complete checkpoint"
+        log "requeueing job $SLURM_JOB_ID (requeue $((ATTEMPT + 1)) of at most $MAX_REQUEUES); it resumes from the newest complete checkpoint"
         cleanup
-        scontrol requeue "$SLURM_JOB_ID"
-        sleep 60  # scontrol requeue ends this script
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            exit 0  # SLURM ends this attempt and starts the script again
+        fi
+        log "scontrol requeue failed"
     fi
-    log "stopped early; no requeue left: resubmit the same script to resume"
+    log "stopped early and not requeued: resubmit the same script to resume"
     exit "$EXIT_STOPPED"
 }
 

@@ -264,3 +264,10 @@ def test_cluster_config_is_light():
     code = "import sys, launchers.cluster_config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert ClusterConfig().layout == "split"
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "configs/cluster").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_cluster_configs_pass_their_checks(example, tmp_path):
+    p, script = _render(example)
+    _bash_syntax_ok(script, tmp_path)
+    assert "srun" in script and "megatron_opd.cli train" in script
