@@ -36,12 +36,13 @@ fi
 
 # -- packages (about 7 s from Debian's mirror) ------------------------------------------------
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
-    || ! command -v sbatch >/dev/null; then
+    || ! command -v sbatch >/dev/null || ! command -v curl >/dev/null; then
     command -v apt-get >/dev/null || { log "apt-get not found: install slurmctld slurmd slurm-client munge yourself"; exit 2; }
-    log "installing slurmctld slurmd slurm-client munge"
+    log "installing slurmctld slurmd slurm-client munge curl"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+    # curl: the job scripts poll the servers' /health with it.
+    apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge curl >/dev/null
 fi
 
 # -- munge ------------------------------------------------------------------------------------

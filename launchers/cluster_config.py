@@ -74,8 +74,9 @@ class ServerPoolConfig:
     router_port: int = 0  # 0: assigned from cluster.base_port
     router_policy: Literal["cache_aware", "round_robin", "power_of_two", "random"] = "cache_aware"
     router_mem: str = "2G"  # --mem of the router step (it shares replica 0's first node)
-    # The batch script restarts a replica whose server exits, this many times.
+    # The batch script restarts a replica whose server exits, this many times, this long after.
     max_restarts: int = 3
+    restart_delay_s: int = 5
     mem: str = ""  # --mem per node
     extra_args: list[str] = field(default_factory=list)  # server flags, verbatim
     env: dict[str, str] = field(default_factory=dict)

@@ -59,9 +59,11 @@ def load_job(path: str | os.PathLike, overrides: list[str] = ()) -> tuple[Any, C
     Works whether or not `JobConfig` has a `cluster` field yet: without it, the `cluster:`
     section (and `cluster.*` overrides) are split off and built as a `ClusterConfig` here.
     """
-    from megatron_opd.config import ConfigError, JobConfig, _fields, build, load_config, parse_override, set_path
+    import dataclasses
 
-    if "cluster" in _fields(JobConfig):
+    from megatron_opd.config import ConfigError, JobConfig, build, load_config, parse_override, set_path
+
+    if "cluster" in {f.name for f in dataclasses.fields(JobConfig)}:
         job = load_config(path, overrides)
         return job, job.cluster
     path = Path(path)
@@ -576,13 +578,13 @@ wait_healthy() {
     done
 }
 
-# supervise NAME MAX_RESTARTS COMMAND...: run a server step; when it exits, start it again (a dead
-# replica comes back; meanwhile clients and routers send its requests to the other replicas).
-# SIGTERM stops the supervisor and its step (cleanup does that when the script ends).
+# supervise NAME MAX_RESTARTS DELAY COMMAND...: run a server step; when it exits, start it again
+# after DELAY seconds (a dead replica comes back; meanwhile clients and routers send its requests
+# to the other replicas). SIGTERM stops the supervisor and its step (cleanup, when the script ends).
 SUPERVISORS=()
 supervise() {
-    local name=$1 max=$2 restarts=0 rc child=""
-    shift 2
+    local name=$1 max=$2 delay=$3 restarts=0 rc child=""
+    shift 3
     trap '' USR1  # the warning signal is for the trainer, not for servers
     trap 'if [[ -n $child ]]; then kill -TERM "$child" 2>/dev/null; wait "$child"; fi; exit 0' TERM
     while true; do
@@ -596,8 +598,8 @@ supervise() {
             return "$rc"
         fi
         restarts=$((restarts + 1))
-        log "$name exited with status $rc; restart $restarts of $max in 5 s"
-        sleep 5
+        log "$name exited with status $rc; restart $restarts of $max in $delay s"
+        sleep "$delay"
     done
 }
 
@@ -805,12 +807,12 @@ def _node_group_lines(p: JobPlan) -> list[str]:
 def _server_lines(p: JobPlan, pool: Pool) -> list[str]:
     cfg = pool.cfg
     what = f"{cfg.backend}" + (f", tp={cfg.tp} dp={cfg.dp} ep={cfg.ep}" if cfg.backend == "sglang" else "")
-    lines = [f"# {pool.label}: {cfg.replicas} server(s) ({what}), each restarted up to {cfg.max_restarts} times"]
+    lines = [f"# {pool.label}: {cfg.replicas} server(s) ({what}); a server that exits is started again, up to {cfg.max_restarts} times"]
     overlap = p.cluster.layout == "colocated"
     for s in pool.servers:
         srun = _srun(p, s.group, s.name, gpus=True, mem=cfg.mem, overlap=overlap)
         command = _env_prefix(cfg.env) + _task_words(s.argv)
-        lines.append(_wrap(["supervise", s.name, str(cfg.max_restarts), *srun], command) + " &")
+        lines.append(_wrap(["supervise", s.name, str(cfg.max_restarts), str(cfg.restart_delay_s), *srun], command) + " &")
         lines.append('SUPERVISORS+=($!)')
     return lines
 
@@ -819,7 +821,8 @@ def _router_lines(p: JobPlan, pool: Pool) -> list[str]:
     r = pool.router
     lines = [f"# sglang-router for {pool.label}: health-checks its replicas, retries a failed request on another"]
     srun = _srun(p, r.group, r.name, gpus=False, mem=pool.cfg.router_mem, overlap=True, cpus=False)
-    lines.append(_wrap(["supervise", r.name, str(pool.cfg.max_restarts), *srun], _task_words(r.argv)) + " &")
+    restart = [str(pool.cfg.max_restarts), str(pool.cfg.restart_delay_s)]
+    lines.append(_wrap(["supervise", r.name, *restart, *srun], _task_words(r.argv)) + " &")
     lines.append('SUPERVISORS+=($!)')
     return lines
 

@@ -190,7 +190,9 @@ def test_tiny_job_teachers_preemption_requeue_resume(slurm, tmp_path, cancel_on_
     from megatron_opd.models.gpt import ModelConfig
     from megatron_opd.models.model_dir import write_model_dir
 
-    steps = 60
+    # Enough steps that replica 1 is back (about 10 s) long before the trainer could finish; the
+    # step rate varies 5x with the load on this shared machine.
+    steps = 150
     teacher_dir = tmp_path / "teacher"
     write_model_dir(teacher_dir, ModelConfig(**_tiny_model()), CharTokenizer())
     cluster = _cluster(tmp_path)
@@ -200,6 +202,7 @@ def test_tiny_job_teachers_preemption_requeue_resume(slurm, tmp_path, cancel_on_
             "model_path": str(teacher_dir),
             "extra_args": ["--random-init", "--threads", "1"],
             "replicas": 2,
+            "restart_delay_s": 1,
             "router": False,  # the trainer's client fails over between the replicas itself
             "mem": "1500M",
         }
