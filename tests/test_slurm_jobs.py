@@ -1,0 +1,326 @@
+"""Real jobs on a real single-node SLURM (slurmctld + slurmd + munge, started by .ci/slurm-setup.sh).
+
+Each test renders a job with `launchers.slurm`, submits it with the real sbatch and watches it
+run: the trainer under torchrun or ft_launcher, embedded teacher servers as their own job steps,
+per-role logs, the preemption signal, requeue and resume, a hung rank found by heartbeats.
+The jobs run this checkout's code (PYTHONPATH) with this interpreter, and write into tmp dirs.
+
+Without SLURM the tests start it (as root, with apt); where that is impossible they skip, unless
+OPD_REQUIRE_SLURM=1 (CI), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SETUP = REPO / ".ci" / "slurm-setup.sh"
+
+
+def _slurm_up() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    if "is UP" not in ping.stdout:
+        return False
+    state = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.split()
+    return any(s in ("idle", "mixed", "allocated", "completing") for s in state)
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A working SLURM: the one that runs, or one started by .ci/slurm-setup.sh."""
+    if _slurm_up():
+        return
+    why = ""
+    if os.geteuid() != 0:
+        why = "SLURM is not running and starting it needs root"
+    elif not shutil.which("apt-get") and not shutil.which("slurmctld"):
+        why = "SLURM is not running and neither apt-get nor slurmctld is available to start it"
+    else:
+        result = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=600)
+        if result.returncode == 0 and _slurm_up():
+            return
+        why = f".ci/slurm-setup.sh failed (status {result.returncode}):\n{result.stderr[-3000:]}"
+    if os.environ.get("OPD_REQUIRE_SLURM") == "1":
+        pytest.fail(f"OPD_REQUIRE_SLURM=1 but {why}")
+    pytest.skip(why)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _free_port() -> int:
+    from megatron_opd.runtime.spawn import free_port
+
+    return free_port()
+
+
+def _tiny_model() -> dict:
+    return yaml.safe_load((REPO / "configs/tiny/opd.yaml").read_text())["model"]
+
+
+def _cluster(tmp: Path, **trainer) -> dict:
+    """A colocated one-node cluster section: every role on this machine, small --mem each."""
+    return {
+        "layout": "colocated",
+        "gpus_per_node": 0,
+        "cpus_per_node": 2,
+        "exclusive": False,
+        "time": "00:15:00",
+        "signal_seconds": 120,
+        "max_requeues": 2,
+        "python": sys.executable,
+        "env": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        "workdir": str(tmp),
+        "base_port": _free_port(),
+        "health_timeout_s": 180,
+        "trainer": {"nodes": 1, "procs_per_node": 2, "mem": "4000M", "rdzv_port": _free_port(), "stop_timeout_s": 30, **trainer},
+    }
+
+
+def _submit(job: dict, tmp: Path) -> tuple[str, Path]:
+    """Write the job YAML, submit it through the CLI entry (a subprocess, like a user); return (id, log dir)."""
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, "-m", "launchers.slurm", str(path)], capture_output=True, text=True, env=env, cwd=tmp, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip().splitlines()[-1]
+    assert job_id.isdigit(), result.stdout
+    return job_id, tmp / "runs" / job["run"]["name"] / "slurm"
+
+
+def _job_state(job_id: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    match = re.search(r"JobState=(\S+)", out)
+    return match.group(1) if match else "GONE"
+
+
+def _job_field(job_id: str, key: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    match = re.search(rf"\b{key}=(\S+)", out)
+    return match.group(1) if match else ""
+
+
+def _wait_for(predicate, timeout_s: float, what: str, logs: Path | None = None, poll_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{_dump(logs) if logs else ''}")
+
+
+def _dump(logs: Path) -> str:
+    parts = []
+    for f in sorted(logs.rglob("*.log")):
+        text = f.read_text(errors="replace").splitlines()
+        parts.append(f"==== {f}\n" + "\n".join(line for line in text[-40:] if "warn" not in line.lower()))
+    return "\n".join(parts)
+
+
+def _wait_done(job_id: str, logs: Path, timeout_s: float) -> str:
+    state = _wait_for(
+        lambda: (s := _job_state(job_id)) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "GONE") and s,
+        timeout_s, f"job {job_id} to end", logs, poll_s=1.0,
+    )  # fmt: skip
+    return state
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _pid_of_server(port: int) -> int | None:
+    """The embedded teacher server process listening on `port` (started by our job)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv]
+        if "megatron_opd.teachers.server" in words and "--port" in words and words[words.index("--port") + 1] == str(port):
+            return int(proc.name)
+    return None
+
+
+@pytest.fixture
+def cancel_on_failure():
+    """scancel the test's jobs if it fails, so that a broken job does not hold the node."""
+    jobs: list[str] = []
+    yield jobs
+    for job_id in jobs:
+        if _job_state(job_id) not in ("COMPLETED", "FAILED", "CANCELLED", "GONE"):
+            subprocess.run(["scancel", job_id], capture_output=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_tiny_job_teachers_preemption_requeue_resume(slurm, tmp_path, cancel_on_failure):
+    """One real OPD job, watched through its life:
+
+    attempt 0: two embedded teacher replicas (job steps), /health waited on, 2 trainer ranks
+    under torchrun talking to them; replica 1 is killed mid-run: the trainer's client fails over
+    to replica 0 and the batch script restarts replica 1; then SLURM's warning signal (USR1 to
+    the batch shell) makes the ranks save a checkpoint and stop, and the job requeues itself.
+    attempt 1: same script; the trainer resumes from that checkpoint and finishes. The sample
+    ledger lists every step's samples exactly once; each role wrote its own log per attempt.
+    """
+    from megatron_opd.data.tokenizer import CharTokenizer
+    from megatron_opd.models.gpt import ModelConfig
+    from megatron_opd.models.model_dir import write_model_dir
+
+    # Enough steps that replica 1 is back (about 10 s) long before the trainer could finish; the
+    # step rate varies 5x with the load on this shared machine.
+    steps = 150
+    teacher_dir = tmp_path / "teacher"
+    write_model_dir(teacher_dir, ModelConfig(**_tiny_model()), CharTokenizer())
+    cluster = _cluster(tmp_path)
+    cluster["teachers"] = {
+        "arith": {
+            "backend": "embedded",
+            "model_path": str(teacher_dir),
+            "extra_args": ["--random-init", "--threads", "1"],
+            "replicas": 2,
+            "restart_delay_s": 1,
+            "router": False,  # the trainer's client fails over between the replicas itself
+            "mem": "1500M",
+        }
+    }
+    job = {
+        "stage": "opd",
+        "run": {"name": "tiny-opd", "output_dir": str(tmp_path / "runs"), "progress": "lines", "log_every": 1},
+        "parallel": {"tp": 2},
+        "model": _tiny_model(),
+        "train": {"steps": steps, "micro_batch_size": 8, "global_batch_size": 8, "checkpoint_every": 0,
+                  "eval_every": 0, "eval_at_start": False},
+        "data": {"domains": ["add"], "eval_size": 16},
+        "teachers": {"arith": {"domains": ["add"], "signal": "logits", "retry_backoff_s": 0.2}},
+        "rollout": {"engine": "embedded", "max_new_tokens": 6},
+        "cluster": cluster,
+    }  # fmt: skip
+    job_id, log_dir = _submit(job, tmp_path)
+    cancel_on_failure.append(job_id)
+    first = log_dir / f"job-{job_id}-0"
+    trainer_log = first / f"trainer-{os.uname().nodename.split('.')[0]}.log"
+
+    def step_reached(log: Path, n: int) -> bool:
+        found = re.findall(r"\[opd\] step (\d+)/", _read(log))
+        return bool(found) and int(found[-1]) >= n
+
+    # The trainer starts only after every replica answered /health.
+    _wait_for(lambda: step_reached(trainer_log, 2), 150, "the trainer's step 2", log_dir)
+    batch_log = log_dir / f"job-{job_id}.log"
+    assert batch_log.read_text().count("ready: http://") == 2
+
+    # Crash replica 1 (SIGKILL): the client fails over, the batch script restarts the replica.
+    port1 = cluster["base_port"] + 1
+    pid = _wait_for(lambda: _pid_of_server(port1), 10, f"the server on port {port1}")
+    os.kill(pid, signal.SIGKILL)
+    replica1_log = next(first.glob("teacher-arith-1-*.log"))
+    _wait_for(lambda: _read(replica1_log).count("teacher server ready") >= 2, 90, "replica 1 to be restarted", log_dir)
+    assert "teacher-arith-1 exited with status" in batch_log.read_text()
+    assert not step_reached(trainer_log, steps), "the trainer finished before the preemption signal: raise steps"
+
+    # SLURM's warning signal, exactly as --signal=B:USR1@N delivers it: to the batch shell only.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    second = log_dir / f"job-{job_id}-1"
+    _wait_for(second.exists, 120, "the requeued attempt", log_dir)
+    assert (first / "stopped").exists(), "rank 0 did not write the stop marker after its checkpoint"
+    stopped_step = int(re.search(r"step (\d+)", (first / "stopped").read_text()).group(1))
+    assert 2 <= stopped_step < steps
+    assert f"stopped by SIGUSR1 at step {stopped_step}" in _read(trainer_log)
+
+    state = _wait_done(job_id, log_dir, 240)
+    assert state == "COMPLETED", f"job ended {state}\n{_dump(log_dir)}"
+    assert _job_field(job_id, "Restarts") == "1"
+    text = batch_log.read_text()
+    assert "requeueing job" in text and "trainer finished with status 0" in text
+
+    # The second attempt resumed from the stop checkpoint and finished the run.
+    trainer2 = second / trainer_log.name
+    assert f"resumed from {tmp_path / 'runs' / 'tiny-opd' / 'checkpoints' / f'step_{stopped_step:08d}'}" in _read(trainer2)
+    summary = json.loads((tmp_path / "runs/tiny-opd/summary.json").read_text())
+    assert summary["stopped_early"] == 0.0
+
+    # No sample lost or repeated across the interruption.
+    from megatron_opd.stages.trainer import read_ledger
+
+    ledger = read_ledger(tmp_path / "runs/tiny-opd")
+    assert [e["step"] for e in ledger] == list(range(1, steps + 1))
+    ids = [i for e in ledger for i in e["samples"]]
+    assert len(ids) == steps * 8 and len(set(ids)) == len(ids)
+
+    # One log per role and node, per attempt.
+    for attempt in (first, second):
+        names = sorted(p.name.rsplit("-", 1)[0] for p in attempt.glob("*.log"))
+        assert names == ["teacher-arith-0", "teacher-arith-1", "trainer"], names
+
+
+def test_hung_rank_detected_by_ft_launcher_heartbeats(slurm, tmp_path, cancel_on_failure):
+    """Rank 1 hangs after step 5 on the first attempt (the trainer's fault hook MEGATRON_OPD_FAULT):
+    ft_launcher's rank monitor
+    misses its heartbeats, restarts the group, the ranks resume from the step-4 checkpoint and the
+    job completes with every sample trained once.
+
+    The rank timeout must exceed a step plus a checkpoint save (about 6 s on 2 busy cores here):
+    the trainer sends its heartbeat after each step, and saves come between two heartbeats."""
+    steps = 8
+    cluster = _cluster(
+        tmp_path,
+        launcher="ft_launcher",
+        max_restarts=2,
+        initial_heartbeat_timeout_s=90,
+        heartbeat_timeout_s=20,
+        launcher_args=["--ft-restart-check-interval=1", "--ft-workload-check-interval=1", "--monitor-interval=1"],
+        env={"MEGATRON_OPD_FAULT": "hang:1:5"},
+    )
+    job = {
+        "stage": "sft",
+        "run": {"name": "tiny-hang", "output_dir": str(tmp_path / "runs"), "progress": "lines", "log_every": 1},
+        "parallel": {"tp": 1},
+        "model": {**_tiny_model(), "max_seq_len": 32},
+        "train": {"steps": steps, "micro_batch_size": 8, "global_batch_size": 16, "checkpoint_every": 2,
+                  "eval_every": 0, "eval_at_start": False},
+        "data": {"domains": ["add", "sort"], "eval_size": 16},
+        "cluster": cluster,
+    }  # fmt: skip
+    job_id, log_dir = _submit(job, tmp_path)
+    cancel_on_failure.append(job_id)
+    state = _wait_done(job_id, log_dir, 300)
+    assert state == "COMPLETED", f"job ended {state}\n{_dump(log_dir)}"
+    trainer_log = next((log_dir / f"job-{job_id}-0").glob("trainer-*.log")).read_text(errors="replace")
+    assert "[sft] step 5/" in trainer_log
+    # Found by the missing heartbeats of a rank that had been sending them, not by a start-up timeout.
+    assert "Did not get subsequent heartbeat" in trainer_log
+    assert "Did not get initial heartbeat" not in trainer_log
+    run_dir = tmp_path / "runs/tiny-hang"
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000004'}" in trainer_log
+    assert _job_field(job_id, "Restarts") == "0", "a hang is handled inside the job, not by a requeue"
+
+    from megatron_opd.stages.trainer import read_ledger
+
+    ledger = read_ledger(run_dir)
+    assert [e["step"] for e in ledger] == list(range(1, steps + 1))
+    ids = [i for e in ledger for i in e["samples"]]
+    assert len(ids) == steps * 16 and len(set(ids)) == len(ids)
