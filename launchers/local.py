@@ -2,8 +2,9 @@
 
 Roles, in order:
   1. experts   each teacher whose model directory holds no checkpoint is trained by SFT on its
-               own domains (`pipeline.expert_overrides`), `pipeline.parallel_experts` at a time;
-  2. student   an optional short SFT warm start on all domains (`pipeline.student_overrides`);
+               own domains (`pipeline.expert_overrides`);
+  2. student   an optional SFT warm start on all domains (`pipeline.student_overrides`), in the
+               same pool as the experts (`pipeline.parallel_jobs` SFT jobs at a time);
   3. servers   one embedded SGLang-compatible teacher server per expert on 127.0.0.1
                (`pipeline.replicas` per teacher, behind the real sglang-router when > 1);
   4. distill   the OPD stage on `run.nproc` trainer ranks, talking HTTP to those servers;
@@ -46,57 +47,61 @@ def _expert_dir(cfg: JobConfig, name: str) -> Path:
     return Path(t.model_dir) if t.model_dir else cfg.run_dir / "experts" / name
 
 
-def train_experts(cfg: JobConfig) -> dict[str, dict[str, float]]:
-    """Train the missing experts; return each expert's final held-out accuracy per domain."""
+def sft_jobs(cfg: JobConfig) -> tuple[dict[str, JobConfig], JobConfig | None]:
+    """The SFT jobs the distillation needs: one per expert, and the student's warm start (or None)."""
     unknown = set(cfg.pipeline.expert_overrides_by_teacher) - set(cfg.teachers)
     if unknown:
         raise ValueError(
             f"pipeline.expert_overrides_by_teacher names {sorted(unknown)}, which are not teachers "
             f"(teachers: {sorted(cfg.teachers)})"
         )
-    jobs = {}
+    sft = {"stage": "sft", "teachers": {}, "train.init_from": ""}
+    experts = {}
     for name in sorted(cfg.teachers):
         out = _expert_dir(cfg, name)
-        jobs[name] = derive(
+        overrides = cfg.pipeline.expert_overrides + cfg.pipeline.expert_overrides_by_teacher.get(name, [])
+        experts[name] = derive(
             cfg,
-            cfg.pipeline.expert_overrides + cfg.pipeline.expert_overrides_by_teacher.get(name, []),
-            **{
-                "stage": "sft",
-                "run.output_dir": str(out.parent),
-                "run.name": out.name,
-                "data.domains": list(cfg.teachers[name].domains),
-                "train.init_from": "",
-                "teachers": {},
-            },
+            overrides,
+            **sft,
+            **{"run.output_dir": str(out.parent), "run.name": out.name, "data.domains": list(cfg.teachers[name].domains)},
         )
+    student = None
+    if cfg.pipeline.student_overrides:
+        student = derive(cfg, cfg.pipeline.student_overrides, **sft, **{"run.name": f"{cfg.run.name}/student_sft"})
+    return experts, student
+
+
+def run_sft_jobs(jobs: dict[str, JobConfig], parallel: int) -> None:
+    """Run the jobs that have no complete checkpoint yet, `parallel` at a time, longest first."""
     missing = [n for n, job in jobs.items() if latest_complete(job.run_dir / "checkpoints") is None]
+    if not missing:
+        return
     missing.sort(key=lambda n: -jobs[n].train.steps)  # longest first: the pool then packs the rest
-    concurrent = max(1, min(cfg.pipeline.parallel_experts, len(missing)))
-    if missing:
-        _say(f"training experts {missing} ({concurrent} at a time)")
-        threads = max(1, (os.cpu_count() or 1) // concurrent) if concurrent > 1 else None
-        with ThreadPoolExecutor(concurrent) as pool:
-            try:
-                list(pool.map(lambda n: _run_world(jobs[n], threads), missing))
-            except BaseException:  # Ctrl-C reaches this thread only: stop the worlds of the others
-                terminate_all()
-                raise
+    concurrent = max(1, min(parallel, len(missing)))
+    _say(f"SFT: {', '.join(f'{n} ({jobs[n].train.steps} steps)' for n in missing)}; {concurrent} at a time")
+    threads = max(1, (os.cpu_count() or 1) // concurrent) if concurrent > 1 else None
+    with ThreadPoolExecutor(concurrent) as pool:
+        try:
+            list(pool.map(lambda n: _run_world(jobs[n], threads), missing))
+        except BaseException:  # Ctrl-C reaches this thread only: stop the worlds of the others
+            terminate_all()
+            raise
+
+
+def expert_accuracy(cfg: JobConfig, experts: dict[str, JobConfig]) -> dict[str, dict[str, float]]:
+    """Each expert's final held-out accuracy per domain, from its run's summary.json."""
     accuracy = {}
-    for name, job in jobs.items():
+    for name, job in experts.items():
         summary = json.loads((job.run_dir / "summary.json").read_text())
+        missing = [d for d in cfg.teachers[name].domains if f"acc/{d}" not in summary]
+        if missing:
+            raise ValueError(
+                f"expert {name!r} ({job.run_dir}) has no final accuracy for {missing}: give its SFT job "
+                f"train.eval_every > 0 in pipeline.expert_overrides"
+            )
         accuracy[name] = {d: summary[f"acc/{d}"] for d in cfg.teachers[name].domains}
     return accuracy
-
-
-def warm_start_student(cfg: JobConfig) -> str:
-    """Optional short mixed SFT of the student; returns the checkpoint root to start OPD from."""
-    if not cfg.pipeline.student_overrides:
-        return cfg.train.init_from
-    job = derive(cfg, cfg.pipeline.student_overrides, **{"stage": "sft", "run.name": f"{cfg.run.name}/student_sft", "teachers": {}})
-    if latest_complete(job.run_dir / "checkpoints") is None:
-        _say(f"warm-starting the student with SFT ({job.train.steps} steps)")
-        _run_world(job)
-    return str(job.run_dir)
 
 
 def start_servers(cfg: JobConfig, stack: ExitStack) -> dict[str, list[str]]:
@@ -139,8 +144,10 @@ def start_servers(cfg: JobConfig, stack: ExitStack) -> dict[str, list[str]]:
 def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
     t0 = time.monotonic()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    teacher_acc = train_experts(cfg)
-    init_from = warm_start_student(cfg)
+    experts, student = sft_jobs(cfg)
+    run_sft_jobs({**experts, **({"student": student} if student else {})}, cfg.pipeline.parallel_jobs)
+    teacher_acc = expert_accuracy(cfg, experts)
+    init_from = str(student.run_dir) if student else cfg.train.init_from
     with ExitStack() as stack:
         endpoints = start_servers(cfg, stack)
         teachers = {

@@ -2,7 +2,7 @@
 
     python -m launchers.slurm CONFIG [key=value ...] [--dry-run]
 
-CONFIG is a job YAML with a `cluster:` section (`launchers.cluster_config.ClusterConfig`).
+CONFIG is a job YAML with a `cluster:` section (`megatron_opd.runtime.cluster.ClusterConfig`).
 `check` validates the combination (node counts, the trainer's parallel layout against its GPUs,
 every teacher has servers, ...) before anything is written or submitted; `render` turns it into
 a readable bash script with one section per role; `submit` writes the script and a snapshot of
@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from launchers.cluster_config import ClusterConfig, ServerPoolConfig
+from megatron_opd.runtime.cluster import ClusterConfig, ServerPoolConfig
 
 # Exit status of the batch script when the trainer stopped early and no requeue is left
 # (sysexits' EX_TEMPFAIL: "try again later"): the run is resumable, not failed.
@@ -54,36 +53,11 @@ class ClusterConfigError(ValueError):
 
 
 def load_job(path: str | os.PathLike, overrides: list[str] = ()) -> tuple[Any, ClusterConfig]:
-    """The job config and its cluster section from one YAML file plus dotted overrides.
+    """The job config and its cluster section from one YAML file plus dotted overrides."""
+    from megatron_opd.config import load_config
 
-    Works whether or not `JobConfig` has a `cluster` field yet: without it, the `cluster:`
-    section (and `cluster.*` overrides) are split off and built as a `ClusterConfig` here.
-    """
-    import dataclasses
-
-    from megatron_opd.config import ConfigError, JobConfig, build, load_config, parse_override, set_path
-
-    if "cluster" in {f.name for f in dataclasses.fields(JobConfig)}:
-        job = load_config(path, overrides)
-        return job, job.cluster
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    tree = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    cluster_tree = tree.pop("cluster", None) or {}
-    if not isinstance(cluster_tree, dict):
-        raise ConfigError(f"{path}: cluster: must be a mapping")
-    for text in overrides:
-        keys, value = parse_override(text)
-        if keys[0] == "cluster":
-            if len(keys) == 1:
-                raise ConfigError(f"override {text!r}: set a key inside cluster, e.g. cluster.partition=batch")
-            set_path(cluster_tree, ClusterConfig, keys[1:], value, ["cluster"])
-        else:
-            set_path(tree, JobConfig, keys, value, [])
-    return build(JobConfig, tree), build(ClusterConfig, cluster_tree, "cluster")
+    job = load_config(path, overrides)
+    return job, job.cluster
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,7 +625,7 @@ not_ready() {
 
 def render(p: JobPlan) -> str:
     """The sbatch script for plan `p` (call `check(p)` first)."""
-    c, job = p.cluster, p.job
+    c = p.cluster
     out: list[str] = ["#!/bin/bash"]
     out += _header_comment(p)
     out += _sbatch_lines(p)

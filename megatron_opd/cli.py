@@ -27,6 +27,12 @@ def _serve_teacher_args(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+def _submit_args(p: argparse.ArgumentParser) -> None:
+    from launchers.slurm import add_arguments
+
+    add_arguments(p)
+
+
 def _bench_args(p: argparse.ArgumentParser) -> None:
     # Each benchmark declares its own flags; they are parsed by the benchmark itself.
     p.add_argument("which", choices=["loss", "teachers"], help="loss: reverse-KL kernels; teachers: wire formats")
@@ -51,6 +57,12 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]]
         "servers, distil them into the student with OPD, report per domain",
         _config_args,
         "launchers.local:run_command",
+    ),
+    "submit": (
+        "check a config's cluster: section, render the SLURM sbatch script and submit it "
+        "(--dry-run prints it; nothing is submitted when a check fails)",
+        _submit_args,
+        "launchers.slurm:submit_command",
     ),
     "train": (
         "train one stage (stage: sft | opd) from a config",

@@ -21,6 +21,7 @@ import yaml
 
 from megatron_opd.models.gpt import ModelConfig
 from megatron_opd.rollout.engine import RolloutConfig
+from megatron_opd.runtime.cluster import ClusterConfig
 from megatron_opd.runtime.layout import ParallelLayout
 from megatron_opd.teachers.config import TeacherConfig
 
@@ -104,9 +105,9 @@ class PipelineConfig:
     # then per teacher name (a harder domain may need more steps).
     expert_overrides: list[str] = field(default_factory=list)
     expert_overrides_by_teacher: dict[str, list[str]] = field(default_factory=dict)
-    parallel_experts: int = 1  # experts trained at once
-    # Overrides for a short mixed SFT warm start of the student ([]: none).
+    # Overrides for a mixed SFT warm start of the student ([]: none).
     student_overrides: list[str] = field(default_factory=list)
+    parallel_jobs: int = 1  # SFT jobs (experts, student warm start) run at once
     replicas: int = 1  # embedded teacher servers per expert
     router: bool = True  # put the real sglang-router in front of replicas > 1
 
@@ -123,6 +124,7 @@ class JobConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     opd: OPDConfig = field(default_factory=OPDConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # SLURM jobs (launchers/slurm.py)
 
     @property
     def run_dir(self) -> Path:

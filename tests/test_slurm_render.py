@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launchers.cluster_config import ClusterConfig
+from megatron_opd.runtime.cluster import ClusterConfig
 from launchers.slurm import ClusterConfigError, check, load_job, plan, prepare, render, submit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,7 +261,7 @@ def test_cluster_keys_are_checked(tmp_path):
 
 def test_cluster_config_is_light():
     """The config tree may import ClusterConfig: it must not pull in torch."""
-    code = "import sys, launchers.cluster_config; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, megatron_opd.runtime.cluster; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert ClusterConfig().layout == "split"
 

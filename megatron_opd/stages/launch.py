@@ -82,7 +82,11 @@ def launch(cfg: JobConfig) -> dict[str, Any]:
     return spawn_world(_rank_entry, cfg.run.nproc, (to_dict(cfg),), timeout_s=24 * 3600)[0]
 
 
+# A run stopped by a preemption signal saved a checkpoint and wants to be run again (EX_TEMPFAIL).
+EXIT_STOPPED_EARLY = 75
+
+
 def train_command(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    launch(cfg)
-    return 0
+    final = launch(cfg)
+    return EXIT_STOPPED_EARLY if final.get("stopped_early") else 0

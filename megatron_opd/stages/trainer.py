@@ -326,6 +326,7 @@ class Trainer:
                     self.writer.write(self.step, metrics, prefix="train/")
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
                     evaluation = stage.evaluate(self.step)
+                    self.resiliency.heartbeat()  # evaluation and saves can outlast a step
                     self.writer.write(self.step, evaluation, prefix="eval/")
                     metrics.update(evaluation)
                 progress.update(self.step, metrics, stage.progress_keys)
@@ -336,6 +337,7 @@ class Trainer:
                     break
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
                     self.save(stage)
+                    self.resiliency.heartbeat()
         finally:
             progress.close()
         self.save(stage)
