@@ -120,7 +120,7 @@ def _loss_paths_worker(cfg_tree: dict, temperature: float):
     ref_cfg = derive(cfg, **{f"teachers.{t}.signal": "logits" for t in cfg.teachers})
     ref_stage = OPDStage(ref_cfg, trainer, tok)
     traj = stages["unfused"]._last_batch
-    _, signals = ref_stage._score(traj)
+    _, signals = ref_stage._score(traj, 0)
     with torch.no_grad():
         positions = torch.arange(traj.tokens.shape[1]).expand_as(traj.tokens)
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(trainer.module(traj.tokens, positions, None))

@@ -233,7 +233,7 @@ def test_submit_writes_script_and_snapshot_then_calls_sbatch(tmp_path, fake_sbat
     assert calls.read_text().split() == ["--parsable", str(sub.script)]
     assert "#SBATCH --partition=gpu" in sub.script.read_text()
     snapshot = yaml.safe_load(sub.snapshot.read_text())
-    assert snapshot["train"]["steps"] == 7 and "cluster" not in snapshot
+    assert snapshot["train"]["steps"] == 7 and snapshot["cluster"]["partition"] == "gpu"
     # The trainer reads exactly this snapshot.
     assert f"JOB_CONFIG={sub.snapshot}" in sub.script.read_text()
 
