@@ -1,0 +1,1 @@
+"""Checkpoint tools: HF <-> megatron conversion, resharding, export, merging (docs/checkpoints.md)."""

@@ -9,7 +9,7 @@ as [B, R] / [B, R, ...] with R = the longest response in the batch, left-aligned
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Literal, Sequence
 
 import torch
@@ -59,11 +59,6 @@ class Trajectories:
     @property
     def max_response_len(self) -> int:
         return int(self.response_lens.max()) if len(self) else 0
-
-    def response_mask(self) -> torch.Tensor:
-        """[B, T] float: 1 at response tokens."""
-        t = torch.arange(self.tokens.shape[1])
-        return ((t >= self.prompt_lens[:, None]) & (t < self.lengths[:, None])).float()
 
     def prediction_mask(self) -> torch.Tensor:
         """[B, T] float: 1 at the positions whose output predicts a response token."""
@@ -135,6 +130,3 @@ class TeacherSignals:
                 raise ValueError(
                     f"TeacherSignals.{name} from {self.teacher!r} has {value.shape[0]} rows, expected {n}"
                 )
-
-    def with_rows(self, rows: torch.Tensor) -> "TeacherSignals":
-        return replace(self, rows=rows)

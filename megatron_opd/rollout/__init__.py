@@ -1,0 +1,1 @@
+"""Rollout engines: where a stage's trajectories come from (in-job or SGLang) and weight sync."""

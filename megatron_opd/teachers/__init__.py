@@ -1,0 +1,1 @@
+"""Teachers: SGLang protocol, async client, embedded server, TeacherPool, TeacherStore."""
