@@ -20,7 +20,8 @@ def domain_accuracy(
     batch_size: int = 64,
     limit: int = 0,
 ) -> dict[str, float]:
-    """{'acc/<domain>': accuracy} on the held-out prompts, split across data-parallel replicas.
+    """{'acc/<domain>': accuracy, 'acc/mean': their mean} on the held-out prompts, split across
+    data-parallel replicas.
 
     Collective over the whole world (every rank calls it).
     """
@@ -48,4 +49,6 @@ def domain_accuracy(
     if not first_of_replica:
         counts.zero_()
     dist.all_reduce(counts)
-    return {f"acc/{d.name}": float(c / n) if n else float("nan") for d, (c, n) in zip(source.domains, counts.tolist())}
+    acc = {f"acc/{d.name}": float(c / n) if n else float("nan") for d, (c, n) in zip(source.domains, counts.tolist())}
+    acc["acc/mean"] = sum(acc.values()) / len(acc)
+    return acc

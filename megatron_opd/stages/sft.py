@@ -53,15 +53,13 @@ class SFTStage:
         return {}
 
     def evaluate(self, step: int) -> dict[str, float]:
-        acc = domain_accuracy(
+        return domain_accuracy(
             self.trainer.module,
             self.source,
             self.tokenizer,
             max_len=self.cfg.model.max_seq_len,
             max_new_tokens=self.max_new_tokens,
         )
-        acc["acc/mean"] = sum(acc.values()) / len(acc)
-        return acc
 
     def state_dict(self) -> dict[str, Any]:
         return {}
