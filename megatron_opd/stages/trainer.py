@@ -340,7 +340,8 @@ class Trainer:
                     self.resiliency.heartbeat()
         finally:
             progress.close()
-        self.save(stage)
+        if ckpt.latest_complete(self.checkpoint_root) != ckpt.step_dir(self.checkpoint_root, self.step):
+            self.save(stage)  # (a rerun of a finished run has nothing new to save)
         if self.stopped_by and self.is_logger:
             print(f"stopped by {self.stopped_by} at step {self.step}; checkpoint saved, rerun to resume", flush=True)
         last["stopped_early"] = float(self.stopped_by is not None)
