@@ -9,6 +9,8 @@ KL(softmax(h W^T) || softmax(g U^T)); one rank (a vocabulary split only divides 
   inputs; backward to z. Its time and memory exclude the output-layer matmuls the other two rows
   include, so its ratios show what the loss itself costs next to the whole naive step.
 - fused_linear_reverse_kl: from h, W, g, U in token chunks, no logits in memory; backward to h, W.
+- on CUDA with Triton, both again with the row passes as PyTorch ops ("torch ops") instead of the
+  Triton kernels (losses/triton_kernels.py), to show what the kernels buy.
 
 Memory is measured per variant in a fresh process, so no variant inherits another's allocator
 caches. CPU: once the inputs exist the process's peak-RSS mark is reset (/proc/self/clear_refs);
@@ -37,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from megatron_opd.losses.fused import DEFAULT_CHUNK_SIZE, fused_linear_reverse_kl
+from megatron_opd.losses.triton_kernels import use_triton
 from megatron_opd.losses.vocab_parallel import vocab_parallel_reverse_kl
 
 # Targets from the issue, checked at tokens=4096, vocab=131072 on CPU.
@@ -107,14 +110,35 @@ def fused_step(problem: Problem, chunk_size: int) -> Callable[[], None]:
     return step
 
 
+def _torch_ops(make_step: Callable[[Problem, int], Callable[[], None]]):
+    """The same variant with the row passes as PyTorch ops instead of the Triton kernels (CUDA)."""
+
+    def build(problem: Problem, chunk_size: int) -> Callable[[], None]:
+        os.environ["MEGATRON_OPD_LOSS_KERNELS"] = "torch"  # this measurement's own process only
+        return make_step(problem, chunk_size)
+
+    return build
+
+
 NAIVE = "naive (log_softmax + kl_div)"
 LOGITS_GIVEN = "vocab_parallel_reverse_kl (logits given)"
 FUSED = "fused_linear_reverse_kl"
+LOGITS_GIVEN_TORCH = "vocab_parallel_reverse_kl (logits given, torch ops)"
+FUSED_TORCH = "fused_linear_reverse_kl (torch ops)"
 VARIANTS: dict[str, Callable[[Problem, int], Callable[[], None]]] = {
     NAIVE: naive_step,
     LOGITS_GIVEN: vocab_parallel_step,
     FUSED: fused_step,
+    LOGITS_GIVEN_TORCH: _torch_ops(vocab_parallel_step),
+    FUSED_TORCH: _torch_ops(fused_step),
 }
+# The torch-ops rows only differ where the Triton kernels run: CUDA with Triton installed.
+BASE_VARIANT = {LOGITS_GIVEN_TORCH: LOGITS_GIVEN, FUSED_TORCH: FUSED}
+
+
+def variants_for(device: torch.device) -> list[str]:
+    kernels = device.type == "cuda" and use_triton(torch.empty(0, device=device))
+    return [v for v in VARIANTS if kernels or v not in BASE_VARIANT]
 
 
 # --- one measurement, in its own process ---------------------------------------------------------
@@ -199,6 +223,13 @@ def modeled_bytes(
     return 5 * logits + 4 * weights
 
 
+def modeled_flops(variant: str, tokens: int, vocab: int, hidden: int) -> float:
+    """Matmul work: 4 [tokens, hidden] x [hidden, vocab] products for both the naive and the fused
+    step (student and teacher logits, dh, dW; the fused one forms its gradients in the forward),
+    none for the logits-given loss, whose cost is the 5 logit-sized passes of `modeled_bytes`."""
+    return 0.0 if variant == LOGITS_GIVEN else 4 * 2.0 * tokens * vocab * hidden
+
+
 def _run_child(variant: str, tokens: int, vocab: int, args: argparse.Namespace) -> dict[str, float]:
     cmd = [
         sys.executable, "-m", "megatron_opd.losses.bench", "--measure", variant,
@@ -255,16 +286,18 @@ def _table(rows: list[dict], args: argparse.Namespace, copy_gbs: float | None):
         + (f" Device copy bandwidth {copy_gbs:.0f} GB/s." if on_cuda else "")
     )
     table = Table(title=f"Reverse KL on {args.device}", caption=caption)
-    columns = ["tokens", "vocab", "variant", "time (s)", "time / naive"]
-    columns += ["GB/s (modeled)", "of copy BW"] if on_cuda else ["CPU time (s)", "CPU / naive"]
+    columns = ["tokens", "vocab", "variant", "time (ms)" if on_cuda else "time (s)", "time / naive"]
+    columns += ["GB/s (modeled)", "of copy BW", "matmul TFLOP/s"] if on_cuda else ["CPU time (s)", "CPU / naive"]
     columns += ["peak extra (MiB)", "memory / naive"]
     for name in columns:
         table.add_column(name, justify="left" if name == "variant" else "right")
     for row in rows:
         cells = [str(row["tokens"]), str(row["vocab"]), row["variant"]]
-        cells += [f"{row['seconds']:.3f}", f"{row['time_ratio']:.2f}x"]
+        seconds = f"{row['seconds'] * 1e3:.2f}" if on_cuda else f"{row['seconds']:.3f}"
+        cells += [seconds, f"{row['time_ratio']:.2f}x"]
         if on_cuda:
-            cells += [f"{row['gbs']:.0f}", f"{row['gbs'] / copy_gbs:.0%}"]
+            tflops = f"{row['tflops']:.0f}" if row["tflops"] else "-"
+            cells += [f"{row['gbs']:.0f}", f"{row['gbs'] / copy_gbs:.0%}", tflops]
         else:
             cells += [f"{row['cpu_seconds']:.1f}", f"{row['cpu_ratio']:.2f}x"]
         cells += [f"{row['extra_mib']:.0f}", f"{row['memory_ratio']:.3f}"]
@@ -298,16 +331,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for tokens in args.tokens:
         for vocab in args.vocab:
-            results = {v: _run_child(v, tokens, vocab, args) for v in VARIANTS}
+            results = {v: _run_child(v, tokens, vocab, args) for v in variants_for(device)}
             naive = results[NAIVE]
             for variant, r in results.items():
-                traffic = modeled_bytes(variant, tokens, vocab, args.hidden, args.chunk_size, dtype.itemsize)
+                base = BASE_VARIANT.get(variant, variant)
+                traffic = modeled_bytes(base, tokens, vocab, args.hidden, args.chunk_size, dtype.itemsize)
                 rows.append(dict(
                     tokens=tokens, vocab=vocab, variant=variant, **r,
                     time_ratio=r["seconds"] / naive["seconds"],
                     cpu_ratio=r["cpu_seconds"] / naive["cpu_seconds"],
                     memory_ratio=r["extra_mib"] / naive["extra_mib"],
                     gbs=traffic / r["seconds"] / 1e9,
+                    tflops=modeled_flops(base, tokens, vocab, args.hidden) / r["seconds"] / 1e12,
                 ))
     console = Console(width=160)
     console.print(_table(rows, args, copy_gbs))

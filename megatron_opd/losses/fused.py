@@ -34,6 +34,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_opd.losses import triton_kernels
 from megatron_opd.losses.vocab_parallel import (
     VocabShard,
     all_reduce_,
@@ -114,6 +115,7 @@ class _FusedLinearReverseKL(torch.autograd.Function):
         grad_w, unit_dw = _weight_grad_buffers(w, valid, cdtype) if want_dw else (None, None)
         work = torch.empty(3, min(chunk_size, n), valid, dtype=cdtype, device=h.device)
         order, counts = _teacher_order(teacher_index, n, len(teacher_weights), h.device)
+        fast = triton_kernels.use_triton(work)
         for teacher, rows in _chunks(order, counts, chunk_size):
             m = rows.numel()
             if valid == 0:
@@ -122,11 +124,19 @@ class _FusedLinearReverseKL(torch.autograd.Function):
                 h_rows = h.index_select(0, rows)
                 a = _logits_into(work[0, :m], h_rows, w[:valid])
                 b = _logits_into(work[1, :m], g.index_select(0, rows), teacher_weights[teacher][:valid])
-                local = local_kl_statistics(a, b, work[2, :m], temperature)
+                if fast:  # the kernels leave a and b holding the logits
+                    local = triton_kernels.kl_statistics(a, b, valid, temperature)
+                else:
+                    local = local_kl_statistics(a, b, work[2, :m], temperature)
             chunk_norms = combine_kl_statistics(local, group)
             norms.index_copy_(0, rows, chunk_norms)
             if valid > 0 and (want_dh or want_dw):
-                grad_z = unit_kl_grad_from_statistics_(a, b, local, chunk_norms, temperature).to(w.dtype)
+                if fast:
+                    unit = torch.where(torch.isfinite(chunk_norms[:, 2]), 1.0 / temperature, 0.0)
+                    grad_z = triton_kernels.kl_grad(a, b, chunk_norms, unit, valid, temperature, out=b)
+                else:
+                    grad_z = unit_kl_grad_from_statistics_(a, b, local, chunk_norms, temperature)
+                grad_z = grad_z.to(w.dtype)
                 if want_dh:
                     unit_dh.index_copy_(0, rows, grad_z @ w[:valid])
                 if want_dw:
@@ -184,7 +194,11 @@ def _weight_grad(
             h_rows = h.index_select(0, chunk)
             a = _logits_into(work[0, :m], h_rows, w[:valid])
             b = _logits_into(work[1, :m], g.index_select(0, chunk), teacher_weights[teacher][:valid])
-            grad_z = kl_grad_(a, b, norms[chunk], scale[chunk], temperature).to(w.dtype)
+            if triton_kernels.use_triton(work):
+                grad_z = triton_kernels.kl_grad(a, b, norms[chunk], scale[chunk], valid, temperature, out=b)
+            else:
+                grad_z = kl_grad_(a, b, norms[chunk], scale[chunk], temperature)
+            grad_z = grad_z.to(w.dtype)
             _accumulate_weight_grad(unit_dw, grad_z, h_rows)
     if w.dtype != cdtype:
         grad_w[:valid] = unit_dw

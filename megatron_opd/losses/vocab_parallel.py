@@ -30,6 +30,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_opd.losses import triton_kernels
+
 # Elements of one float32 [rows, V/TP] work buffer. Large enough that the per-op overhead of a
 # chunk is small, small enough that three buffers stay a few tens of MiB whatever the vocabulary.
 CHUNK_ELEMENTS = 1 << 21
@@ -206,6 +208,8 @@ class _ReverseKL(torch.autograd.Function):
         local = torch.empty(n, 5, dtype=cdtype, device=z.device)
         if valid == 0:
             fill_no_mass_statistics_(local)
+        elif triton_kernels.use_triton(z, u):
+            local = triton_kernels.kl_statistics(z, u, valid, temperature)
         else:
             work = torch.empty(3, min(step, n), valid, dtype=cdtype, device=z.device)
             for r0, r1 in row_chunks(n, step):
@@ -222,11 +226,13 @@ class _ReverseKL(torch.autograd.Function):
         z, u, norms = ctx.saved_tensors
         temperature, valid = ctx.temperature, ctx.shard.valid
         grad = torch.empty_like(z)
+        scale = grad_kl.to(norms.dtype) / temperature
+        if valid > 0 and triton_kernels.use_triton(z, u):
+            return triton_kernels.kl_grad(z, u, norms, scale, valid, temperature, out=grad), None, None, None, None
         grad[:, valid:] = 0  # padding columns are not in the softmax
         if valid > 0:
             n, step = z.shape[0], rows_per_chunk(valid)
             work = torch.empty(2, min(step, n), valid, dtype=norms.dtype, device=z.device)
-            scale = grad_kl.to(norms.dtype) / temperature
             for r0, r1 in row_chunks(n, step):
                 a = work[0, : r1 - r0].copy_(z[r0:r1, :valid])
                 b = work[1, : r1 - r0].copy_(u[r0:r1, :valid])

@@ -306,6 +306,13 @@ def build_gpt_model(
         rope_scaling=cfg.rope_scaling == "llama3",
         rope_scaling_factor=cfg.rope_scaling_factor if cfg.rope_scaling == "llama3" else 8.0,
     )
+    if dtype != torch.float32:
+        # The local spec's torch norms ignore params_dtype and stay float32; megatron's
+        # Float16 optimizer only shards half-precision params (a float32 one fails the
+        # checkpoint save), and Megatron-LM's Float16Module casts every param the same way.
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
     if on_device is not None:
         return model.to(on_device)
     return model.to(device())

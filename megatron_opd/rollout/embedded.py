@@ -47,10 +47,12 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def _full_vocab_last_logits(model, tokens: torch.Tensor, lengths: torch.Tensor, vocab_size: int) -> torch.Tensor:
     from megatron.core import tensor_parallel
 
+    device = next(model.parameters()).device
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    logits = model(tokens, positions, None)  # [b, s, V/tp]
+    logits = model(tokens.to(device), positions.to(device), None)  # [b, s, V/tp]
     last = logits[torch.arange(tokens.shape[0]), lengths - 1]  # [b, V/tp]
-    return tensor_parallel.gather_from_tensor_model_parallel_region(last)[:, :vocab_size].float()
+    # Sampling and bookkeeping stay on the CPU: one [b, V] row per token is cheap to move.
+    return tensor_parallel.gather_from_tensor_model_parallel_region(last)[:, :vocab_size].float().cpu()
 
 
 @torch.no_grad()

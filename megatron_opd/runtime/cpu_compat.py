@@ -19,7 +19,9 @@ Patches (the numbers match docs/architecture.md, "CPU compatibility"):
   4. streams/events   torch.cuda.{Stream,Event,stream,current_stream,synchronize} become no-ops
                       (MoE token dispatcher, checkpoint writer's synchronize).
   5. te_general_gemm  defined as None in moe_utils when Transformer Engine is absent (NameError
-                      in the MoE router otherwise).
+                      in the MoE router otherwise). Not a CPU matter: a GPU without TE hits it
+                      too (seen on an H100), so `without_transformer_engine()` applies it alone
+                      there.
   6. numpy splits     moe_utils.maybe_move_tensor_to_cpu honours as_numpy for CPU tensors (gloo's
                       all_to_all_single rejects tensor split sizes).
   7. type names       Tensor.type() with no argument answers the CUDA type name for CPU tensors
@@ -83,6 +85,15 @@ class _RngStateWarningFilter(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
+def without_transformer_engine() -> None:
+    """Patch 5, on any device: megatron-core 0.16.1's MoE router names `te_general_gemm`, which
+    its module only defines when Transformer Engine imports."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def enable() -> None:
     """Apply every patch once per process. A no-op when already enabled; an error with CUDA present."""
     global _ENABLED, _MODE
@@ -126,8 +137,7 @@ def enable() -> None:
     # 5 and 6: MoE without Transformer Engine.
     from megatron.core.transformer.moe import moe_utils
 
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+    without_transformer_engine()
     original_move = moe_utils.maybe_move_tensor_to_cpu
 
     @functools.wraps(original_move)

@@ -119,6 +119,10 @@ def init_process_group(timeout_minutes: int = 10) -> ProcessEnv:
         if "OMP_NUM_THREADS" not in os.environ:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    else:
+        from megatron_opd.runtime.cpu_compat import without_transformer_engine
+
+        without_transformer_engine()
     if dist.is_initialized():
         return penv
     if use_cuda():
@@ -129,7 +133,9 @@ def init_process_group(timeout_minutes: int = 10) -> ProcessEnv:
 
         port = free_port()
     dist.init_process_group(
-        backend="nccl" if use_cuda() else "gloo",
+        # With a GPU, CUDA tensors go over NCCL and the small CPU bookkeeping tensors (sample
+        # ledger, evaluation counts, stop flags) over gloo, through the same groups.
+        backend="cpu:gloo,cuda:nccl" if use_cuda() else "gloo",
         init_method=f"tcp://{penv.master_addr}:{port}",
         rank=penv.rank,
         world_size=penv.world_size,

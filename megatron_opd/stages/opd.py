@@ -34,6 +34,7 @@ from megatron_opd.models.heads import load_output_layer_shard
 from megatron_opd.models.model_dir import read_model_dir
 from megatron_opd.rollout.embedded import responses
 from megatron_opd.rollout.engine import EmbeddedRolloutEngine, RolloutEngine
+from megatron_opd.runtime.distributed import device
 from megatron_opd.stages.evaluation import domain_accuracy
 from megatron_opd.stages.trainer import MicroBatch, StepBatch, Trainer, logits_forward, metric
 
@@ -175,7 +176,7 @@ class OPDStage:
                 student_padded_vocab=self.cfg.model.padded_vocab_size(self.trainer.layout.tp),
                 tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                 tp_size=self.trainer.layout.tp,
-            )
+            ).to(device())
         return heads
 
     def _make_rollout_engine(self) -> RolloutEngine:
@@ -283,7 +284,7 @@ class OPDStage:
         from megatron_opd import losses
 
         fused = self.cfg.opd.fused_output_layer
-        prompt_lens = mb.data["prompt_lens"]
+        prompt_lens = mb.data["prompt_lens"].cpu()  # row/position bookkeeping stays on the CPU
         vocab = self.tokenizer.vocab_size
         total = output.new_zeros((), dtype=torch.float32)
         count = 0
@@ -302,7 +303,7 @@ class OPDStage:
                 kl = losses.fused_linear_reverse_kl(
                     student,
                     self._student_output_weight(),
-                    _flatten_responses(s.hidden, s.response_lens).to(student.dtype),
+                    _flatten_responses(s.hidden, s.response_lens).to(student.device, student.dtype),
                     self.heads[s.teacher].to(student.dtype),
                     temperature=teacher.temperature,
                     vocab_size=vocab,
@@ -325,7 +326,7 @@ class OPDStage:
         reports["kl"] = metric(per_domain[:, 0].sum(), per_domain[:, 1].sum())
         if count == 0:  # every row empty: keep the graph connected so backward still runs
             total = output.sum() * 0.0
-        return total, torch.tensor(count, dtype=torch.int), reports
+        return total, torch.tensor(count, dtype=torch.int, device=output.device), reports
 
     def _unfused_kl(self, s: TeacherSignals, teacher, student: torch.Tensor, tokens: torch.Tensor):
         """(per-token KL, surrogate to minimise instead of the KL or None, extra metrics)."""
@@ -334,7 +335,7 @@ class OPDStage:
         vocab, group = self.tokenizer.vocab_size, self.tp_group
         if s.kind in ("hidden", "logits"):
             if s.kind == "hidden":
-                hidden = _flatten_responses(s.hidden, s.response_lens).to(student.dtype)
+                hidden = _flatten_responses(s.hidden, s.response_lens).to(student.device, student.dtype)
                 teacher_logits = hidden @ self.heads[s.teacher].to(student.dtype).t()
             else:
                 teacher_logits = self._shard_full_vocab(_flatten_responses(s.logits, s.response_lens), student)
@@ -345,20 +346,21 @@ class OPDStage:
         if s.kind == "topk":
             out = losses.topk_reverse_kl(
                 student,
-                _flatten_responses(s.topk_ids, s.response_lens),
-                _flatten_responses(s.topk_logprobs, s.response_lens),
+                _flatten_responses(s.topk_ids, s.response_lens).to(student.device),
+                _flatten_responses(s.topk_logprobs, s.response_lens).to(student.device),
                 vocab_size=vocab,
                 group=group,
             )
             return out.kl, None, {f"topk_mass/{s.teacher}": metric(out.teacher_mass.sum(), out.teacher_mass.numel())}
         # sampled: the k1 estimate, minimised through its policy-gradient surrogate
         student_lp = losses.vocab_parallel_logprobs(student, tokens[:, None], vocab_size=vocab, group=group).squeeze(-1)
-        teacher_lp = _flatten_responses(s.sampled_logprobs, s.response_lens).to(student_lp.dtype)
+        teacher_lp = _flatten_responses(s.sampled_logprobs, s.response_lens).to(student_lp.device, student_lp.dtype)
         return losses.sampled_reverse_kl(student_lp, teacher_lp), losses.sampled_kl_policy_loss(student_lp, teacher_lp), {}
 
     @staticmethod
     def _add_domain(per_domain: torch.Tensor, domain_ids: torch.Tensor, kl: torch.Tensor) -> None:
-        detached = kl.detach().to(torch.float64)
+        detached = kl.detach().to("cpu", torch.float64)
+        domain_ids = domain_ids.cpu()
         per_domain[:, 0].index_add_(0, domain_ids, detached)
         per_domain[:, 1].index_add_(0, domain_ids, torch.ones_like(detached))
 
@@ -371,7 +373,7 @@ class OPDStage:
         out = full.new_full((full.shape[0], shard), float("-inf"))
         cols = max(0, min(full.shape[1], start + shard) - start)
         out[:, :cols] = full[:, start : start + cols]
-        return out.to(student_shard.dtype)
+        return out.to(student_shard.device, student_shard.dtype)
 
     # -- around the step --------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron_opd.config import JobConfig, dump_config
 from megatron_opd.models.gpt import build_gpt_model
 from megatron_opd.runtime import checkpoint as ckpt
+from megatron_opd.runtime.distributed import device
 from megatron_opd.runtime.layout import ParallelLayout
 from megatron_opd.runtime.resiliency import Resiliency
 from megatron_opd.stages.reporting import MetricsWriter, Progress
@@ -43,6 +44,12 @@ class MicroBatch:
     tokens: torch.Tensor  # [b, s] long
     position_ids: torch.Tensor  # [b, s] long
     data: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        """Tensors moved to `device`; other data (teacher signals) stays where it is and the loss
+        moves what it uses."""
+        data = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.data.items()}
+        return MicroBatch(self.tokens.to(device), self.position_ids.to(device), data)
 
 
 # loss(micro_batch, output) -> (sum of per-token losses, number of tokens, {metric: [sum, count]})
@@ -87,8 +94,8 @@ class Stage(Protocol):
 
 def metric(total: torch.Tensor | float, count: torch.Tensor | float) -> torch.Tensor:
     """A metric reported from a loss: its sum and count, so averages stay exact across ranks."""
-    return torch.stack([torch.as_tensor(total, dtype=torch.float64).detach().reshape(()),
-                        torch.as_tensor(count, dtype=torch.float64).detach().reshape(())])
+    return torch.stack([torch.as_tensor(total).detach().to("cpu", torch.float64).reshape(()),
+                        torch.as_tensor(count).detach().to("cpu", torch.float64).reshape(())])
 
 
 def split_micro_batches(tokens: torch.Tensor, micro_batch_size: int, **data: torch.Tensor | list) -> list[MicroBatch]:
@@ -194,8 +201,10 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
 
+        on = device()
+
         def forward_step(data_iterator, model):
-            mb = next(data_iterator)
+            mb = next(data_iterator).to(on)
             return forward(model, mb), partial(loss, mb)
 
         reports = get_forward_backward_func()(

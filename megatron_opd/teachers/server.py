@@ -284,9 +284,10 @@ class ModelBackend:
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
         pos = torch.arange(width).unsqueeze(0).expand_as(ids)
+        device = next(self.model.parameters()).device
         with torch.no_grad():
-            logits = self.model(ids, pos, None)[..., : self.cfg.vocab_size].float()
-            hidden = self._captured.pop("h").transpose(0, 1).float() if need_hidden else None
+            logits = self.model(ids.to(device), pos.to(device), None)[..., : self.cfg.vocab_size].float().cpu()
+            hidden = self._captured.pop("h").transpose(0, 1).float().cpu() if need_hidden else None
         return logits, hidden
 
     def run(self, items: list[GenItem]) -> list[ItemResult]:
