@@ -156,32 +156,26 @@ def test_megatron_on_cuda_nccl_matches_transformers(arch, tmp_path):
     assert found["bf16_rel_error"] < 3e-2, found
 
 
-def test_bf16_training_run_on_cuda(tmp_path):
-    """The CLI's training loop on the GPU in bf16 (megatron DDP + distributed optimizer path)."""
+def _train_losses(run_dir: Path, precision: str) -> list[float]:
     cmd = [
-        sys.executable,
-        "-m",
-        "megatron_opd.cli",
-        "train",
-        str(REPO / "configs/tiny/sft.yaml"),
-        f"run.output_dir={tmp_path}",
-        "run.nproc=1",
-        "parallel.tp=1",
-        "train.precision=bf16",
-        "train.steps=120",
-        "train.eval_every=120",
-    ]
-    done = subprocess.run(
-        cmd, check=False, capture_output=True, text=True, timeout=900, cwd=REPO
-    )
+        sys.executable, "-m", "megatron_opd.cli", "train", str(REPO / "configs/tiny/sft.yaml"),
+        f"run.output_dir={run_dir}", f"run.name={precision}", "run.nproc=1", "parallel.tp=1",
+        f"train.precision={precision}", "train.steps=120", "train.eval_every=120", "run.log_every=10",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    metrics = [
-        json.loads(line)
-        for line in next(tmp_path.rglob("metrics.jsonl")).read_text().splitlines()
-    ]
-    losses = [m["train/loss"] for m in metrics if "train/loss" in m]
-    assert losses and all(math.isfinite(x) for x in losses)
-    assert losses[-1] < 0.5 * losses[0], losses
+    lines = (run_dir / precision / "metrics.jsonl").read_text().splitlines()
+    return [m["train/loss"] for m in map(json.loads, lines) if "train/loss" in m]
+
+
+def test_bf16_training_run_on_cuda_tracks_fp32(tmp_path):
+    """The CLI's training loop on the GPU (megatron DDP + Float16 optimizer with float32 main
+    params) in bf16, against the same run in float32 on the same GPU."""
+    fp32, bf16 = _train_losses(tmp_path, "fp32"), _train_losses(tmp_path, "bf16")
+    print("fp32", fp32, "\nbf16", bf16)
+    assert len(bf16) == len(fp32) == 12 and all(math.isfinite(x) for x in bf16)
+    assert bf16[-1] < 0.7 * bf16[0], bf16  # it learns
+    assert abs(bf16[-1] - fp32[-1]) < 0.1 * fp32[-1], (bf16[-1], fp32[-1])  # like float32 does
 
 
 def _edge_case_logits(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
