@@ -314,10 +314,16 @@ def _rollout_worker(cfg_tree: dict, rollout_url: str):
     return same_before, torch.equal(remote.tokens, local.tokens), versions, info["weight_version"], remote.behavior_logprobs
 
 
-def test_sglang_rollout_engine_syncs_weights(teachers, tmp_path):
+@pytest.mark.parametrize("sync", ["disk", "distributed"])
+def test_sglang_rollout_engine_syncs_weights(teachers, tmp_path, sync):
+    """TP=2 student, one server of other weights: after each sync the server samples exactly what
+    the student does. "distributed": gathered, renamed to HF, broadcast over a gloo group."""
     rollout = start_teacher_server(model_dir=teachers["arith"][0])  # other weights than the student
     try:
-        cfg = _job(teachers, tmp_path, "rollout.engine=sglang", f"rollout.endpoints=[{rollout.url}]")
+        cfg = _job(
+            teachers, tmp_path, "rollout.engine=sglang", f"rollout.endpoints=[{rollout.url}]",
+            f"rollout.weight_sync={sync}",
+        )  # fmt: skip
         out = spawn_world(_rollout_worker, 2, (to_dict(cfg), rollout.url), timeout_s=240)
     finally:
         rollout.stop()
@@ -327,3 +333,5 @@ def test_sglang_rollout_engine_syncs_weights(teachers, tmp_path):
     assert server_version == "2"
     assert (logprobs <= 0).all() and logprobs.abs().sum() > 0
     assert out[1][0] == same_before  # both TP ranks got the same batch
+    # Only disk sync writes checkpoints for the servers; distributed sync went over the group.
+    assert (cfg.run_dir / "rollout_weights").exists() == (sync == "disk")

@@ -103,6 +103,33 @@ def test_requests_decode_with_sglang_contract():
         P.check_sampling_params(bad["sampling_params"])
 
 
+def test_weight_update_bodies_match_sglang_io_struct():
+    """The rollout engine's weight-update bodies carry every field SGLang's request structs
+    require and none they lack (read from the pinned wheel's io_struct.py)."""
+    import torch
+
+    from megatron_opd.rollout import sglang as engine
+    from megatron_opd.teachers.sglang_contract import request_fields
+
+    load_contract(fetch=True)  # makes sure the wheel is there
+    tensors = {"model.embed_tokens.weight": torch.zeros(3, 2), "lm_head.weight": torch.zeros(3, 2, dtype=torch.bfloat16)}
+    cases = {
+        "UpdateWeightFromDiskReqInput": [engine.disk_update_body("/ckpt", "3")],
+        "InitWeightsUpdateGroupReqInput": engine.init_group_bodies(2, 4, "node1", 29500, "g", "nccl"),
+        "UpdateWeightsFromDistributedReqInput": [engine.distributed_update_body(tensors, "g", "3")],
+    }
+    for struct, bodies in cases.items():
+        fields = request_fields(struct)
+        for body in bodies:
+            assert set(body) <= set(fields), (struct, set(body) - set(fields))
+            assert {f for f, required in fields.items() if required} <= set(body), struct
+    ranks = [(b["rank_offset"], b["world_size"]) for b in cases["InitWeightsUpdateGroupReqInput"]]
+    assert ranks == [(1, 9), (5, 9)]  # trainer rank 0, then 4 ranks per server
+    body = cases["UpdateWeightsFromDistributedReqInput"][0]
+    assert body["dtypes"] == ["float32", "bfloat16"]  # SGLang does getattr(torch, dtype)
+    assert body["shapes"] == [[3, 2], [3, 2]]
+
+
 # ---------------------------------------------------------------------------------------------
 # Responses
 

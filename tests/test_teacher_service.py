@@ -27,9 +27,18 @@ from megatron_opd.data.tokenizer import CharTokenizer
 from megatron_opd.data.trajectories import Trajectories
 from megatron_opd.models.gpt import ModelConfig
 from megatron_opd.teachers import protocol as P
-from megatron_opd.teachers.client import TeacherClient, TeacherRequestError, TeacherUnavailable
+from megatron_opd.teachers.client import (
+    TeacherClient,
+    TeacherRequestError,
+    TeacherUnavailable,
+)
 from megatron_opd.teachers.config import TeacherConfig
-from megatron_opd.teachers.launch import start_router, start_teacher_server, stop_all, wait_ready
+from megatron_opd.teachers.launch import (
+    start_router,
+    start_teacher_server,
+    stop_all,
+    wait_ready,
+)
 from megatron_opd.teachers.pool import RoutingError, TeacherIncompatible, TeacherPool
 from megatron_opd.teachers.sglang_contract import load_contract
 
@@ -492,6 +501,76 @@ def test_update_weights_from_disk_reports_weight_version(servers, world):
         status, raw = http("POST", url + "/update_weights_from_disk", {"model_path": str(world.dir_b / "nowhere")})
         assert status == 400 and json.loads(raw)["success"] is False and "nowhere" in json.loads(raw)["message"]
     finally:
+        status, _ = http("POST", url + "/update_weights_from_disk", {"model_path": str(world.dir_a), "weight_version": "default"})
+        assert status == 200
+
+
+def test_update_weights_from_distributed_protocol(servers, world, tmp_path):
+    """This process plays trainer rank 0 of SGLang's weight-update group (gloo on loopback): it
+    broadcasts teacher B's weights under Hugging Face names (from the export tool, an independent
+    path) and the server then answers with B's log-probs; misuse gets SGLang's error replies."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import load_file
+
+    from checkpoints_tools.export import megatron_to_hf
+    from megatron_opd.rollout.sglang import distributed_update_body, init_group_bodies
+    from megatron_opd.runtime.distributed import broadcast_from, standalone_group
+    from megatron_opd.runtime.spawn import free_port
+
+    url = servers["main"].url
+    tensors = {}
+    for f in sorted(megatron_to_hf(world.dir_b, tmp_path / "b_hf", progress=False).glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    pool = ThreadPoolExecutor(2)
+
+    def post(path, body):
+        status, raw = http("POST", url + path, body)
+        return status, json.loads(raw)
+
+    port = free_port()
+    (init,) = init_group_bodies(1, 1, "127.0.0.1", port, "test-group", "gloo")
+    joining = pool.submit(post, "/init_weights_update_group", init)
+    group = standalone_group("gloo", "127.0.0.1", port, 0, 2, timeout_s=60)
+    assert joining.result() == (200, {"success": True, "message": "Succeeded to initialize custom process group."})
+    body = distributed_update_body(tensors, "test-group", "v3")
+    status, reply = post("/update_weights_from_distributed", body)  # no session: refused, nothing received
+    assert status == 400 and "begin_weight_update" in reply["message"]
+    assert post("/begin_weight_update", {})[0] == 200
+    assert post("/begin_weight_update", {})[1]["success"] is False  # already open
+    receiving = pool.submit(post, "/update_weights_from_distributed", body)
+    for tensor in tensors.values():
+        broadcast_from(group, tensor.contiguous(), 0)
+    assert receiving.result() == (200, {"success": True, "message": "Succeeded to update parameter online."})
+    assert post("/end_weight_update", {})[0] == 200
+    assert post("/end_weight_update", {})[1]["success"] is False  # nothing open
+    try:
+        assert json.loads(http("GET", url + "/model_info")[1])["weight_version"] == "v3"
+        items = sequences(3, seed=37)
+
+        def serves_b():
+            sigs, _ = run_client(teacher(url), items)
+            for it, sig in zip(items, sigs):
+                lp_b, _ = world.ref_b(it.tokens)
+                pos = slice(it.prompt_len - 1, it.length - 1)
+                want = lp_b[pos][np.arange(it.response_len), list(it.tokens[it.prompt_len :])]
+                np.testing.assert_allclose(sig.sampled_logprobs, want, atol=1e-5)
+
+        serves_b()
+        # A tensor missing from an update is named; the weights stay as they were.
+        assert post("/begin_weight_update", {})[0] == 200
+        partial = {k: v for k, v in tensors.items() if k != "model.norm.weight"}
+        receiving = pool.submit(post, "/update_weights_from_distributed", distributed_update_body(partial, "test-group", "v4"))
+        for tensor in partial.values():
+            broadcast_from(group, tensor.contiguous(), 0)
+        status, reply = receiving.result()
+        assert status == 400 and "model.norm.weight" in reply["message"]
+        serves_b()
+        assert post("/end_weight_update", {})[0] == 200
+        assert post("/destroy_weights_update_group", {"group_name": "test-group"})[1]["success"] is True
+        assert post("/destroy_weights_update_group", {"group_name": "test-group"})[1]["success"] is False
+    finally:
+        pool.shutdown()
         status, _ = http("POST", url + "/update_weights_from_disk", {"model_path": str(world.dir_a), "weight_version": "default"})
         assert status == 200
 

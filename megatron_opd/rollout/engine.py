@@ -32,8 +32,14 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     # SGLang engine: "disk" exports weights and calls /update_weights_from_disk; "distributed"
-    # broadcasts them over NCCL (/init_weights_update_group + /update_weights_from_distributed).
+    # broadcasts them under their Hugging Face names from trainer rank 0 through a process group
+    # joining it and the servers (/init_weights_update_group, /begin_weight_update,
+    # /update_weights_from_distributed, /end_weight_update): NCCL on GPUs, gloo on CPUs.
     weight_sync: Literal["disk", "distributed"] = "disk"
+    # Distributed sync: ranks per server in the group (its --tp-size) and the address servers
+    # reach trainer rank 0 at ("": 127.0.0.1 when every endpoint is local, else this host's name).
+    server_ranks: int = 1
+    weight_sync_address: str = ""
     # What "disk" sync writes for the servers: our megatron dist checkpoint (our embedded server
     # loads it) or a Hugging Face export (stock SGLang loads that).
     weight_format: Literal["megatron", "hf"] = "megatron"

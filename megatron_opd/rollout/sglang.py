@@ -8,9 +8,13 @@ Weight sync (`rollout.weight_sync`):
 - "disk": after an update every rank writes a weights-only dist checkpoint (rank 0 exports it to
   Hugging Face format too when `rollout.weight_format=hf`, for stock SGLang), then each server
   gets `/update_weights_from_disk {model_path, weight_version, flush_cache}`;
-- "distributed" (NCCL broadcast through `/init_weights_update_group` +
-  `/update_weights_from_distributed`) is refused with an explanation: it needs CUDA on both ends
-  and is not implemented here.
+- "distributed": the TP ranks gather full tensors, trainer rank 0 maps them to Hugging Face names
+  (checkpoints_tools.live) and broadcasts them through SGLang's weight-update group: once
+  `/init_weights_update_group` (rank 0 is the trainer, server i holds ranks 1 + i *
+  rollout.server_ranks ...), then per sync `/begin_weight_update`,
+  `/update_weights_from_distributed {names, dtypes, shapes, group_name, weight_version}` while
+  broadcasting the tensors in that order, and `/end_weight_update` (SGLang 0.5.23 refuses an
+  update outside such a session). NCCL with CUDA tensors, gloo without.
 Every trajectory carries the `weight_version` its server reported; `stale_fraction` counts rows
 sampled by weights older than the trainer's.
 
@@ -21,6 +25,7 @@ batch to the rest of its group.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -32,6 +37,34 @@ from megatron_opd.data.tokenizer import CharTokenizer
 from megatron_opd.data.trajectories import Trajectories
 from megatron_opd.rollout.engine import RolloutConfig
 from megatron_opd.runtime import checkpoint as ckpt
+
+# -- the weight-update request bodies (tests check them against SGLang's io_struct) -------------
+
+
+def disk_update_body(model_path: str, version: str) -> dict:
+    return {"model_path": model_path, "weight_version": version, "flush_cache": True}
+
+
+def init_group_bodies(servers: int, ranks: int, address: str, port: int, group_name: str, backend: str) -> list[dict]:
+    """Trainer rank 0 is the group's rank 0; server i holds ranks 1 + i * ranks onwards."""
+    world = 1 + ranks * servers
+    return [
+        {"master_address": address, "master_port": port, "rank_offset": 1 + i * ranks, "world_size": world,
+         "group_name": group_name, "backend": backend}
+        for i in range(servers)
+    ]  # fmt: skip
+
+
+def distributed_update_body(tensors: dict[str, torch.Tensor], group_name: str, version: str) -> dict:
+    """What the servers allocate and receive, in broadcast order."""
+    return {
+        "names": list(tensors),
+        "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors.values()],
+        "shapes": [list(t.shape) for t in tensors.values()],
+        "group_name": group_name,
+        "flush_cache": True,
+        "weight_version": version,
+    }
 
 
 class RolloutServerError(RuntimeError):
@@ -49,17 +82,17 @@ class SGLangRolloutEngine:
 
         if not cfg.endpoints:
             raise ValueError("rollout.engine=sglang needs rollout.endpoints (the SGLang servers' base URLs)")
-        if cfg.weight_sync == "distributed":
-            raise NotImplementedError(
-                "rollout.weight_sync=distributed (NCCL broadcast via /update_weights_from_distributed) is not "
-                "implemented; use rollout.weight_sync=disk"
-            )
+        if cfg.server_ranks < 1:
+            raise ValueError(f"rollout.server_ranks={cfg.server_ranks}: each server holds at least one rank")
         self.cfg, self.trainer, self.tokenizer, self.max_len, self.seed = cfg, trainer, tokenizer, max_len, seed
         group = parallel_state.get_model_parallel_group()
         self.group, self.src = group, min(dist.get_process_group_ranks(group))
         self.is_src = dist.get_rank() == self.src
         self.version = ""
         self.client = None
+        self.update_group = None  # distributed sync: trainer rank 0's side of the group
+        # Unique per engine: a server can hold groups of several trainers (or tests) at once.
+        self.group_name = f"megatron-opd-{os.getpid()}-{id(self):x}"
         if self.is_src:
             from megatron_opd.teachers.client import TeacherClient
             from megatron_opd.teachers.config import TeacherConfig
@@ -136,16 +169,29 @@ class SGLangRolloutEngine:
     # -- weights ----------------------------------------------------------------------------------
 
     def sync_weights(self, step: int) -> dict[str, float]:
-        """Write the current weights (every rank) and load them into every server (first rank)."""
+        """Push the current weights to every server: through a checkpoint on disk (every rank
+        writes, the first rank tells the servers), or broadcast from trainer rank 0."""
         t0 = time.perf_counter()
-        root = Path(self.trainer.run_dir) / "rollout_weights"
-        path = ckpt.save_checkpoint(root, step, self.trainer.model, None, keep_last=1)
         error = None
-        if self.is_src:
-            try:
-                error = self._loop.run(self._update_all(self._export(path, root, step), str(step)))
-            except Exception as e:  # noqa: BLE001 - raised on every rank below
-                error = f"{type(e).__name__}: {e}"
+        if self.cfg.weight_sync == "distributed":
+            from megatron.core import parallel_state
+
+            from megatron_opd.models.full_weights import full_state_dict
+
+            full = full_state_dict(self.trainer.module, parallel_state.get_tensor_model_parallel_group())
+            if dist.get_rank() == 0:  # one sender for all replicas: their weights are identical
+                try:
+                    self._broadcast_weights(full, str(step))
+                except Exception as e:  # noqa: BLE001 - raised on every rank below
+                    error = f"{type(e).__name__}: {e}"
+        else:
+            root = Path(self.trainer.run_dir) / "rollout_weights"
+            path = ckpt.save_checkpoint(root, step, self.trainer.model, None, keep_last=1)
+            if self.is_src:
+                try:
+                    error = self._loop.run(self._update_all(self._export(path, root, step), str(step)))
+                except Exception as e:  # noqa: BLE001 - raised on every rank below
+                    error = f"{type(e).__name__}: {e}"
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
         first = next((e for e in errors if e), None)
@@ -166,10 +212,68 @@ class SGLangRolloutEngine:
             raise RolloutServerError(f"exporting {checkpoint} to Hugging Face format failed")
         return str(out)
 
+    # -- distributed sync (SGLang's weight-update group; trainer rank 0 is the group's rank 0) --
+
+    def _post_all(self, path: str, bodies: list[dict]):
+        """Start one POST per server on the client's loop; returns futures of the parsed replies."""
+        import asyncio
+        import json
+
+        async def post(url: str, body: dict) -> dict:
+            payload, _ = await self.client.post_to(url, path, body)
+            return json.loads(payload)
+
+        return [
+            asyncio.run_coroutine_threadsafe(post(url, body), self._loop.loop)
+            for url, body in zip(self.cfg.endpoints, bodies)
+        ]
+
+    def _check_replies(self, path: str, futures) -> None:
+        for url, future in zip(self.cfg.endpoints, futures):
+            reply = future.result()
+            if not reply.get("success"):
+                raise RolloutServerError(f"rollout server {url}{path}: {reply.get('message')}")
+
+    def _open_update_group(self, device: torch.device) -> None:
+        import socket
+        from urllib.parse import urlparse
+
+        from megatron_opd.runtime.distributed import standalone_group
+        from megatron_opd.runtime.spawn import free_port
+
+        ranks = self.cfg.server_ranks
+        local = all(urlparse(u).hostname in ("127.0.0.1", "localhost", "::1") for u in self.cfg.endpoints)
+        address = self.cfg.weight_sync_address or ("127.0.0.1" if local else socket.gethostname())
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        port, world = free_port(), 1 + ranks * len(self.cfg.endpoints)
+        bodies = init_group_bodies(len(self.cfg.endpoints), ranks, address, port, self.group_name, backend)
+        futures = self._post_all("/init_weights_update_group", bodies)
+        # Joins the rendezvous the servers are joining now; a server that never comes ends in
+        # the store's timeout, and its own reply says why.
+        self.update_group = standalone_group(backend, address, port, 0, world, timeout_s=120)
+        self._check_replies("/init_weights_update_group", futures)
+
+    def _broadcast_weights(self, full: dict[str, torch.Tensor], version: str) -> None:
+        from checkpoints_tools.live import hf_from_megatron
+        from megatron_opd.runtime.distributed import broadcast_from
+
+        tensors = hf_from_megatron(self.trainer.cfg.model, full)
+        device = next(iter(tensors.values())).device
+        if self.update_group is None:
+            self._open_update_group(device)
+        n = len(self.cfg.endpoints)
+        self._check_replies("/begin_weight_update", self._post_all("/begin_weight_update", [{}] * n))
+        body = distributed_update_body(tensors, self.group_name, version)
+        futures = self._post_all("/update_weights_from_distributed", [body] * n)
+        for tensor in tensors.values():  # in the order of `names`, as the servers receive them
+            broadcast_from(self.update_group, tensor.contiguous(), 0)
+        self._check_replies("/update_weights_from_distributed", futures)
+        self._check_replies("/end_weight_update", self._post_all("/end_weight_update", [{}] * n))
+
     async def _update_all(self, model_path: str, version: str) -> str | None:
         import json
 
-        body = {"model_path": model_path, "weight_version": version, "flush_cache": True}
+        body = disk_update_body(model_path, version)
         for url in self.cfg.endpoints:
             payload, _ = await self.client.post_to(url, "/update_weights_from_disk", body)
             reply = json.loads(payload)
@@ -178,6 +282,11 @@ class SGLangRolloutEngine:
         return None
 
     def close(self) -> None:
+        if self.update_group is not None:
+            body = [{"group_name": self.group_name}] * len(self.cfg.endpoints)
+            for future in self._post_all("/destroy_weights_update_group", body):
+                future.result()  # best effort: the servers drop the group when they stop anyway
+            self.update_group = None
         if self.client is not None:
             self._loop.run(self.client.close())
             self._loop.stop()

@@ -184,3 +184,26 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def standalone_group(
+    backend: str, master_address: str, master_port: int, rank: int, world_size: int, timeout_s: float = 300.0
+) -> dist.ProcessGroup:
+    """A process group outside torch.distributed's default world (TCP rendezvous on
+    master_address:master_port, rank 0 hosting the store): what SGLang's
+    `/init_weights_update_group` builds to join a trainer and rollout servers that belong to
+    different jobs' worlds. Collectives run on the returned object (`broadcast_from`)."""
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(store, rank, world_size)
+    raise ValueError(f"weight-update group backend {backend!r}: use nccl (GPUs) or gloo (CPU)")
+
+
+def broadcast_from(group: dist.ProcessGroup, tensor: torch.Tensor, root: int = 0) -> None:
+    """Broadcast `tensor` in place from `root` over a `standalone_group`."""
+    options = dist.BroadcastOptions()
+    options.rootRank = root
+    group.broadcast([tensor], options).wait()

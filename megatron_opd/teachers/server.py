@@ -241,6 +241,8 @@ class ModelBackend:
         self.model_path, self.weight_version = model_path, weight_version
         self.rng = random.Random(seed)
         self._captured: dict[str, Any] = {}
+        self.update_groups: dict[str, Any] = {}  # /init_weights_update_group's process groups
+        self.update_session = False  # between /begin_weight_update and /end_weight_update
         # The output layer's input is the final hidden state (after the final norm), [s, b, h].
         model.output_layer.register_forward_pre_hook(lambda _m, args: self._captured.__setitem__("h", args[0]))
 
@@ -442,6 +444,55 @@ class ModelBackend:
         return str(ckpt)
 
 
+    # -- distributed weight updates (SGLang's protocol; the trainer is rank 0 and broadcasts) ----
+
+    def init_update_group(self, body: dict) -> str:
+        from megatron_opd.runtime.distributed import standalone_group
+
+        name = body.get("group_name", "weight_update_group")
+        if not name:
+            raise ValueError("Group name cannot be empty")
+        # One process serves here: its rank is the offset (SGLang adds its TP rank).
+        self.update_groups[name] = standalone_group(
+            body.get("backend", "nccl"), body["master_address"], int(body["master_port"]),
+            int(body["rank_offset"]), int(body["world_size"]),
+        )  # fmt: skip
+        return "Succeeded to initialize custom process group."
+
+    def destroy_update_group(self, name: str) -> str:
+        if self.update_groups.pop(name, None) is None:
+            raise ValueError("The group to be destroyed does not exist.")
+        return "Succeeded to destroy custom process group."
+
+    def receive_weights(self, body: dict) -> str:
+        """Receive `names` (Hugging Face names) broadcast from rank 0 in order, then load them."""
+        from checkpoints_tools.live import megatron_from_hf
+        from megatron_opd.runtime.distributed import broadcast_from
+
+        torch = self.torch
+        if not self.update_session:
+            raise ValueError("update_weights_from_distributed must run between begin_weight_update() and end_weight_update()")
+        group = self.update_groups.get(body.get("group_name", "weight_update_group"))
+        if group is None:
+            raise ValueError(f"no weight-update group {body.get('group_name')!r}: call /init_weights_update_group first")
+        names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
+        if not len(names) == len(dtypes) == len(shapes):
+            raise ValueError(f"{len(names)} names, {len(dtypes)} dtypes and {len(shapes)} shapes")
+        # Receive everything first: the broadcast order is the sender's, whatever we do with it.
+        received = {}
+        device = next(self.model.parameters()).device  # NCCL receives into CUDA memory
+        for name, dtype, shape in zip(names, dtypes, shapes):
+            tensor = torch.empty(shape, dtype=getattr(torch, str(dtype).replace("torch.", "")), device=device)
+            broadcast_from(group, tensor, 0)
+            received[name] = tensor
+        params = dict(self.model.named_parameters())
+        full = megatron_from_hf(self.cfg, {n: tuple(p.shape) for n, p in params.items()}, received)
+        with torch.no_grad():
+            for name, tensor in full.items():
+                params[name].copy_(tensor)
+        return "Succeeded to update parameter online."
+
+
 def _topk_rows(lp_rows: np.ndarray, k: int, null_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of each row (descending), with `null_rows` leading NaN/-1 rows."""
     n = lp_rows.shape[0] + null_rows
@@ -639,6 +690,52 @@ def build_app(backend: ModelBackend, worker: MainThreadWorker, args: argparse.Na
             {"success": True, "message": f"Succeeded to update model weights from {loaded}.", "num_paused_requests": 0}
         )
 
+    def sglang_reply(message: str, ok: bool = True):
+        return json_response({"success": ok, "message": message}, 200 if ok else 400)
+
+    async def json_body(request) -> dict:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object")
+        return body
+
+    async def init_weights_update_group(request):
+        try:
+            message = await on_model(backend.init_update_group, await json_body(request))
+        except Exception as e:  # noqa: BLE001 - SGLang answers failures in the body
+            return sglang_reply(f"Failed to initialize custom process group: {e}.", False)
+        return sglang_reply(message)
+
+    async def destroy_weights_update_group(request):
+        try:
+            body = await json_body(request)
+            message = await on_model(backend.destroy_update_group, body.get("group_name", "weight_update_group"))
+        except Exception as e:  # noqa: BLE001
+            return sglang_reply(f"Failed to destroy custom process group: {e}.", False)
+        return sglang_reply(message)
+
+    async def begin_weight_update(request):
+        if backend.update_session:
+            return sglang_reply("a weight-update session is already open; call end_weight_update() first", False)
+        backend.update_session = True
+        return sglang_reply("Success")
+
+    async def end_weight_update(request):
+        if not backend.update_session:
+            return sglang_reply("no weight-update session is open; call begin_weight_update() first", False)
+        backend.update_session = False
+        return sglang_reply("Success")
+
+    async def update_weights_from_distributed(request):
+        try:
+            body = await json_body(request)
+            message = await on_model(backend.receive_weights, body)
+        except Exception as e:  # noqa: BLE001
+            return sglang_reply(f"Failed to receive weights: {e}", False)
+        if body.get("weight_version") is not None:
+            backend.weight_version = str(body["weight_version"])
+        return sglang_reply(message)
+
     app = web.Application(middlewares=[auth], client_max_size=1 << 30)
     app.router.add_route("POST", "/generate", generate)
     app.router.add_route("PUT", "/generate", generate)
@@ -648,6 +745,11 @@ def build_app(backend: ModelBackend, worker: MainThreadWorker, args: argparse.Na
     app.router.add_get("/get_model_info", model_info)
     app.router.add_route("*", "/flush_cache", flush_cache)
     app.router.add_post("/update_weights_from_disk", update_weights_from_disk)
+    app.router.add_post("/init_weights_update_group", init_weights_update_group)
+    app.router.add_post("/destroy_weights_update_group", destroy_weights_update_group)
+    app.router.add_post("/begin_weight_update", begin_weight_update)
+    app.router.add_post("/end_weight_update", end_weight_update)
+    app.router.add_post("/update_weights_from_distributed", update_weights_from_distributed)
     return app
 
 

@@ -29,11 +29,8 @@ MEMBER = "sglang/api/v1/api_types.py"
 FETCH_HINT = f"pip download --no-deps sglang=={PINNED} -d .whl"
 
 
-def find_api_types() -> Path | None:
-    """The api_types.py file (extracted from the wheel when needed), or None."""
-    explicit = os.environ.get("OPD_SGLANG_API_TYPES")
-    if explicit:
-        return Path(explicit)
+def _wheel_member(member: str) -> Path | None:
+    """A file of the pinned wheel, extracted once into the temp dir, or None without the wheel."""
     from megatron_opd.teachers.launch import REPO_ROOT
 
     candidates = [Path(os.environ["OPD_SGLANG_WHEEL"])] if os.environ.get("OPD_SGLANG_WHEEL") else []
@@ -41,14 +38,41 @@ def find_api_types() -> Path | None:
     for cand in candidates:
         wheels = [cand] if cand.is_file() else sorted(cand.glob(f"sglang-{PINNED}-*.whl")) if cand.is_dir() else []
         for wheel in wheels:
-            out = Path(tempfile.gettempdir()) / f"opd-sglang-{PINNED}-api_types.py"
+            out = Path(tempfile.gettempdir()) / f"opd-sglang-{PINNED}-{member.replace('/', '_')}"
             if not out.is_file():
                 with zipfile.ZipFile(wheel) as zf:
                     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-                    tmp.write_bytes(zf.read(MEMBER))
+                    tmp.write_bytes(zf.read(member))
                     os.replace(tmp, out)
             return out
     return None
+
+
+def find_api_types() -> Path | None:
+    """The api_types.py file (extracted from the wheel when needed), or None."""
+    explicit = os.environ.get("OPD_SGLANG_API_TYPES")
+    return Path(explicit) if explicit else _wheel_member(MEMBER)
+
+
+IO_STRUCT = "sglang/srt/managers/io_struct.py"
+
+
+def request_fields(class_name: str) -> dict[str, bool]:
+    """{field: required} of a request struct in SGLang's internal `io_struct.py` (the weight-update
+    requests have no api_types counterpart). Read with `ast`: the module imports half of SGLang."""
+    import ast
+
+    path = _wheel_member(IO_STRUCT)
+    if path is None:
+        raise FileNotFoundError(f"sglang=={PINNED} wheel not found; fetch it with: {FETCH_HINT}")
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            return {
+                s.target.id: s.value is None
+                for s in node.body
+                if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
+            }
+    raise KeyError(f"{class_name} is not in {IO_STRUCT} of sglang=={PINNED}")
 
 
 def fetch_wheel(directory: Path) -> None:
