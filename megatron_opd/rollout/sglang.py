@@ -172,7 +172,7 @@ class SGLangRolloutEngine:
         """Push the current weights to every server: through a checkpoint on disk (every rank
         writes, the first rank tells the servers), or broadcast from trainer rank 0."""
         t0 = time.perf_counter()
-        error = None
+        push = None
         if self.cfg.weight_sync == "distributed":
             from megatron.core import parallel_state
 
@@ -180,18 +180,18 @@ class SGLangRolloutEngine:
 
             full = full_state_dict(self.trainer.module, parallel_state.get_tensor_model_parallel_group())
             if dist.get_rank() == 0:  # one sender for all replicas: their weights are identical
-                try:
-                    self._broadcast_weights(full, str(step))
-                except Exception as e:  # noqa: BLE001 - raised on every rank below
-                    error = f"{type(e).__name__}: {e}"
+                push = lambda: self._broadcast_weights(full, str(step))  # noqa: E731
         else:
             root = Path(self.trainer.run_dir) / "rollout_weights"
             path = ckpt.save_checkpoint(root, step, self.trainer.model, None, keep_last=1)
             if self.is_src:
-                try:
-                    error = self._loop.run(self._update_all(self._export(path, root, step), str(step)))
-                except Exception as e:  # noqa: BLE001 - raised on every rank below
-                    error = f"{type(e).__name__}: {e}"
+                push = lambda: self._load_from_disk(self._export(path, root, step), str(step))  # noqa: E731
+        error = None
+        if push is not None:
+            try:
+                push()
+            except Exception as e:  # noqa: BLE001 - raised on every rank below
+                error = f"{type(e).__name__}: {e}"
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
         first = next((e for e in errors if e), None)
@@ -270,16 +270,9 @@ class SGLangRolloutEngine:
         self._check_replies("/update_weights_from_distributed", futures)
         self._check_replies("/end_weight_update", self._post_all("/end_weight_update", [{}] * n))
 
-    async def _update_all(self, model_path: str, version: str) -> str | None:
-        import json
-
-        body = disk_update_body(model_path, version)
-        for url in self.cfg.endpoints:
-            payload, _ = await self.client.post_to(url, "/update_weights_from_disk", body)
-            reply = json.loads(payload)
-            if not reply.get("success"):
-                return f"rollout server {url} refused the weights at {model_path}: {reply.get('message')}"
-        return None
+    def _load_from_disk(self, model_path: str, version: str) -> None:
+        bodies = [disk_update_body(model_path, version)] * len(self.cfg.endpoints)
+        self._check_replies("/update_weights_from_disk", self._post_all("/update_weights_from_disk", bodies))
 
     def close(self) -> None:
         if self.update_group is not None:
