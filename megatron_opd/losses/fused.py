@@ -97,6 +97,17 @@ def _weight_grad_buffers(
     return grad_w, torch.zeros(valid, w.shape[1], dtype=cdtype, device=w.device)
 
 
+def _logit_buffers(
+    fast: bool, rows: int, valid: int, h: torch.Tensor, g: torch.Tensor, cdtype: torch.dtype, scratch: bool
+) -> list[torch.Tensor]:
+    """A chunk's student and teacher logit buffers. The Triton kernels read logits in their own
+    dtype (bf16 stays bf16: no widened copies); the torch ops work in the compute dtype and, for
+    the statistics, need a third scratch buffer."""
+    if fast:
+        return [torch.empty(rows, valid, dtype=x.dtype, device=h.device) for x in (h, g)]
+    return list(torch.empty(3 if scratch else 2, rows, valid, dtype=cdtype, device=h.device))
+
+
 def _most_common(values: torch.Tensor) -> torch.Tensor:
     if values.numel() == 0:
         return values.new_zeros(())
@@ -113,21 +124,21 @@ class _FusedLinearReverseKL(torch.autograd.Function):
         norms = torch.empty(n, 3, dtype=cdtype, device=h.device)
         unit_dh = torch.zeros_like(h) if want_dh else None
         grad_w, unit_dw = _weight_grad_buffers(w, valid, cdtype) if want_dw else (None, None)
-        work = torch.empty(3, min(chunk_size, n), valid, dtype=cdtype, device=h.device)
+        fast = triton_kernels.use_triton(h, g)
+        work = _logit_buffers(fast, min(chunk_size, n), valid, h, g, cdtype, scratch=True)
         order, counts = _teacher_order(teacher_index, n, len(teacher_weights), h.device)
-        fast = triton_kernels.use_triton(work)
         for teacher, rows in _chunks(order, counts, chunk_size):
             m = rows.numel()
             if valid == 0:
                 local = fill_no_mass_statistics_(torch.empty(m, 5, dtype=cdtype, device=h.device))
             else:
                 h_rows = h.index_select(0, rows)
-                a = _logits_into(work[0, :m], h_rows, w[:valid])
-                b = _logits_into(work[1, :m], g.index_select(0, rows), teacher_weights[teacher][:valid])
+                a = _logits_into(work[0][:m], h_rows, w[:valid])
+                b = _logits_into(work[1][:m], g.index_select(0, rows), teacher_weights[teacher][:valid])
                 if fast:  # the kernels leave a and b holding the logits
                     local = triton_kernels.kl_statistics(a, b, valid, temperature)
                 else:
-                    local = local_kl_statistics(a, b, work[2, :m], temperature)
+                    local = local_kl_statistics(a, b, work[2][:m], temperature)
             chunk_norms = combine_kl_statistics(local, group)
             norms.index_copy_(0, rows, chunk_norms)
             if valid > 0 and (want_dh or want_dw):
@@ -143,6 +154,7 @@ class _FusedLinearReverseKL(torch.autograd.Function):
                     _accumulate_weight_grad(unit_dw, grad_z, h_rows)
         ctx.save_for_backward(h, w, g, teacher_index, norms, unit_dh, *teacher_weights)
         ctx.temperature, ctx.shard, ctx.group, ctx.chunk_size = temperature, shard, group, chunk_size
+        ctx.fast = fast
         ctx.unit_dw, ctx.grad_w = unit_dw, grad_w
         return norms[:, 2].clone()
 
@@ -188,13 +200,13 @@ def _weight_grad(
         row_teachers = None if teacher_index is None else teacher_index[rows]
         order, counts = _teacher_order(row_teachers, rows.numel(), len(teacher_weights), h.device)
         scale = residual / temperature
-        work = torch.empty(2, min(ctx.chunk_size, rows.numel()), valid, dtype=cdtype, device=h.device)
+        work = _logit_buffers(ctx.fast, min(ctx.chunk_size, rows.numel()), valid, h, g, cdtype, scratch=False)
         for teacher, chunk in _chunks(rows[order], counts, ctx.chunk_size):
             m = chunk.numel()
             h_rows = h.index_select(0, chunk)
-            a = _logits_into(work[0, :m], h_rows, w[:valid])
-            b = _logits_into(work[1, :m], g.index_select(0, chunk), teacher_weights[teacher][:valid])
-            if triton_kernels.use_triton(work):
+            a = _logits_into(work[0][:m], h_rows, w[:valid])
+            b = _logits_into(work[1][:m], g.index_select(0, chunk), teacher_weights[teacher][:valid])
+            if ctx.fast:
                 grad_z = triton_kernels.kl_grad(a, b, norms[chunk], scale[chunk], valid, temperature, out=b)
             else:
                 grad_z = kl_grad_(a, b, norms[chunk], scale[chunk], temperature)

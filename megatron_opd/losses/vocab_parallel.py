@@ -97,6 +97,22 @@ def rows_per_chunk(width: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(width, 1))
 
 
+def chunk_copies(
+    valid: int, cdtype: torch.dtype, *sources: torch.Tensor, scratch: int = 0
+) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+    """(r0, r1, buffers) over row chunks: rows r0:r1 of each source's first `valid` columns,
+    copied into compute-dtype work buffers the caller may overwrite, then `scratch` spare ones.
+    The buffers are reused from chunk to chunk; nothing [rows, V] is allocated."""
+    n = sources[0].shape[0]
+    step = rows_per_chunk(valid)
+    work = torch.empty(len(sources) + scratch, min(step, n), valid, dtype=cdtype, device=sources[0].device)
+    for r0, r1 in row_chunks(n, step):
+        buffers = [buf[: r1 - r0] for buf in work]
+        for buf, source in zip(buffers, sources):
+            buf.copy_(source[r0:r1, :valid])
+        yield r0, r1, buffers
+
+
 # --- per-chunk kernels -----------------------------------------------------------------------
 # Each takes private work buffers `a` (student logits z) and `b` (teacher logits u) of one row
 # chunk, already in the compute dtype, and overwrites them; no [rows, V] tensor is allocated.
@@ -203,22 +219,19 @@ class _ReverseKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, u, temperature, shard, group):
         cdtype = compute_dtype(z, u)
-        n, valid = z.shape[0], shard.valid
-        step = rows_per_chunk(valid)
-        local = torch.empty(n, 5, dtype=cdtype, device=z.device)
-        if valid == 0:
-            fill_no_mass_statistics_(local)
-        elif triton_kernels.use_triton(z, u):
+        valid = shard.valid
+        fast = valid > 0 and triton_kernels.use_triton(z, u)
+        if fast:
             local = triton_kernels.kl_statistics(z, u, valid, temperature)
         else:
-            work = torch.empty(3, min(step, n), valid, dtype=cdtype, device=z.device)
-            for r0, r1 in row_chunks(n, step):
-                a = work[0, : r1 - r0].copy_(z[r0:r1, :valid])
-                b = work[1, : r1 - r0].copy_(u[r0:r1, :valid])
-                local[r0:r1] = local_kl_statistics(a, b, work[2, : r1 - r0], temperature)
+            local = torch.empty(z.shape[0], 5, dtype=cdtype, device=z.device)
+            if valid == 0:
+                fill_no_mass_statistics_(local)
+            for r0, r1, (a, b, scratch) in chunk_copies(valid, cdtype, z, u, scratch=1) if valid else ():
+                local[r0:r1] = local_kl_statistics(a, b, scratch, temperature)
         norms = combine_kl_statistics(local, group)
         ctx.save_for_backward(z, u, norms)
-        ctx.temperature, ctx.shard = temperature, shard
+        ctx.temperature, ctx.shard, ctx.fast = temperature, shard, fast
         return norms[:, 2].clone()
 
     @staticmethod
@@ -227,15 +240,11 @@ class _ReverseKL(torch.autograd.Function):
         temperature, valid = ctx.temperature, ctx.shard.valid
         grad = torch.empty_like(z)
         scale = grad_kl.to(norms.dtype) / temperature
-        if valid > 0 and triton_kernels.use_triton(z, u):
-            return triton_kernels.kl_grad(z, u, norms, scale, valid, temperature, out=grad), None, None, None, None
-        grad[:, valid:] = 0  # padding columns are not in the softmax
-        if valid > 0:
-            n, step = z.shape[0], rows_per_chunk(valid)
-            work = torch.empty(2, min(step, n), valid, dtype=norms.dtype, device=z.device)
-            for r0, r1 in row_chunks(n, step):
-                a = work[0, : r1 - r0].copy_(z[r0:r1, :valid])
-                b = work[1, : r1 - r0].copy_(u[r0:r1, :valid])
+        if ctx.fast:  # writes the padding columns' zeros too
+            triton_kernels.kl_grad(z, u, norms, scale, valid, temperature, out=grad)
+        else:
+            grad[:, valid:] = 0  # padding columns are not in the softmax
+            for r0, r1, (a, b) in chunk_copies(valid, norms.dtype, z, u) if valid else ():
                 grad[r0:r1, :valid] = kl_grad_(a, b, norms[r0:r1], scale[r0:r1], temperature)
         return grad, None, None, None, None
 
@@ -280,16 +289,11 @@ def vocab_parallel_reverse_kl(
 
 
 def _local_logsumexp(z: torch.Tensor, temperature: float, valid: int, cdtype: torch.dtype) -> torch.Tensor:
-    n = z.shape[0]
-    out = torch.full((n,), -math.inf, dtype=cdtype, device=z.device)
-    if valid > 0:
-        step = rows_per_chunk(valid)
-        work = torch.empty(min(step, n), valid, dtype=cdtype, device=z.device)
-        for r0, r1 in row_chunks(n, step):
-            a = work[: r1 - r0].copy_(z[r0:r1, :valid])
-            if temperature != 1.0:
-                a.div_(temperature)
-            torch.logsumexp(a, dim=-1, out=out[r0:r1])
+    out = torch.full((z.shape[0],), -math.inf, dtype=cdtype, device=z.device)
+    for r0, r1, (a,) in chunk_copies(valid, cdtype, z) if valid else ():
+        if temperature != 1.0:
+            a.div_(temperature)
+        torch.logsumexp(a, dim=-1, out=out[r0:r1])
     return out
 
 
@@ -324,10 +328,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             g = grad_logprobs.to(log_norm.dtype) / temperature
             picked = torch.where(on_shard, g, 0.0)
             total = g.sum(dim=-1)
-            n, step = z.shape[0], rows_per_chunk(valid)
-            work = torch.empty(min(step, n), valid, dtype=log_norm.dtype, device=z.device)
-            for r0, r1 in row_chunks(n, step):
-                a = work[: r1 - r0].copy_(z[r0:r1, :valid])
+            for r0, r1, (a,) in chunk_copies(valid, log_norm.dtype, z):
                 if temperature != 1.0:
                     a.div_(temperature)
                 a.sub_(log_norm[r0:r1, None]).exp_().mul_(-total[r0:r1, None])
