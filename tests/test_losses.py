@@ -28,7 +28,7 @@ F64 = torch.float64
 def exclude_padding(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
     if vocab_size is None:
         return logits
-    column = torch.arange(logits.shape[-1])
+    column = torch.arange(logits.shape[-1], device=logits.device)
     return torch.where(column < vocab_size, logits, -math.inf)
 
 
@@ -301,9 +301,12 @@ def test_sampled_k1_and_its_policy_gradient():
     # The surrogate's gradient is k1 * grad log p(y): advantage -k1, minimised.
     (score,) = grad_of(vocab_parallel_logprobs(z, sampled).squeeze(-1), z, k1.detach())
     torch.testing.assert_close(grad, score)
-    # The expectation of k1 under the student is the exact reverse KL (checked by enumeration).
-    p = torch.softmax(z, -1)
-    expected_k1 = (p * (torch.log_softmax(z, -1) - torch.log_softmax(u, -1))).sum(-1)
+    # The expectation of k1 under the student is the exact reverse KL: enumerate every token as
+    # the sample, through the package's own logprobs and k1, and weight by p.
+    every = torch.arange(6).expand(4, 6)
+    k1_all = sampled_reverse_kl(vocab_parallel_logprobs(z, every), torch.log_softmax(u, -1))
+    expected_k1 = (torch.softmax(z, -1) * k1_all).sum(-1)
+    torch.testing.assert_close(expected_k1, vocab_parallel_reverse_kl(z, u))
     torch.testing.assert_close(expected_k1, reference_reverse_kl(z, u))
 
 
