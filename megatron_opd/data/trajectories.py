@@ -98,6 +98,15 @@ def gather_response(values: torch.Tensor, prompt_lens: torch.Tensor, response_le
     return out
 
 
+# The per-token fields each teacher signal kind carries.
+SIGNAL_FIELDS = {
+    "hidden": ("hidden",),
+    "topk": ("topk_ids", "topk_logprobs"),
+    "sampled": ("sampled_logprobs",),
+    "logits": ("logits",),
+}
+
+
 @dataclass
 class TeacherSignals:
     """One teacher's signal for some rows of a `Trajectories` batch, per response token.
@@ -118,11 +127,10 @@ class TeacherSignals:
     weight_version: str = ""
 
     def __post_init__(self):
-        needed = {"hidden": ("hidden",), "topk": ("topk_ids", "topk_logprobs"), "sampled": ("sampled_logprobs",), "logits": ("logits",)}
-        if self.kind not in needed:
-            raise ValueError(f"unknown teacher signal kind {self.kind!r}; expected one of {list(needed)}")
+        if self.kind not in SIGNAL_FIELDS:
+            raise ValueError(f"unknown teacher signal kind {self.kind!r}; expected one of {list(SIGNAL_FIELDS)}")
         n = self.rows.shape[0]
-        for name in needed[self.kind]:
+        for name in SIGNAL_FIELDS[self.kind]:
             value = getattr(self, name)
             if value is None:
                 raise ValueError(f"TeacherSignals(kind={self.kind!r}) from {self.teacher!r} needs {name}")

@@ -44,12 +44,12 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def _full_vocab_last_logits(model, tokens: torch.Tensor, lengths: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def _full_vocab_last_logits(
+    model, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
     from megatron.core import tensor_parallel
 
-    device = next(model.parameters()).device
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    logits = model(tokens.to(device), positions.to(device), None)  # [b, s, V/tp]
+    logits = model(tokens, positions, None)  # [b, s, V/tp]
     last = logits[torch.arange(tokens.shape[0]), lengths - 1]  # [b, V/tp]
     # Sampling and bookkeeping stay on the CPU: one [b, V] row per token is cheap to move.
     return tensor_parallel.gather_from_tensor_model_parallel_region(last)[:, :vocab_size].float().cpu()
@@ -94,23 +94,26 @@ def generate(
     group = parallel_state.get_tensor_model_parallel_group()
     src = parallel_state.get_tensor_model_parallel_src_rank()
     vocab = tokenizer.vocab_size
+    device = next(model.parameters()).device
+    positions = torch.arange(width, device=device)
     for j in range(budget):
         active = (~done).nonzero().flatten()
         if len(active) == 0:
             break
         cur = int(lengths[active].max())
-        logits = _full_vocab_last_logits(model, tokens[active, :cur], lengths[active], vocab)
+        inputs = tokens[active, :cur].to(device)
+        logits = _full_vocab_last_logits(model, inputs, positions[:cur].expand_as(inputs), lengths[active], vocab)
+        # The sampler's own distribution (temperature, top-p/k): it samples, and the behaviour
+        # log-prob is taken under it.
+        sampler_logits = logits if params.temperature == 0 else filter_logits(logits, params)
         choice = torch.zeros(len(active), dtype=torch.long)
         if dist.get_rank() == src:
             if params.temperature == 0:
                 choice = logits.argmax(-1)
             else:
-                probs = filter_logits(logits, params).softmax(-1)
-                choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                choice = torch.multinomial(sampler_logits.softmax(-1), 1, generator=generator).squeeze(-1)
         if dist.get_world_size(group) > 1:
             dist.broadcast(choice, src=src, group=group)
-        # The behaviour log-prob is under the sampler's own distribution (temperature, top-p/k).
-        sampler_logits = logits if params.temperature == 0 else filter_logits(logits, params)
         logprobs[active, j] = sampler_logits.log_softmax(-1).gather(-1, choice[:, None]).squeeze(-1)
         tokens[active, lengths[active]] = choice
         lengths[active] += 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -178,9 +179,11 @@ class SGLangRolloutEngine:
 
             from megatron_opd.models.full_weights import full_state_dict
 
-            full = full_state_dict(self.trainer.module, parallel_state.get_tensor_model_parallel_group())
-            if dist.get_rank() == 0:  # one sender for all replicas: their weights are identical
-                push = lambda: self._broadcast_weights(full, str(step))  # noqa: E731
+            # One sender for all replicas (their weights are identical): only replica 0 gathers.
+            if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
+                full = full_state_dict(self.trainer.module, parallel_state.get_tensor_model_parallel_group())
+                if dist.get_rank() == 0:
+                    push = lambda: self._broadcast_weights(full, str(step))  # noqa: E731
         else:
             root = Path(self.trainer.run_dir) / "rollout_weights"
             path = ckpt.save_checkpoint(root, step, self.trainer.model, None, keep_last=1)
@@ -206,6 +209,8 @@ class SGLangRolloutEngine:
             return str(checkpoint)
         from checkpoints_tools.export import main as export
 
+        for old in root.glob("hf_step_*"):  # the servers hold the previous export already
+            shutil.rmtree(old, ignore_errors=True)
         out = root / f"hf_step_{step:08d}"
         argv = ["--input", str(checkpoint), "--model-config", str(Path(self.trainer.run_dir) / "model.yaml")]
         if export(argv + ["--output", str(out), "--overwrite", "--no-progress"]):

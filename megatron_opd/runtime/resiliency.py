@@ -77,7 +77,6 @@ class Resiliency:
         self.received: str | None = None
         self.stopped_at: int | None = None  # the step at which should_stop() said yes
         self.last_step = 0
-        self.heartbeats_sent = 0
         self._monitor = self._connect_monitor()
         for name in self.cfg.stop_signals:
             signal.signal(getattr(signal, name), self._on_signal)
@@ -122,7 +121,6 @@ class Resiliency:
         """Tell the rank monitor this rank is alive (after each step; call it inside long phases too)."""
         if self._monitor is not None:
             self._monitor.send_heartbeat()
-            self.heartbeats_sent += 1
 
     def on_step(self, step: int) -> None:
         self.last_step = step

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from megatron_opd.config import JobConfig
 from megatron_opd.data.domains import PromptSource, get_domain
 from megatron_opd.data.tokenizer import CharTokenizer
-from megatron_opd.data.trajectories import TeacherSignals, Trajectories
+from megatron_opd.data.trajectories import SIGNAL_FIELDS, TeacherSignals, Trajectories
 from megatron_opd.models.heads import load_output_layer_shard
 from megatron_opd.models.model_dir import read_model_dir
 from megatron_opd.rollout.embedded import responses
@@ -76,7 +76,7 @@ def _signals_for_rows(signals: list[TeacherSignals], rows: range) -> list[Teache
             continue
         fields = {
             k: getattr(s, k)[keep]
-            for k in ("response_lens", "hidden", "topk_ids", "topk_logprobs", "sampled_logprobs", "logits")
+            for k in ("response_lens", *(f for fields in SIGNAL_FIELDS.values() for f in fields))
             if getattr(s, k) is not None
         }
         out.append(replace(s, rows=s.rows[keep] - rows.start, **fields))
@@ -176,6 +176,7 @@ class OPDStage:
                 student_padded_vocab=self.cfg.model.padded_vocab_size(self.trainer.layout.tp),
                 tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                 tp_size=self.trainer.layout.tp,
+                dtype=self.trainer.dtype,  # cast once here, not per micro-batch
             ).to(device())
         return heads
 

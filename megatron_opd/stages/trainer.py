@@ -169,7 +169,6 @@ class Trainer:
         config.grad_scale_func = self.optimizer.scale_loss
         config.no_sync_func = self.model[0].no_sync
         self.step = 0
-        self.consumed_samples = 0
         self.run_dir = cfg.run_dir
         self.is_logger = self.rank == 0
         self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger)
@@ -265,7 +264,6 @@ class Trainer:
         common = {
             "trainer": {
                 "step": self.step,
-                "consumed_samples": self.consumed_samples,
                 "scheduler": self.scheduler.state_dict(),
             },
             "stage": stage.state_dict() if stage is not None else {},
@@ -290,7 +288,6 @@ class Trainer:
         trainer_state = common["trainer"]
         self.step = trainer_state["step"]
         self.ledger.truncate(self.step)
-        self.consumed_samples = trainer_state["consumed_samples"]
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         if stage is not None:
             stage.load_state_dict(common["stage"])
@@ -330,7 +327,6 @@ class Trainer:
                 self.step += 1
                 self.ledger.append(self.step, _gather_replica_ids(batch.sample_ids))
                 inject_fault(self.step)
-                self.consumed_samples += t.global_batch_size
                 if self.step % self.cfg.run.log_every == 0 or self.step == t.steps:
                     self.writer.write(self.step, metrics, prefix="train/")
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):

@@ -30,11 +30,11 @@ import megatron_opd
 REPO_ROOT = Path(megatron_opd.__file__).resolve().parents[1]
 _READY = re.compile(r"teacher server ready at (http://\S+)")
 # A server is always a world of one, even when started from inside a torchrun/SLURM rank.
-_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID")
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID")
 
 
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(extra or {})
     return env

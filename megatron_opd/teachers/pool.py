@@ -31,7 +31,7 @@ from typing import Any, Coroutine
 import numpy as np
 import torch
 
-from megatron_opd.data.trajectories import TeacherSignals, Trajectories
+from megatron_opd.data.trajectories import SIGNAL_FIELDS, TeacherSignals, Trajectories
 from megatron_opd.teachers import protocol as P
 from megatron_opd.teachers.client import TeacherClient, TeacherError, gather_all
 from megatron_opd.teachers.config import TeacherConfig, check_teachers
@@ -199,9 +199,6 @@ class TeacherPool:
         traj.teacher = names
         return traj
 
-    def temperature(self, teacher: str) -> float:
-        return self.teachers[teacher].temperature
-
     def score(self, traj: Trajectories) -> list[TeacherSignals]:
         return self._runner().run(self._score(traj))
 
@@ -252,8 +249,7 @@ def assemble(name: str, kind: str, rows: list[int], items: list[P.ScoreItem], si
     n = len(items)
     lens = torch.tensor([it.response_len for it in items], dtype=torch.long)
     fields: dict[str, torch.Tensor] = {}
-    per_item = {"hidden": ("hidden",), "topk": ("topk_ids", "topk_logprobs"), "sampled": ("sampled_logprobs",), "logits": ("logits",)}[kind]
-    for key in per_item:
+    for key in SIGNAL_FIELDS[kind]:
         out = None
         for b, sig in enumerate(sigs):
             t = torch.from_numpy(np.ascontiguousarray(getattr(sig, key)))

@@ -45,9 +45,9 @@ from typing import Any, Callable
 import numpy as np
 
 from megatron_opd.teachers import protocol as P
+from megatron_opd.teachers.launch import LAUNCH_ENV
 
 DEFAULT_WEIGHT_VERSION = "default"  # SGLang's --weight-version default
-_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID")
 # Sampling parameters accepted only at their neutral value (the server does not implement them).
 _NEUTRAL_PARAMS = {
     "min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
@@ -238,6 +238,7 @@ class ModelBackend:
 
         self.torch = torch
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        self.device = next(model.parameters()).device
         self.model_path, self.weight_version = model_path, weight_version
         self.rng = random.Random(seed)
         self._captured: dict[str, Any] = {}
@@ -265,7 +266,7 @@ class ModelBackend:
             raise SystemExit("serve-teacher: give --model-dir DIR, or --random-init --model-config YAML --tokenizer DIR")
         if tok.vocab_size != cfg.vocab_size:
             raise SystemExit(f"serve-teacher: tokenizer has {tok.vocab_size} tokens, model.vocab_size is {cfg.vocab_size}")
-        for key in _LAUNCH_ENV:  # the server is a world of one even when started from a torchrun job
+        for key in LAUNCH_ENV:  # the server is a world of one even when started from a torchrun job
             os.environ.pop(key, None)
         init_runtime(ParallelLayout(), args.seed)
         model = build_gpt_model(cfg, ParallelLayout())
@@ -286,9 +287,8 @@ class ModelBackend:
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
         pos = torch.arange(width).unsqueeze(0).expand_as(ids)
-        device = next(self.model.parameters()).device
         with torch.no_grad():
-            logits = self.model(ids.to(device), pos.to(device), None)[..., : self.cfg.vocab_size].float().cpu()
+            logits = self.model(ids.to(self.device), pos.to(self.device), None)[..., : self.cfg.vocab_size].float().cpu()
             hidden = self._captured.pop("h").transpose(0, 1).float().cpu() if need_hidden else None
         return logits, hidden
 
@@ -480,9 +480,8 @@ class ModelBackend:
             raise ValueError(f"{len(names)} names, {len(dtypes)} dtypes and {len(shapes)} shapes")
         # Receive everything first: the broadcast order is the sender's, whatever we do with it.
         received = {}
-        device = next(self.model.parameters()).device  # NCCL receives into CUDA memory
-        for name, dtype, shape in zip(names, dtypes, shapes):
-            tensor = torch.empty(shape, dtype=getattr(torch, str(dtype).replace("torch.", "")), device=device)
+        for name, dtype, shape in zip(names, dtypes, shapes):  # on the model's device: NCCL needs CUDA
+            tensor = torch.empty(shape, dtype=getattr(torch, str(dtype).replace("torch.", "")), device=self.device)
             broadcast_from(group, tensor, 0)
             received[name] = tensor
         params = dict(self.model.named_parameters())

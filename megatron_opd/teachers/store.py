@@ -33,11 +33,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from megatron_opd.data.trajectories import TeacherSignals
+from megatron_opd.data.trajectories import SIGNAL_FIELDS, TeacherSignals
 
 COMPLETE = "COMPLETE"
 FORMAT = 1
-FIELDS = {"hidden": ("hidden",), "topk": ("topk_ids", "topk_logprobs"), "sampled": ("sampled_logprobs",), "logits": ("logits",)}
 _STEP = re.compile(r"^step_(\d{8})$")
 _PART = re.compile(r"^part_(\d{4,})$")
 CHUNK_BYTES = 1 << 20
@@ -137,7 +136,7 @@ class TeacherStore:
             lens = sig.response_lens.tolist()
             tgroup = group.create_group(sig.teacher)
             tgroup.create_array("offsets", data=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64))
-            for key in FIELDS[sig.kind]:
+            for key in SIGNAL_FIELDS[sig.kind]:
                 value = getattr(sig, key)
                 flat = torch.cat([value[i, :n] for i, n in enumerate(lens)]) if lens else value[:, :0].flatten(0, 1)
                 flat = flat.detach().cpu().numpy().astype(self.dtypes[key], copy=False)
@@ -197,9 +196,6 @@ class StepReader:
     def sample_ids(self) -> list[str]:
         return list(self._loc)
 
-    def teacher_of(self, sample_id: str) -> str:
-        return self._location(sample_id).teacher
-
     def _location(self, sample_id: str) -> _Loc:
         try:
             return self._loc[sample_id]
@@ -230,7 +226,7 @@ class StepReader:
         for teacher, rows in by_teacher.items():
             kind = self._kinds[teacher]
             fields = {}
-            for key in FIELDS[kind]:
+            for key in SIGNAL_FIELDS[kind]:
                 pieces = [self._groups[locs[i].part][f"{teacher}/{key}"][spans[i][0] : spans[i][1]] for i in rows]
                 trailing = pieces[0].shape[1:]
                 # Ids widen to long (the trainer's index type); floats keep the stored dtype.
