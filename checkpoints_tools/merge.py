@@ -101,11 +101,11 @@ def merge(
             "inputs mix Hugging Face and megatron directories; convert them to one format first"
         )
     out = Path(output_dir)
-    _check_output_dir(out, overwrite)
+    # The inputs are checked before the output is touched: a refused merge keeps an old output.
     if kinds.pop():
-        _merge_hf(method, experts, Path(base) if base else None, w, out, progress, max_shard_bytes)
+        _merge_hf(method, experts, Path(base) if base else None, w, out, overwrite, progress, max_shard_bytes)
     else:
-        _merge_megatron(method, experts, Path(base) if base else None, w, out, progress)
+        _merge_megatron(method, experts, Path(base) if base else None, w, out, overwrite, progress)
     from checkpoints_tools.manifest import write_manifest
 
     write_manifest(
@@ -121,7 +121,7 @@ def merge(
     return out
 
 
-def _merge_megatron(method, experts, base, w, out: Path, progress: bool) -> None:
+def _merge_megatron(method, experts, base, w, out: Path, overwrite: bool, progress: bool) -> None:
     import torch
 
     from checkpoints_tools.megatron_io import (
@@ -160,6 +160,7 @@ def _merge_megatron(method, experts, base, w, out: Path, progress: bool) -> None
                     f"tensor {slot.key}: {list(slot.shape)} in {models[0].step_dir} "
                     f"but {list(s[name].shape)} in {m.step_dir}"
                 )
+    _check_output_dir(out, overwrite)
     batches = row_batches(first, BLOCK_BYTES)
     with Arena(out / ".staging", Arena.bytes_for((s.shape, s.dtype) for s in first.values())) as arena:
         dests = {name: arena.empty(slot.shape, slot.dtype) for name, slot in first.items()}
@@ -186,7 +187,7 @@ def _merge_megatron(method, experts, base, w, out: Path, progress: bool) -> None
     copy_model_files(models[0].model_dir, out)
 
 
-def _merge_hf(method, experts, base, w, out: Path, progress: bool, max_shard_bytes: int) -> None:
+def _merge_hf(method, experts, base, w, out: Path, overwrite: bool, progress: bool, max_shard_bytes: int) -> None:
     from checkpoints_tools.hf_io import HFCheckpoint, copy_side_files, plan_shards, write_shards
     from checkpoints_tools.progress import counting
 
@@ -204,6 +205,7 @@ def _merge_hf(method, experts, base, w, out: Path, progress: bool, max_shard_byt
             raise ShapeMismatch(
                 f"tensor {n}: {list(ref.info(n).shape)} in {ref.path} but {list(h.info(n).shape)} in {h.path}"
             )
+    _check_output_dir(out, overwrite)
     shards = plan_shards([(n, ref.info(n).nbytes) for n in ref.names()], max_shard_bytes)
 
     def load_shard(names):

@@ -87,17 +87,21 @@ def _world(root: str) -> dict:
     from checkpoints_tools.errors import CheckpointToolError
     from checkpoints_tools.merge import merge
 
+    # Refused over an existing output with overwrite: the old output must survive.
+    before = sorted(p.relative_to(root) for p in (root / "uniform_mg").rglob("*"))
     try:
-        merge("uniform", [root / "a_mg", root / "other_mg"], root / "bad3")
+        merge("uniform", [root / "a_mg", root / "other_mg"], root / "uniform_mg", overwrite=True)
         mismatch_message = "no error"
     except CheckpointToolError as e:
         mismatch_message = str(e)
+    kept = before == sorted(p.relative_to(root) for p in (root / "uniform_mg").rglob("*"))
     tensors = {name: _all_tensors(root / f"{name}_mg") for name in ("base", "a", "b", "uniform", "task")}
     hf = {name: read_safetensors_dir(root / f"{name}_hf") for name in ("base", "a", "b", "uniform", "task")}
     logits, _ = load_and_forward(str(root / "uniform_mg"), {}, TOKENS)
     return {
         "codes": codes,
         "mismatch_message": mismatch_message,
+        "refused_merge_kept_output": kept and bool(before),
         "megatron": tensors,
         "hf": hf,
         "merged_runs": bool(torch.isfinite(logits).all()),
@@ -155,3 +159,4 @@ def test_merge_refuses_mismatched_inputs(results):
     assert results["codes"]["mismatch"] == 2 and results["codes"]["no_weights"] == 2
     # qwen2 vs qwen3: the message names the config fields that differ.
     assert "qkv_bias" in results["mismatch_message"] and "qk_layernorm" in results["mismatch_message"]
+    assert results["refused_merge_kept_output"]
