@@ -216,11 +216,9 @@ def _pieces(hf, binding, slot, want, arena):
     dtype = want or hf.info(binding.hf_names[0]).dtype
     if _direct(hf, binding, want):
         return [hf.rows(binding.hf_names[blk.src], blk.start, blk.stop) for blk in binding.blocks]
-    full, row = arena.zeros(slot.shape, dtype), 0
-    for blk in binding.blocks:
-        if blk.src is not None:
-            full[row : row + blk.rows].copy_(hf.rows(binding.hf_names[blk.src], blk.start, blk.stop))
-        row += blk.rows
+    full = arena.zeros(slot.shape, dtype)
+    for row, blk in binding.row_blocks():
+        full[row : row + blk.rows].copy_(hf.rows(binding.hf_names[blk.src], blk.start, blk.stop))
     return [full]
 
 

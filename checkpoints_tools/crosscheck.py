@@ -23,21 +23,13 @@ from pathlib import Path
 def compare_model_with_checkpoint(model, step_dir: Path, vocab_size: int) -> dict[str, float]:
     """Max abs difference per checkpoint key between a megatron model (TP=PP=EP=1) and a checkpoint."""
     import torch
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    from checkpoints_tools.megatron_io import Region, read_regions, stored_tensors
+    from checkpoints_tools.megatron_io import Region, read_regions, stored_tensors, tensor_shards
 
     stored = stored_tensors(step_dir)
     diffs: dict[str, float] = {}
     for name, obj in model.sharded_state_dict().items():
-        if isinstance(obj, ShardedTensorFactory):
-            built = obj.build()
-            shards = list(built.values()) if isinstance(built, dict) else list(built)
-        elif isinstance(obj, ShardedTensor):
-            shards = [obj]
-        else:
-            continue
-        for sh in shards:
+        for sh in tensor_shards(obj) or []:
             if sh.key not in stored:
                 diffs[sh.key] = float("inf")
                 continue

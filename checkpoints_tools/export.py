@@ -171,11 +171,7 @@ def _shard_loader(slots, by_name, out_dtype, step_dir):
         for b in dict.fromkeys(by_name[n] for n in names):  # each binding once, in order
             slot = slots[b.megatron_name]
             hf = [torch.empty(s, dtype=slot.dtype) for s in b.hf_shapes]
-            row = 0
-            for blk in b.blocks:
-                if blk.src is not None:
-                    regions.append(block_region(slot, row, hf[blk.src][blk.start : blk.stop]))
-                row += blk.rows
+            regions += [block_region(slot, row, hf[blk.src][blk.start : blk.stop]) for row, blk in b.row_blocks()]
             tensors[b] = hf
         read_regions(step_dir, regions)
         return {n: t.to(out_dtype(b)) for b, hf in tensors.items() for n, t in zip(b.hf_names, hf)}

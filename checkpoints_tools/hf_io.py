@@ -151,10 +151,6 @@ class HFCheckpoint:
     def info(self, name: str) -> TensorInfo:
         return self._infos[name]
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(i.nbytes for i in self._infos.values())
-
     def _map(self, file: Path) -> mmap.mmap:
         if file not in self._maps:
             with open(file, "rb") as f:
@@ -232,7 +228,7 @@ def write_shards(
         weight_map.update({n: file for n in names})
         del tensors
         if on_shard is not None:
-            on_shard(sum(1 for _ in names))
+            on_shard(len(names))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return weight_map

@@ -27,11 +27,8 @@ def hf_from_megatron(cfg: ModelConfig, full: dict[str, torch.Tensor]) -> dict[st
     for b in bindings_for(cfg, {n: tuple(t.shape) for n, t in full.items()}):
         source = full[b.megatron_name]
         pieces = [source.new_empty(shape) for shape in b.hf_shapes]
-        row = 0
-        for block in b.blocks:
-            if block.src is not None:
-                pieces[block.src][block.start : block.stop] = source[row : row + block.rows]
-            row += block.rows
+        for row, block in b.row_blocks():
+            pieces[block.src][block.start : block.stop] = source[row : row + block.rows]
         out.update(zip(b.hf_names, pieces))
     return out
 
@@ -52,10 +49,7 @@ def megatron_from_hf(
                 raise ShapeMismatch(f"{name}: the update has shape {tuple(hf[name].shape)}, the model needs {shape}")
         first = hf[b.hf_names[0]]
         target = torch.zeros(b.megatron_shape, dtype=first.dtype, device=first.device)
-        row = 0
-        for block in b.blocks:
-            if block.src is not None:
-                target[row : row + block.rows] = hf[b.hf_names[block.src]][block.start : block.stop]
-            row += block.rows
+        for row, block in b.row_blocks():
+            target[row : row + block.rows] = hf[b.hf_names[block.src]][block.start : block.stop]
         out[b.megatron_name] = target
     return out

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from checkpoints_tools.errors import CheckpointToolError, UnsupportedConfig, name_list
 from megatron_opd.models.gpt import ModelConfig
@@ -62,6 +62,14 @@ class Binding:
     hf_names: tuple[str, ...]
     hf_shapes: tuple[Shape, ...]
     blocks: tuple[Block, ...]
+
+    def row_blocks(self) -> Iterator[tuple[int, Block]]:
+        """(first megatron row, block) of every block that holds HF rows; padding is skipped."""
+        row = 0
+        for block in self.blocks:
+            if block.src is not None:
+                yield row, block
+            row += block.rows
 
     @property
     def uniform(self) -> bool:

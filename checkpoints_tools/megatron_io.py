@@ -126,13 +126,26 @@ class Structure:
     objects: tuple
 
 
+def tensor_shards(obj) -> list | None:
+    """The ShardedTensors one entry of megatron's sharded state dict stands for (a factory such as
+    SwiGLU's fc1 builds several), or None when the entry is not tensor data."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    if isinstance(obj, ShardedTensorFactory):
+        built = obj.build()
+        return list(built.values()) if isinstance(built, dict) else list(built)
+    if isinstance(obj, ShardedTensor):
+        return [obj]
+    return None
+
+
 def model_structure(cfg: ModelConfig, *, vocab_tp: int = 1, naming: str = "local") -> Structure:
     """Every parameter of the model and where it lives in a checkpoint (megatron built on meta).
 
     `vocab_tp`: the TP size whose vocabulary padding the embedding and output layer get.
     `naming`: "local" or "te" (see `te_key`).
     """
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     from megatron_opd.models.gpt import build_gpt_model
 
@@ -151,12 +164,8 @@ def model_structure(cfg: ModelConfig, *, vocab_tp: int = 1, naming: str = "local
         if isinstance(obj, ShardedObject):
             objects.append(obj)
             continue
-        if isinstance(obj, ShardedTensorFactory):
-            built = obj.build()
-            shards = list(built.values()) if isinstance(built, dict) else list(built)
-        elif isinstance(obj, ShardedTensor):
-            shards = [obj]
-        else:
+        shards = tensor_shards(obj)
+        if shards is None:
             raise CheckpointToolError(
                 f"internal: unexpected {type(obj).__name__} for {name} in megatron's sharded state dict"
             )
@@ -189,12 +198,11 @@ class StoredTensor:
 
 def stored_tensors(step_dir: Path) -> dict[str, StoredTensor]:
     """Every tensor key in a torch_dist checkpoint with its global shape and dtype (metadata only)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if not (step_dir / ".metadata").is_file():
         raise CheckpointToolError(f"{step_dir} is not a torch_dist checkpoint (.metadata is missing)")
-    md = FileSystemReader(str(step_dir)).read_metadata()
+    md = _reader(step_dir).read_metadata()  # parsed once, shared with read_regions
     return {
         k: StoredTensor(tuple(v.size), v.properties.dtype)
         for k, v in md.state_dict_metadata.items()
@@ -437,10 +445,6 @@ def write_checkpoint(
 
     init_single_process()
     return save_checkpoint(root, step, [ShardedSource([*sharded_tensors, *objects])], common=common)
-
-
-def stored_bytes(step_dir: Path) -> int:
-    return sum(p.stat().st_size for p in step_dir.glob("*.distcp"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -451,10 +451,6 @@ def _word(text: str) -> str:
     return shlex.quote(text)
 
 
-def _cmd(argv: list[str]) -> str:
-    return " ".join(_word(a) for a in argv)
-
-
 def _lines(words: list[str]) -> list[str]:
     """Group shell words into lines: a new line at each long option (`--x`), its values with it."""
     lines: list[str] = []

@@ -201,8 +201,12 @@ def test_config_errors_before_submission(tmp_path, fake_sbatch, changes, message
     exe, calls = fake_sbatch
     path = _write(tmp_path, changes)
     with pytest.raises(ClusterConfigError, match=message) as info:
-        submit(prepare(path, workdir=tmp_path), sbatch=str(exe))
+        prepare(path, workdir=tmp_path)
     assert "nothing was submitted" in str(info.value)
+    # submit() checks again: an unchecked plan never reaches sbatch.
+    unchecked = plan(*load_job(path), workdir=tmp_path)
+    with pytest.raises(ClusterConfigError, match=message):
+        submit(unchecked, sbatch=str(exe))
     assert not calls.exists(), "sbatch was called for a config that failed its checks"
     assert not (tmp_path / "runs").exists(), "files were written for a config that failed its checks"
 
