@@ -257,9 +257,8 @@ class OPDStage:
                 MicroBatch(
                     batch.tokens[start : rows.stop],
                     positions[start : rows.stop],
-                    {
+                    host={
                         "prompt_lens": batch.prompt_lens[start : rows.stop],
-                        "response_lens": batch.response_lens[start : rows.stop],
                         "domain_ids": domain_ids[start : rows.stop],
                         "signals": _signals_for_rows(signals, rows),
                     },
@@ -285,13 +284,13 @@ class OPDStage:
         from megatron_opd import losses
 
         fused = self.cfg.opd.fused_output_layer
-        prompt_lens = mb.data["prompt_lens"].cpu()  # row/position bookkeeping stays on the CPU
+        prompt_lens = mb.host["prompt_lens"]
         vocab = self.tokenizer.vocab_size
         total = output.new_zeros((), dtype=torch.float32)
         count = 0
         reports: dict[str, torch.Tensor] = {}
-        per_domain = torch.zeros(len(self.source.domains), 2, dtype=torch.float64)
-        for s in mb.data["signals"]:
+        per_domain = torch.zeros(len(self.source.domains), 2, dtype=torch.float64, device=output.device)
+        for s in mb.host["signals"]:
             teacher = self.cfg.teachers[s.teacher]
             # The student's output (logits or hidden) at the positions that predict each response
             # token, [N, V/tp] or [N, h], rows in the order of _flatten_responses.
@@ -320,7 +319,7 @@ class OPDStage:
                 reports.update(extra)
             count += kl.numel()
             reports[f"kl/{s.teacher}"] = metric(kl.sum(), kl.numel())
-            self._add_domain(per_domain, mb.data["domain_ids"][row_of], kl)
+            self._add_domain(per_domain, mb.host["domain_ids"][row_of], kl)
         for d, (ksum, n) in zip(self.source.domains, per_domain.tolist()):
             if n:
                 reports[f"kl_domain/{d.name}"] = metric(ksum, n)
@@ -360,8 +359,8 @@ class OPDStage:
 
     @staticmethod
     def _add_domain(per_domain: torch.Tensor, domain_ids: torch.Tensor, kl: torch.Tensor) -> None:
-        detached = kl.detach().to("cpu", torch.float64)
-        domain_ids = domain_ids.cpu()
+        detached = kl.detach().to(torch.float64)
+        domain_ids = domain_ids.to(kl.device)
         per_domain[:, 0].index_add_(0, domain_ids, detached)
         per_domain[:, 1].index_add_(0, domain_ids, torch.ones_like(detached))
 

@@ -43,13 +43,14 @@ class MicroBatch:
 
     tokens: torch.Tensor  # [b, s] long
     position_ids: torch.Tensor  # [b, s] long
-    data: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, torch.Tensor] = field(default_factory=dict)  # loss inputs, on the model's device
+    # Bookkeeping the loss reads on the host (row indices, teacher signals): never moved, so the
+    # loss does not sync the device to read it back.
+    host: dict[str, Any] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> "MicroBatch":
-        """Tensors moved to `device`; other data (teacher signals) stays where it is and the loss
-        moves what it uses."""
-        data = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.data.items()}
-        return MicroBatch(self.tokens.to(device), self.position_ids.to(device), data)
+        data = {k: v.to(device) for k, v in self.data.items()}
+        return MicroBatch(self.tokens.to(device), self.position_ids.to(device), data, self.host)
 
 
 # loss(micro_batch, output) -> (sum of per-token losses, number of tokens, {metric: [sum, count]})
