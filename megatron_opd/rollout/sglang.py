@@ -38,6 +38,7 @@ from megatron_opd.data.tokenizer import CharTokenizer
 from megatron_opd.data.trajectories import Trajectories
 from megatron_opd.rollout.engine import RolloutConfig
 from megatron_opd.runtime import checkpoint as ckpt
+from megatron_opd.runtime.distributed import broadcast_object, first_error, replica_group_and_src
 
 # -- the weight-update request bodies (tests check them against SGLang's io_struct) -------------
 
@@ -79,15 +80,12 @@ def sample_seed(seed: int, sample_id: str) -> int:
 
 class SGLangRolloutEngine:
     def __init__(self, cfg: RolloutConfig, trainer, tokenizer: CharTokenizer, *, max_len: int, seed: int):
-        from megatron.core import parallel_state
-
         if not cfg.endpoints:
             raise ValueError("rollout.engine=sglang needs rollout.endpoints (the SGLang servers' base URLs)")
         if cfg.server_ranks < 1:
             raise ValueError(f"rollout.server_ranks={cfg.server_ranks}: each server holds at least one rank")
         self.cfg, self.trainer, self.tokenizer, self.max_len, self.seed = cfg, trainer, tokenizer, max_len, seed
-        group = parallel_state.get_model_parallel_group()
-        self.group, self.src = group, min(dist.get_process_group_ranks(group))
+        self.group, self.src = replica_group_and_src()
         self.is_src = dist.get_rank() == self.src
         self.version = ""
         self.client = None
@@ -112,11 +110,7 @@ class SGLangRolloutEngine:
     # -- sampling ---------------------------------------------------------------------------------
 
     def generate(self, prompts: list[Prompt], step: int) -> Trajectories:
-        batch = self._request(prompts) if self.is_src else None
-        holder = [batch]
-        if dist.get_world_size(self.group) > 1:
-            dist.broadcast_object_list(holder, src=self.src, group=self.group)
-        return holder[0]
+        return broadcast_object(self._request(prompts) if self.is_src else None, self.src, self.group)
 
     def _request(self, prompts: list[Prompt]) -> Trajectories:
         encoded = encode_prompts(prompts, self.tokenizer)
@@ -195,9 +189,7 @@ class SGLangRolloutEngine:
                 push()
             except Exception as e:  # noqa: BLE001 - raised on every rank below
                 error = f"{type(e).__name__}: {e}"
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        first = next((e for e in errors if e), None)
+        first = first_error(error)
         if first:
             raise RolloutServerError(first)
         self.version = str(step)

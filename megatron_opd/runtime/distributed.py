@@ -207,3 +207,28 @@ def broadcast_from(group: dist.ProcessGroup, tensor: torch.Tensor, root: int = 0
     options = dist.BroadcastOptions()
     options.rootRank = root
     group.broadcast([tensor], options).wait()
+
+
+def replica_group_and_src() -> tuple[dist.ProcessGroup, int]:
+    """This data-parallel replica's ranks (TP x PP x CP, megatron's model-parallel group) and its
+    first rank: the one that talks to servers and owns the replica's host-side state."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_model_parallel_group()
+    return group, min(dist.get_process_group_ranks(group))
+
+
+def broadcast_object(obj, src: int, group: dist.ProcessGroup):
+    """`obj` of rank `src`, on every rank of `group`."""
+    holder = [obj if dist.get_rank() == src else None]
+    if dist.get_world_size(group) > 1:
+        dist.broadcast_object_list(holder, src=src, group=group)
+    return holder[0]
+
+
+def first_error(error: str | None) -> str | None:
+    """Collective: the first rank's error message, if any rank has one, on every rank, so that
+    all ranks raise together instead of the others hanging in their next collective."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)

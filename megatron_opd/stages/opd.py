@@ -34,7 +34,7 @@ from megatron_opd.models.heads import load_output_layer_shard
 from megatron_opd.models.model_dir import read_model_dir
 from megatron_opd.rollout.embedded import responses
 from megatron_opd.rollout.engine import EmbeddedRolloutEngine, RolloutEngine
-from megatron_opd.runtime.distributed import device
+from megatron_opd.runtime.distributed import broadcast_object, device, first_error, replica_group_and_src
 from megatron_opd.stages.evaluation import domain_accuracy
 from megatron_opd.stages.trainer import MicroBatch, StepBatch, Trainer, logits_forward, metric
 
@@ -49,22 +49,6 @@ def output_layer_bypassed(model: torch.nn.Module):
         yield
     finally:
         del layer.forward
-
-
-def _model_parallel_group_and_src():
-    """The ranks of this data-parallel replica (TP x PP x CP) and their first rank."""
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_model_parallel_group()
-    ranks = dist.get_process_group_ranks(group)
-    return group, min(ranks)
-
-
-def _broadcast_object(obj: Any, src: int, group) -> Any:
-    holder = [obj if dist.get_rank() == src else None]
-    if dist.get_world_size(group) > 1:
-        dist.broadcast_object_list(holder, src=src, group=group)
-    return holder[0]
 
 
 def _signals_for_rows(signals: list[TeacherSignals], rows: range) -> list[TeacherSignals]:
@@ -121,7 +105,7 @@ class OPDStage:
                     f"cannot be rebuilt: use signal=hidden or temperature=1.0"
                 )
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        self.mp_group, self.mp_src = _model_parallel_group_and_src()
+        self.mp_group, self.mp_src = replica_group_and_src()
         self.pool = self._start_pool()
         self.store = None
         if cfg.opd.signal_store and dist.get_rank() == self.mp_src:
@@ -149,9 +133,7 @@ class OPDStage:
                 pool.start_sync()
             except Exception as e:  # noqa: BLE001 - re-raised on every rank below
                 error = f"{type(e).__name__}: {e}"
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        first = next((e for e in errors if e), None)
+        first = first_error(error)
         if first:
             if pool is not None:
                 pool.close()
@@ -222,7 +204,7 @@ class OPDStage:
                 if self.store is not None:
                     self.store.write(step, part, routed.sample_ids, signals)
             result = (routed.teacher, signals)
-        teachers, signals = _broadcast_object(result, self.mp_src, self.mp_group)
+        teachers, signals = broadcast_object(result, self.mp_src, self.mp_group)
         batch.teacher = teachers
         return batch, signals
 

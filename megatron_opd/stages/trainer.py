@@ -31,7 +31,7 @@ import torch.distributed as dist
 from megatron_opd.config import JobConfig, dump_config
 from megatron_opd.models.gpt import build_gpt_model
 from megatron_opd.runtime import checkpoint as ckpt
-from megatron_opd.runtime.distributed import device
+from megatron_opd.runtime.distributed import device, replica_group_and_src
 from megatron_opd.runtime.layout import ParallelLayout
 from megatron_opd.runtime.resiliency import Resiliency
 from megatron_opd.stages.reporting import MetricsWriter, Progress
@@ -411,10 +411,8 @@ def read_ledger(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def _gather_replica_ids(ids: list[str]) -> list[str]:
     """Every data-parallel replica's sample ids, on rank 0 (one copy per replica)."""
-    from megatron.core import parallel_state
-
-    first = parallel_state.get_model_parallel_group()
-    mine = ids if dist.get_rank() == min(dist.get_process_group_ranks(first)) else []
+    _, src = replica_group_and_src()
+    mine = ids if dist.get_rank() == src else []
     gathered: list[list[str]] = [None] * dist.get_world_size()  # type: ignore[list-item]
     dist.all_gather_object(gathered, mine)
     return [i for part in gathered for i in part]
