@@ -22,7 +22,7 @@ from typing import Any
 
 from checkpoints_tools.errors import UnknownArchitecture, UnsupportedConfig
 from checkpoints_tools.mapping import Rule, check_rules, rule
-from megatron_opd.models.gpt import ModelConfig
+from megatron_opd.models.config import ModelConfig
 
 L = "decoder.layers.{L}."
 H = "model.layers.{L}."

@@ -13,7 +13,7 @@ import torch
 from checkpoints_tools.architectures import infer_architecture
 from checkpoints_tools.errors import MissingTensors, ShapeMismatch, name_list
 from checkpoints_tools.mapping import Binding, bind
-from megatron_opd.models.gpt import ModelConfig
+from megatron_opd.models.config import ModelConfig
 
 
 def bindings_for(cfg: ModelConfig, megatron_shapes: dict[str, tuple[int, ...]]) -> list[Binding]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from checkpoints_tools.errors import CheckpointToolError, UnsupportedConfig, name_list
-from megatron_opd.models.gpt import ModelConfig
+from megatron_opd.models.config import ModelConfig
 
 Shape = tuple[int, ...]
 

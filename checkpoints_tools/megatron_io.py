@@ -39,7 +39,7 @@ from checkpoints_tools.errors import (
     UnexpectedTensors,
     name_list,
 )
-from megatron_opd.models.gpt import ModelConfig
+from megatron_opd.models.config import ModelConfig
 from megatron_opd.runtime.layout import ParallelLayout
 
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-from megatron_opd.models.gpt import ModelConfig
-from megatron_opd.rollout.engine import RolloutConfig
+from megatron_opd.models.config import ModelConfig
+from megatron_opd.rollout.config import RolloutConfig
 from megatron_opd.runtime.cluster import ClusterConfig
 from megatron_opd.runtime.layout import ParallelLayout
 from megatron_opd.teachers.config import TeacherConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_opd.config import ConfigError, JobConfig, load_config, to_dict, build
-from megatron_opd.models.gpt import ModelConfig
+from megatron_opd.models.config import ModelConfig
 from megatron_opd.runtime.layout import LayoutError, ParallelLayout
 
 

@@ -197,7 +197,8 @@ def _student_export(root: Path, cfg_kwargs: dict) -> dict:
     from checkpoints_tools.export import megatron_to_hf
     from checkpoints_tools.verify import load_and_forward
     from megatron_opd.data.tokenizer import CharTokenizer
-    from megatron_opd.models.gpt import ModelConfig, build_gpt_model
+    from megatron_opd.models.config import ModelConfig
+    from megatron_opd.models.gpt import build_gpt_model
     from megatron_opd.models.model_dir import write_model_dir
     from megatron_opd.runtime.checkpoint import save_checkpoint
     from megatron_opd.runtime.distributed import init_runtime

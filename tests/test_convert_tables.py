@@ -30,7 +30,7 @@ from checkpoints_tools.hf_io import HFCheckpoint
 from checkpoints_tools.mapping import LAYOUTS, _pattern
 from checkpoints_tools.megatron_io import Slot, te_key
 from checkpoints_tools.staging import Arena
-from megatron_opd.models.gpt import ModelConfig
+from megatron_opd.models.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

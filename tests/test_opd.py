@@ -280,7 +280,8 @@ def _rollout_worker(cfg_tree: dict, rollout_url: str):
 
     from megatron_opd.config import build, derive
     from megatron_opd.data.tokenizer import CharTokenizer
-    from megatron_opd.rollout.embedded import SamplingParams, generate
+    from megatron_opd.rollout.config import SamplingParams
+    from megatron_opd.rollout.embedded import generate
     from megatron_opd.runtime.distributed import init_runtime
     from megatron_opd.stages.opd import OPDStage
     from megatron_opd.stages.trainer import Trainer

@@ -187,7 +187,7 @@ def test_tiny_job_teachers_preemption_requeue_resume(slurm, tmp_path, cancel_on_
     ledger lists every step's samples exactly once; each role wrote its own log per attempt.
     """
     from megatron_opd.data.tokenizer import CharTokenizer
-    from megatron_opd.models.gpt import ModelConfig
+    from megatron_opd.models.config import ModelConfig
     from megatron_opd.models.model_dir import write_model_dir
 
     # Enough steps that replica 1 is back (about 10 s) long before the trainer could finish; the

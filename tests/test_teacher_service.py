@@ -25,7 +25,7 @@ import torch
 
 from megatron_opd.data.tokenizer import CharTokenizer
 from megatron_opd.data.trajectories import Trajectories
-from megatron_opd.models.gpt import ModelConfig
+from megatron_opd.models.config import ModelConfig
 from megatron_opd.teachers import protocol as P
 from megatron_opd.teachers.client import (
     TeacherClient,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_opd.models.gpt import ModelConfig
+from megatron_opd.models.config import ModelConfig
 
 
 def output_layer_key(cfg: ModelConfig) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from megatron_opd.data.tokenizer import CharTokenizer, load_tokenizer
-from megatron_opd.models.gpt import ModelConfig
+from megatron_opd.models.config import ModelConfig
 from megatron_opd.runtime.checkpoint import latest_complete
 
 

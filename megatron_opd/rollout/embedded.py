@@ -11,22 +11,13 @@ CPU models this engine serves (sequences of tens of tokens); at scale, rollouts 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
 from megatron_opd.data.domains import Prompt, encode_prompts, pack
 from megatron_opd.data.tokenizer import CharTokenizer
 from megatron_opd.data.trajectories import Trajectories
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 8
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no limit
+from megatron_opd.rollout.config import SamplingParams
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from megatron_opd.data.domains import Prompt, encode_prompts, pack
 from megatron_opd.data.tokenizer import CharTokenizer
 from megatron_opd.data.trajectories import Trajectories
-from megatron_opd.rollout.engine import RolloutConfig
+from megatron_opd.rollout.config import RolloutConfig
 from megatron_opd.runtime import checkpoint as ckpt
 from megatron_opd.runtime.distributed import broadcast_object, first_error, replica_group_and_src
 

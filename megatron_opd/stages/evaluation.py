@@ -7,7 +7,8 @@ import torch.distributed as dist
 
 from megatron_opd.data.domains import PromptSource, get_domain
 from megatron_opd.data.tokenizer import CharTokenizer
-from megatron_opd.rollout.embedded import SamplingParams, generate, responses
+from megatron_opd.rollout.config import SamplingParams
+from megatron_opd.rollout.embedded import generate, responses
 
 
 def domain_accuracy(

@@ -251,7 +251,8 @@ class ModelBackend:
     def load(cls, args: argparse.Namespace) -> "ModelBackend":
         from megatron_opd.config import load_config
         from megatron_opd.data.tokenizer import load_tokenizer
-        from megatron_opd.models.gpt import ModelConfig, build_gpt_model
+        from megatron_opd.models.config import ModelConfig
+        from megatron_opd.models.gpt import build_gpt_model
         from megatron_opd.models.model_dir import read_model_dir
         from megatron_opd.runtime.checkpoint import load_checkpoint
         from megatron_opd.runtime.distributed import init_runtime

@@ -1,0 +1,46 @@
+"""`RolloutConfig` and `SamplingParams`: how a stage's trajectories are sampled, as the YAML says.
+
+Torch-free on purpose: the config tree imports it (a SLURM login node renders jobs without torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 8
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["embedded", "sglang"] = "embedded"
+    # SGLang engine: server base URLs (a router's URL, or several servers used round-robin).
+    endpoints: list[str] = field(default_factory=list)
+    api_key: str = ""
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # SGLang engine: "disk" exports weights and calls /update_weights_from_disk; "distributed"
+    # broadcasts them under their Hugging Face names from trainer rank 0 through a process group
+    # joining it and the servers (/init_weights_update_group, /begin_weight_update,
+    # /update_weights_from_distributed, /end_weight_update): NCCL on GPUs, gloo on CPUs.
+    weight_sync: Literal["disk", "distributed"] = "disk"
+    # Distributed sync: ranks per server in the group (its --tp-size) and the address servers
+    # reach trainer rank 0 at ("": 127.0.0.1 when every endpoint is local, else this host's name).
+    server_ranks: int = 1
+    weight_sync_address: str = ""
+    # What "disk" sync writes for the servers: our megatron dist checkpoint (our embedded server
+    # loads it) or a Hugging Face export (stock SGLang loads that).
+    weight_format: Literal["megatron", "hf"] = "megatron"
+    sync_every: int = 1
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
