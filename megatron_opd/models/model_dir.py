@@ -1,8 +1,9 @@
 """The model directory: what a stage leaves behind so that anyone can load the model again.
 
     <dir>/model.yaml        the ModelConfig
-    <dir>/tokenizer.json    our character tokenizer (its fingerprint proves compatibility);
-                            models imported from Hugging Face keep theirs under <dir>/hf/ instead
+    <dir>/tokenizer.json    the tokenizer (data/tokenizer.py: `load_tokenizer` reads it back; its
+                            fingerprint proves compatibility); models imported from Hugging
+                            Face keep theirs under <dir>/hf/ instead
     <dir>/checkpoints/step_NNNNNNNN/   megatron dist checkpoints (runtime.checkpoint)
 
 Teacher servers, rollout servers, conversion tools and later stages all load models this way.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from megatron_opd.data.tokenizer import CharTokenizer, load_tokenizer
+from megatron_opd.data.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 from megatron_opd.models.config import ModelConfig
 from megatron_opd.runtime.checkpoint import latest_complete
 
@@ -25,7 +26,7 @@ from megatron_opd.runtime.checkpoint import latest_complete
 class ModelDir:
     path: Path
     model: ModelConfig
-    tokenizer: CharTokenizer | None  # None: an imported model whose tokenizer lives in hf/
+    tokenizer: Tokenizer | None  # None: an imported model whose tokenizer lives in hf/
 
     @property
     def checkpoints(self) -> Path:
@@ -41,7 +42,7 @@ class ModelDir:
         return ckpt
 
 
-def write_model_dir(directory: str | os.PathLike, model: ModelConfig, tokenizer: CharTokenizer) -> ModelDir:
+def write_model_dir(directory: str | os.PathLike, model: ModelConfig, tokenizer: Tokenizer) -> ModelDir:
     from megatron_opd.config import to_dict
 
     path = Path(directory)
@@ -60,3 +61,26 @@ def read_model_dir(directory: str | os.PathLike) -> ModelDir:
     model = load_config(path / "model.yaml", cls=ModelConfig)
     tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
     return ModelDir(path, model, tokenizer)
+
+
+def model_dir_of(path: str | os.PathLike) -> Path:
+    """The model directory a path names: itself, or the one holding it when it is a checkpoint
+    root (`<dir>/checkpoints`) or a checkpoint (`<dir>/checkpoints/step_N`), as train.init_from may be."""
+    path = Path(path)
+    if path.name.startswith("step_") and path.parent.name == "checkpoints":
+        return path.parent.parent
+    if path.name == "checkpoints":
+        return path.parent
+    return path
+
+
+def run_tokenizer(run_dir: str | os.PathLike, init_from: str | os.PathLike = "") -> Tokenizer:
+    """The tokenizer a run trains with: the one its directory already holds (a resumed run keeps
+    its own), else that of the model it starts from (`train.init_from`), else the tiny domains'
+    character tokenizer (a model trained from scratch here)."""
+    for directory in (Path(run_dir), model_dir_of(init_from) if init_from else None):
+        if directory is not None and (
+            (directory / "tokenizer.json").is_file() or (directory / "hf" / "tokenizer_config.json").is_file()
+        ):
+            return load_tokenizer(directory)
+    return CharTokenizer()

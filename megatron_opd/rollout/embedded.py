@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_opd.data.domains import Prompt, encode_prompts, pack
-from megatron_opd.data.tokenizer import CharTokenizer
+from megatron_opd.data.prompts import Prompt, encode_prompts, pack
+from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.data.trajectories import Trajectories
 from megatron_opd.rollout.config import SamplingParams
 
@@ -50,7 +50,7 @@ def _full_vocab_last_logits(
 def generate(
     model: torch.nn.Module,
     prompts: list[Prompt],
-    tokenizer: CharTokenizer,
+    tokenizer: Tokenizer,
     params: SamplingParams,
     *,
     max_len: int,
@@ -121,6 +121,6 @@ def generate(
     return batch
 
 
-def responses(batch: Trajectories, tokenizer: CharTokenizer) -> list[str]:
+def responses(batch: Trajectories, tokenizer: Tokenizer) -> list[str]:
     """The decoded response of each row (up to its EOS)."""
     return [tokenizer.decode(row[p:n]) for row, p, n in zip(batch.tokens.tolist(), batch.prompt_lens.tolist(), batch.lengths.tolist())]

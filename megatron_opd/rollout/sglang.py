@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_opd.data.domains import Prompt, encode_prompts, pack
-from megatron_opd.data.tokenizer import CharTokenizer
+from megatron_opd.data.prompts import Prompt, encode_prompts, pack
+from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.data.trajectories import Trajectories
 from megatron_opd.rollout.config import RolloutConfig
 from megatron_opd.runtime import checkpoint as ckpt
@@ -79,7 +79,7 @@ def sample_seed(seed: int, sample_id: str) -> int:
 
 
 class SGLangRolloutEngine:
-    def __init__(self, cfg: RolloutConfig, trainer, tokenizer: CharTokenizer, *, max_len: int, seed: int):
+    def __init__(self, cfg: RolloutConfig, trainer, tokenizer: Tokenizer, *, max_len: int, seed: int):
         if not cfg.endpoints:
             raise ValueError("rollout.engine=sglang needs rollout.endpoints (the SGLang servers' base URLs)")
         if cfg.server_ranks < 1:

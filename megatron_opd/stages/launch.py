@@ -11,7 +11,6 @@ import os
 from typing import Any
 
 from megatron_opd.config import JobConfig, load_config, to_dict, build
-from megatron_opd.data.tokenizer import CharTokenizer
 from megatron_opd.runtime.spawn import spawn_world
 
 
@@ -29,11 +28,11 @@ def make_stage(cfg: JobConfig, trainer, tokenizer):
 
 def run_stage(cfg: JobConfig) -> dict[str, Any]:
     """Run `cfg` on this rank (collective); returns the final metrics (on every rank)."""
-    from megatron_opd.models.model_dir import write_model_dir
+    from megatron_opd.models.model_dir import run_tokenizer, write_model_dir
     from megatron_opd.runtime.distributed import init_runtime, shutdown
     from megatron_opd.stages.trainer import Trainer
 
-    tokenizer = CharTokenizer()
+    tokenizer = run_tokenizer(cfg.run_dir, cfg.train.init_from)
     if cfg.model.vocab_size != tokenizer.vocab_size:
         raise ValueError(
             f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} tokens; "
