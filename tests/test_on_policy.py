@@ -2,7 +2,7 @@
 (real gloo worlds, real megatron models):
 
 - `Trainer.forward_only` log-probs equal a plain model call, at PP=1 and through the 1F1B schedule
-  at PP=2, with no gradient left behind;
+  at PP=2, with no gradient left behind, for the trainer's weights and for frozen reference chunks;
 - evaluation decodes `rollout.max_new_tokens` tokens for SFT too (it was fixed at 8): a model
   made to always answer "3" is right on the count prompts of three letters only with a budget of 1;
 - a stage on the skeleton with groups of 2 samples and 2 updates per rollout, under DP=2: prompts
@@ -58,6 +58,7 @@ def _logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 def _forward_only_worker(pp: int, run_dir: str, ckpt_root: str):
     from megatron.core import parallel_state
 
+    from megatron_opd.models.gpt import build_gpt_model
     from megatron_opd.runtime import checkpoint as ckpt
     from megatron_opd.stages.trainer import MicroBatch
 
@@ -66,10 +67,21 @@ def _forward_only_worker(pp: int, run_dir: str, ckpt_root: str):
         ckpt.save_checkpoint(ckpt_root, 0, trainer.model)
     else:
         ckpt.load_checkpoint(ckpt.latest_complete(ckpt_root), trainer.model, load_rng=False)
+    # Frozen reference weights: other model chunks of the same layout, given to forward_only.
+    reference = [build_gpt_model(cfg.model, trainer.layout, dtype=trainer.dtype)]
+    ckpt.load_checkpoint(ckpt.latest_complete(ckpt_root), reference, load_rng=False)
     tokens = torch.randint(3, 51, (8, 16), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(16).expand(2, 16)
     mbs = [MicroBatch(tokens[i : i + 2], positions) for i in range(0, 8, 2)]  # 4 micro-batches: 1F1B warm-up and drain
-    out = trainer.forward_only(mbs, lambda mb, logits: _logprobs_of(logits, mb.tokens).cpu())
+
+    def collect(mb, logits):
+        return _logprobs_of(logits, mb.tokens).cpu()
+
+    def run(**kw):
+        out = trainer.forward_only(mbs, collect, **kw)
+        return torch.cat(out) if out else None
+
+    own = run()
     left = sum(float(p.main_grad.abs().sum()) for p in trainer.module.parameters())
     training = trainer.module.training
     plain = None
@@ -77,22 +89,30 @@ def _forward_only_worker(pp: int, run_dir: str, ckpt_root: str):
         trainer.module.eval()
         with torch.no_grad():
             plain = _logprobs_of(trainer.module(tokens, positions[:1].expand(8, 16), None), tokens)
+        trainer.module.train()
+    with torch.no_grad():  # the trained weights move on; the reference stays where it was
+        for p in trainer.module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     last = parallel_state.is_pipeline_last_stage()
-    return (torch.cat(out) if out else None), plain, last, left, training
+    return {"own": own, "ref": run(model=reference), "moved": run(), "plain": plain, "last": last, "left": left,
+            "training": training}  # fmt: skip
 
 
 def test_forward_only_logprobs_equal_a_plain_call_at_pp1_and_pp2(tmp_path):
     ck = str(tmp_path / "ck")
-    got, plain, last, left, training = spawn_world(_forward_only_worker, 1, (1, str(tmp_path / "a"), ck))[0]
-    assert last and got.shape == plain.shape == (8, 15)
-    assert torch.allclose(got, plain, atol=1e-6), (got - plain).abs().max()
-    assert (got < 0).all() and got.std() > 0.01
-    assert left == 0.0 and training, "forward_only left gradients behind or the model in eval mode"
-    out = spawn_world(_forward_only_worker, 2, (2, str(tmp_path / "b"), ck))
-    first, second = out
-    assert not first[2] and first[0] is None  # the first pipeline stage collects nothing
-    assert second[2] and torch.allclose(second[0], plain, atol=1e-5), (second[0] - plain).abs().max()
-    assert second[3] == 0.0 and first[3] == 0.0
+    one = spawn_world(_forward_only_worker, 1, (1, str(tmp_path / "a"), ck))[0]
+    plain = one["plain"]
+    assert one["last"] and one["own"].shape == plain.shape == (8, 15)
+    assert torch.allclose(one["own"], plain, atol=1e-6), (one["own"] - plain).abs().max()
+    assert (plain < 0).all() and plain.std() > 0.01
+    assert one["left"] == 0.0 and one["training"], "forward_only left gradients behind or the model in eval mode"
+    first, second = spawn_world(_forward_only_worker, 2, (2, str(tmp_path / "b"), ck))
+    assert not first["last"] and first["own"] is None and first["ref"] is None  # the first stage collects nothing
+    assert second["last"] and torch.allclose(second["own"], plain, atol=1e-5), (second["own"] - plain).abs().max()
+    assert first["left"] == second["left"] == 0.0
+    for out in (one, second):
+        assert torch.allclose(out["ref"], plain, atol=1e-5), (out["ref"] - plain).abs().max()
+        assert (out["moved"] - plain).abs().max() > 1e-3  # the trainer's own weights did change
 
 
 # -- evaluation's budget ----------------------------------------------------------------------------

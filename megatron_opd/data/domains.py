@@ -23,8 +23,6 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
 from megatron_opd.data.prompts import Prompt, encode_prompts, pack
 from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.data.trajectories import Trajectories

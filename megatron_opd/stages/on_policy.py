@@ -58,6 +58,9 @@ class Rollout:
     index: int  # rollout number: optimizer steps [index * U, (index + 1) * U) train on it
     prompts: list[Prompt]  # one per row, in row order (a group's samples are adjacent)
     batch: Trajectories  # `rewards` filled by the verification
+    # [D, 3] float64 [correct, reward sum, samples] per domain of the source, summed over the
+    # replicas (what per-domain reward and accuracy metrics are computed from).
+    domain_counts: torch.Tensor | None = None
     # What the stage's `score` returned. A checkpoint inside the rollout keeps it, so it must be
     # made of tensors, numbers, strings, lists and dicts (checkpoints load with weights_only).
     scores: Any = None
@@ -74,6 +77,10 @@ def make_rollout_engine(cfg: JobConfig, trainer: Trainer, tokenizer: Tokenizer) 
 
 
 class OnPolicyStage:
+    """Base of the stages that train on the student's own samples (module docstring): it owns
+    the prompt source, the rewards, the rollout engine (`engine`) and the rollout being trained
+    on (`current`), and implements the trainer's `Stage` interface around the hooks below."""
+
     name: str
     progress_keys: list[str]
     finite_metrics: list[str]
@@ -101,7 +108,7 @@ class OnPolicyStage:
         self.mp_group, self.mp_src = replica_group_and_src()
         self.current: Rollout | None = None
         self.setup()
-        self.rollout = make_rollout_engine(cfg, trainer, tokenizer)
+        self.engine = make_rollout_engine(cfg, trainer, tokenizer)
 
     # -- what a stage supplies --------------------------------------------------------------------
 
@@ -117,7 +124,7 @@ class OnPolicyStage:
         """The micro-batches of one update, over rows `rows` of the rollout."""
         raise NotImplementedError
 
-    def close_stage(self) -> None:
+    def teardown(self) -> None:
         """Release what `setup` built."""
 
     # -- one rollout ------------------------------------------------------------------------------
@@ -130,7 +137,7 @@ class OnPolicyStage:
     def make_rollout(self, index: int) -> Rollout:
         prompts = self.replica_prompts(index)
         t0 = time.perf_counter()
-        batch = self.rollout.generate(prompts, index * self.updates_per_rollout)
+        batch = self.engine.generate(prompts, index * self.updates_per_rollout)
         t_rollout = time.perf_counter() - t0
         rollout = Rollout(index, prompts, batch)
         rollout.metrics = metrics = self.verify(rollout)
@@ -147,9 +154,10 @@ class OnPolicyStage:
         domains = self.source.domains
         results, counts = verify_by_domain(domains, rollout.prompts, responses(batch, self.tokenizer), self.reward_of)
         batch.rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
-        out = {f"rollout_acc/{d}": float(c / n) for d, (c, n) in zip(domains, counts.tolist()) if n}
+        rollout.domain_counts = counts
+        out = {f"rollout_acc/{d}": float(c / n) for d, (c, _, n) in zip(domains, counts.tolist()) if n}
         total = counts.sum(0)
-        out["rollout_acc"] = float(total[0] / total[1])
+        out["rollout_acc"] = float(total[0] / total[2])
         out["response_len"] = float(batch.response_lens.float().mean())
         return out
 
@@ -204,7 +212,7 @@ class OnPolicyStage:
         done = step + 1
         rollouts_done, inside = divmod(done, self.updates_per_rollout)
         if inside == 0 and rollouts_done % self.cfg.rollout.sync_every == 0:
-            return self.rollout.sync_weights(done)
+            return self.engine.sync_weights(done)
         return {}
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -240,9 +248,9 @@ class OnPolicyStage:
 
     def close(self) -> None:
         try:
-            self.close_stage()
+            self.teardown()
         finally:
-            self.rollout.close()
+            self.engine.close()
 
 
 # -- a rollout in a checkpoint: plain containers only (torch.load(weights_only=True) reads them) ----
@@ -257,6 +265,7 @@ def _rollout_state(rollout: Rollout) -> dict[str, Any]:
             for p in rollout.prompts
         ],
         "batch": {f.name: getattr(rollout.batch, f.name) for f in fields(rollout.batch)},
+        "domain_counts": rollout.domain_counts,
         "scores": rollout.scores,
         "metrics": dict(rollout.metrics),
     }  # fmt: skip
@@ -269,7 +278,10 @@ def _rollout_from_state(state: dict[str, Any]) -> Rollout:
         Prompt(p["text"], p["domain"], p["sample_id"], tuple(p["messages"]) if p["messages"] is not None else None, p["metadata"])
         for p in state["prompts"]
     ]
-    return Rollout(state["index"], prompts, Trajectories(**state["batch"]), state["scores"], state["metrics"])
+    return Rollout(
+        state["index"], prompts, Trajectories(**state["batch"]),
+        domain_counts=state["domain_counts"], scores=state["scores"], metrics=state["metrics"],
+    )  # fmt: skip
 
 
 def _check_plain(value: Any, where: str) -> None:

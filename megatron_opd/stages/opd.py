@@ -299,6 +299,6 @@ class OPDStage(OnPolicyStage):
 
     # -- around the step --------------------------------------------------------------------------
 
-    def close_stage(self) -> None:
+    def teardown(self) -> None:
         if self.scorer is not None:
             self.scorer.close()

@@ -251,16 +251,22 @@ class Trainer:
         return metrics
 
     def forward_only(
-        self, micro_batches: list[MicroBatch], collect: CollectFunc, forward: ForwardFunc = logits_forward
+        self,
+        micro_batches: list[MicroBatch],
+        collect: CollectFunc,
+        forward: ForwardFunc = logits_forward,
+        model: list[torch.nn.Module] | None = None,
     ) -> list[Any]:
         """`collect(mb, output)` of every micro-batch after a forward pass without gradients
         (megatron's schedule with forward_only=True, pipeline stages included), in eval mode:
-        reference and old-policy log-probs, or scores. The list is filled on the last pipeline
-        stage, where the outputs are; other stages get []. Collective like a training step."""
+        old-policy log-probs, or with `model` (chunks built for the same layout, e.g. frozen
+        reference weights) reference log-probs. The list is filled on the last pipeline stage,
+        where the outputs are; other stages get []. Collective like a training step."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         on = device()
-        modes = [chunk.training for chunk in self.model]
+        chunks = self.model if model is None else model
+        modes = [chunk.training for chunk in chunks]
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
@@ -268,14 +274,14 @@ class Trainer:
             # Megatron's non-loss path: whatever this returns is what the schedule keeps.
             return output, lambda out, non_loss_data=True: collect(mb, out)
 
-        for chunk in self.model:
+        for chunk in chunks:
             chunk.eval()
         try:
             with torch.no_grad():
                 return get_forward_backward_func()(
                     forward_step_func=forward_step,
                     data_iterator=iter(micro_batches),
-                    model=self.model,
+                    model=chunks,
                     num_microbatches=len(micro_batches),
                     seq_length=micro_batches[0].tokens.shape[1],
                     micro_batch_size=micro_batches[0].tokens.shape[0],
@@ -283,7 +289,7 @@ class Trainer:
                     collect_non_loss_data=True,
                 )
         finally:
-            for chunk, mode in zip(self.model, modes):
+            for chunk, mode in zip(chunks, modes):
                 chunk.train(mode)
 
     def reduce_reports(self, reports: list[dict[str, torch.Tensor]]) -> dict[str, float]:
