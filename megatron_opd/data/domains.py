@@ -23,9 +23,9 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from megatron_opd.data.prompts import Prompt, encode_prompts, pack
+from megatron_opd.data.prompts import Prompt, encode_prompts
 from megatron_opd.data.tokenizer import Tokenizer
-from megatron_opd.data.trajectories import Trajectories
+from megatron_opd.data.trajectories import Trajectories, pack
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 A prompt source maps a global sample index to a prompt deterministically, so a data cursor is one
 integer, a resumed run sees exactly the samples an uninterrupted run would, and every sample has a
 stable id. Held-out evaluation prompts come from a separate stream and are never trained on.
-Implementations: the tiny domains (data/domains.py); prompt files come next (issue 15).
+Implementations: the tiny domains (data/domains.py); prompt files come next (issue 15). This
+module imports no torch, so configuration checks can use it.
 
 Batch k of a stream of batches of N items holds global indices [k N, (k + 1) N); data-parallel
 replica d of D takes the d-th of D equal slices (`replica_slice`). Every stage cuts its data that
@@ -15,10 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
-import torch
-
 from megatron_opd.data.tokenizer import Tokenizer
-from megatron_opd.data.trajectories import Trajectories
 
 
 @dataclass(frozen=True)
@@ -77,24 +75,3 @@ def repeat_for_group(prompts: Sequence[Prompt], group_size: int) -> list[Prompt]
 
 def encode_prompts(prompts: Sequence[Prompt], tokenizer: Tokenizer) -> list[list[int]]:
     return [tokenizer.encode_prompt(p.messages if p.messages else p.text) for p in prompts]
-
-
-def pack(
-    rows: list[list[int]], prompt_lens: list[int], prompts: Sequence[Prompt], tokenizer: Tokenizer, max_len: int
-) -> Trajectories:
-    """Right-pad token rows into a `Trajectories` batch, as wide as its longest row rounded up to 8
-    (sequence parallelism needs the length divisible by TP)."""
-    longest = max(len(r) for r in rows)
-    if longest > max_len:
-        raise ValueError(f"a sequence of {longest} tokens does not fit model.max_seq_len={max_len}")
-    width = min(max_len, -(-longest // 8) * 8)
-    tokens = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return Trajectories(
-        tokens=tokens,
-        lengths=torch.tensor([len(r) for r in rows], dtype=torch.long),
-        prompt_lens=torch.tensor(prompt_lens, dtype=torch.long),
-        domain=[p.domain for p in prompts],
-        sample_ids=[p.sample_id for p in prompts],
-    )

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_opd.data.prompts import Prompt, encode_prompts, pack
+from megatron_opd.data.prompts import Prompt, encode_prompts
 from megatron_opd.data.tokenizer import Tokenizer
-from megatron_opd.data.trajectories import Trajectories
+from megatron_opd.data.trajectories import Trajectories, pack
 from megatron_opd.rollout.config import SamplingParams
 
 

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_opd.data.prompts import Prompt, encode_prompts, pack
+from megatron_opd.data.prompts import Prompt, encode_prompts
 from megatron_opd.data.tokenizer import Tokenizer
-from megatron_opd.data.trajectories import Trajectories
+from megatron_opd.data.trajectories import Trajectories, pack
 from megatron_opd.rollout.config import RolloutConfig
 from megatron_opd.runtime import checkpoint as ckpt
 from megatron_opd.runtime.distributed import broadcast_object, first_error, replica_group_and_src
