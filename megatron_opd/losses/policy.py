@@ -212,6 +212,9 @@ def grpo_token_loss(
         raise ValueError(f"opsm_delta must be a finite number or None, got {opsm_delta}")
     m = _as_bool_mask(mask)
     _check_finite_on_mask(m, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages)
+    # Constants of the loss, whatever graph they come from.
+    old_logprobs, advantages = old_logprobs.detach(), advantages.detach()
+    ref_logprobs = None if ref_logprobs is None else ref_logprobs.detach()
 
     # Off the mask the log-ratio is 0 (r = 1): padding never reaches an exp, and `where` sends no
     # gradient there.
