@@ -145,6 +145,7 @@ def test_sft_evaluates_with_the_configs_response_budget(tmp_path):
 
 
 def _toy_stage_class():
+    from megatron_opd.data.trajectories import gather_response
     from megatron_opd.losses import vocab_parallel_logprobs
     from megatron_opd.stages.on_policy import OnPolicyStage, Rollout
     from megatron_opd.stages.trainer import MicroBatch, logits_forward, metric
@@ -161,14 +162,11 @@ def _toy_stage_class():
 
         def score(self, rollout: Rollout) -> torch.Tensor:
             batch = rollout.batch
-            mbs = self.row_micro_batches(batch, range(len(batch)), lambda r: {})
-            old = torch.cat(self.trainer.forward_only(mbs, self.next_token_logprobs))  # [B, T - 1]
+            old = self.rollout_logprobs(batch)  # [B, T - 1], from a forward-only pass
             # The sampler's behaviour log-probs at the same response tokens (embedded engine, T=1).
-            j = torch.arange(batch.max_response_len)
-            keep = j[None, :] < batch.response_lens[:, None]
-            at = (batch.prompt_lens[:, None] - 1 + j[None, :]).clamp(max=old.shape[1] - 1)
-            gap = (old.gather(1, at) - batch.behavior_logprobs)[keep].abs().max()
-            rollout.metrics["old_vs_sampler"] = float(gap)
+            at_response = gather_response(old, batch.prompt_lens, batch.response_lens, offset=-1)
+            keep = torch.arange(batch.max_response_len)[None, :] < batch.response_lens[:, None]
+            rollout.metrics["old_vs_sampler"] = float((at_response - batch.behavior_logprobs)[keep].abs().max())
             return old
 
         def micro_batches(self, rollout: Rollout, rows: range) -> list[MicroBatch]:

@@ -179,10 +179,19 @@ class OnPolicyStage:
             out.append(MicroBatch(batch.tokens[r.start : r.stop], positions[r.start : r.stop], host=host(r)))
         return out
 
+    def rollout_logprobs(self, batch: Trajectories, model: list[torch.nn.Module] | None = None) -> torch.Tensor | None:
+        """[B, T - 1] next-token log-probs of a whole rollout batch from a forward-only pass with
+        the trainer's current weights (old-policy log-probs) or `model`'s (reference chunks of the
+        same layout); None on pipeline stages before the last, which compute no loss.
+        `gather_response(lp, prompt_lens, response_lens, offset=-1)` aligns them to the response."""
+        mbs = self.row_micro_batches(batch, range(len(batch)), lambda r: {})
+        out = self.trainer.forward_only(mbs, self.next_token_logprobs, model=model)
+        return torch.cat(out) if out else None
+
     def next_token_logprobs(self, mb: MicroBatch, logits: torch.Tensor) -> torch.Tensor:
-        """[b, s - 1] log p(token t + 1 | tokens <= t) under the model, float32 on the host: what a
-        forward-only pass (`Trainer.forward_only(mbs, self.next_token_logprobs)`) collects for
-        old-policy or reference log-probs. Response token j of row i is at prompt_len_i - 1 + j."""
+        """[b, s - 1] log p(token t + 1 | tokens <= t) under the model, float32 on the host: what
+        a forward-only pass collects for old-policy or reference log-probs. Response token j of
+        row i is at position prompt_len_i - 1 + j."""
         from megatron_opd.losses import vocab_parallel_logprobs
 
         targets = mb.tokens[:, 1:].to(logits.device)
