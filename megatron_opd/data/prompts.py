@@ -26,9 +26,9 @@ class Prompt:
     sample_id: str  # stable, unique per sample ("add/17"; "add/17/3" for sample 3 of a group)
     # Chat turns ({"role", "content"}), when the source has them: the tokenizer renders these with
     # its chat template instead of `text`.
-    messages: tuple[Mapping[str, str], ...] | None = None
+    messages: tuple[Mapping[str, str], ...] | None = field(default=None, hash=False)
     # What a verifier needs besides the text (a reference answer, tests, a rubric); free-form.
-    metadata: Mapping[str, Any] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
 
 @runtime_checkable
