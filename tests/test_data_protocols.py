@@ -16,8 +16,9 @@ import pytest
 from megatron_opd.data.domains import TinyDomains
 from megatron_opd.data.prompts import Prompt, PromptSource, replica_slice, repeat_for_group
 from megatron_opd.data.tokenizer import TINY_ALPHABET, CharTokenizer, Tokenizer, load_tokenizer
-from megatron_opd.rewards.base import Reward, RewardError, RewardResult, score_responses
+from megatron_opd.rewards.base import Reward, is_correct, score_responses
 from megatron_opd.rewards.registry import get_reward, rewards_for
+from megatron_opd.rewards.types import RewardError, RewardResult
 
 # -- Tokenizer ----------------------------------------------------------------------------------
 
@@ -119,19 +120,22 @@ def test_reward_registry_refuses_unknown_names_with_the_closest():
 def test_tiny_verifiers_score_per_batch_in_row_order():
     prompts = [Prompt("37+45=", "add", "a"), Prompt("s:5193=", "sort", "b"), Prompt("12+30=", "add", "c")]
     results = score_responses(prompts, ["82", "1359", "41"], {"add": get_reward("add"), "sort": get_reward("sort")})
-    assert [(r.score, r.correct) for r in results] == [(1.0, True), (1.0, True), (0.0, False)]
+    assert [(r.score, is_correct(r)) for r in results] == [(1.0, True), (1.0, True), (0.0, False)]
+    assert results[2].info == {"expected": "42"}
 
     calls = []
 
     class Counting:
         name = "counting"
 
-        def score(self, ps, rs):
-            calls.append([p.sample_id for p in ps])
-            return [RewardResult(float(len(r)), False) for r in rs]
+        def score(self, samples):
+            calls.append([(s.sample_id, s.fields) for s in samples])
+            return [RewardResult(score=float(len(s.response))) for s in samples]
 
+    prompts[1] = Prompt("s:5193=", "sort", "b", metadata={"answer": "1359"})
     results = score_responses(prompts, ["x", "yy", "zzz"], {"add": Counting(), "sort": Counting()})
-    assert sorted(calls) == [["a", "c"], ["b"]]  # one call per reward, over all of its rows
+    # One call per reward over all of its rows, with the prompt's verifier fields.
+    assert sorted(calls) == [[("a", {}), ("c", {})], [("b", {"answer": "1359"})]]
     assert [r.score for r in results] == [1.0, 2.0, 3.0]
 
 
@@ -141,12 +145,12 @@ def test_reward_failures_name_the_reward_domain_and_sample():
     class Picky:
         name = "picky"
 
-        def score(self, ps, rs):
-            if any(r == "boom" for r in rs):
-                raise RuntimeError("sandbox died")
-            return [RewardResult(float("nan") if r == "nan" else 1.0, True) for r in rs]
+        def score(self, samples):
+            if any(s.response == "boom" for s in samples):
+                raise OSError("sandbox died")
+            return [RewardResult(score=float("nan") if s.response == "nan" else 1.0) for s in samples]
 
-    with pytest.raises(RewardError, match=r"'picky' failed on domain 'add', sample 'add/1': RuntimeError: sandbox died"):
+    with pytest.raises(RewardError, match=r"picky verifier raised on sample 'add/1' \(domain 'add'\): OSError: sandbox died"):
         score_responses(prompts, ["2", "boom", "ba"], {"add": Picky(), "reverse": Picky()})
     with pytest.raises(RewardError, match=r"scored sample 'reverse/2' \(domain 'reverse'\) nan"):
         score_responses(prompts, ["2", "4", "nan"], {"add": Picky(), "reverse": Picky()})

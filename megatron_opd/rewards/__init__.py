@@ -1,3 +1,3 @@
-"""Rewards: the `Reward` protocol (prompt, response, sample metadata -> score and info, per batch),
-a registry that finds rewards by name, and the rule verifiers of the tiny domains. Math, code,
-exact/regex verifiers (issue 15) and GRM verdicts (issue 14) are further implementations."""
+"""Rewards: the `Reward` protocol (a batch of samples -> a score and info each, rewards/base.py,
+with the records of rewards/types.py), a registry that finds rewards by name, and the rule
+verifiers of the tiny domains. Verifiers for real domains and GRM verdicts are further rewards."""

@@ -1,4 +1,5 @@
-"""Rewards by name: the one table a config's or a prompt source's reward names resolve through."""
+"""Rewards by name: the one table a config's or a prompt source's reward names resolve through.
+New verifiers (math, code, exact, regex; a GRM judge) are added to REWARDS."""
 
 from __future__ import annotations
 

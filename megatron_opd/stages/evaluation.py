@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from megatron_opd.data.prompts import Prompt, PromptSource
 from megatron_opd.data.tokenizer import Tokenizer
-from megatron_opd.rewards.base import Reward, RewardResult, score_responses
+from megatron_opd.rewards.base import Reward, is_correct, score_responses
+from megatron_opd.rewards.types import RewardResult
 from megatron_opd.rollout.config import SamplingParams
 from megatron_opd.rollout.embedded import generate, responses
 from megatron_opd.runtime.distributed import on_replica_source, replica_group_and_src
@@ -24,20 +25,21 @@ from megatron_opd.runtime.distributed import on_replica_source, replica_group_an
 def verify_by_domain(
     domains: Sequence[str], prompts: Sequence[Prompt], texts: Sequence[str], reward_of: Mapping[str, Reward]
 ) -> tuple[list[RewardResult], torch.Tensor]:
-    """(each response's reward result, on every rank of its replica; [D, 3] float64 [correct,
-    score, total] per domain of `domains`, summed over the data-parallel replicas).
+    """(each response's reward result, on every rank of its replica; [D, 4] float64 [correct,
+    score sum, samples, timed out] per domain of `domains`, summed over the data-parallel replicas).
 
     Collective over the whole world (every rank calls it, each with its replica's rows)."""
     from megatron.core import parallel_state
 
     group, src = replica_group_and_src()
     results = on_replica_source(lambda: score_responses(prompts, texts, reward_of), src, group)
-    counts = torch.zeros(len(domains), 3, dtype=torch.float64)
+    counts = torch.zeros(len(domains), 4, dtype=torch.float64)
     # One rank per replica counts (its TP/PP ranks hold copies; CP ranks share its rows).
     if dist.get_rank() == src and parallel_state.get_context_parallel_rank() == 0:
         index = {d: i for i, d in enumerate(domains)}
         for p, r in zip(prompts, results):
-            counts[index[p.domain]] += torch.tensor([float(r.correct), r.score, 1.0], dtype=torch.float64)
+            row = [float(is_correct(r)), r.score, 1.0, float(r.timed_out)]
+            counts[index[p.domain]] += torch.tensor(row, dtype=torch.float64)
     dist.all_reduce(counts)
     return results, counts
 
@@ -73,7 +75,7 @@ def held_out_accuracy(
             prompts += chunk
             texts += responses(generate(model, chunk, tokenizer, params, max_len=max_len), tokenizer)
     _, counts = verify_by_domain(source.domains, prompts, texts, reward_of)
-    acc = {f"acc/{d}": float(c / n) if n else float("nan") for d, (c, _, n) in zip(source.domains, counts.tolist())}
+    acc = {f"acc/{d}": float(c / n) if n else float("nan") for d, (c, _, n, _) in zip(source.domains, counts.tolist())}
     acc["acc/mean"] = sum(acc.values()) / len(acc)
     return acc
 

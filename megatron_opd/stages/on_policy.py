@@ -58,8 +58,8 @@ class Rollout:
     index: int  # rollout number: optimizer steps [index * U, (index + 1) * U) train on it
     prompts: list[Prompt]  # one per row, in row order (a group's samples are adjacent)
     batch: Trajectories  # `rewards` filled by the verification
-    # [D, 3] float64 [correct, reward sum, samples] per domain of the source, summed over the
-    # replicas (what per-domain reward and accuracy metrics are computed from).
+    # [D, 4] float64 [correct, reward sum, samples, timed out] per domain of the source, summed
+    # over the replicas (what per-domain reward, accuracy and time-out metrics come from).
     domain_counts: torch.Tensor | None = None
     # What the stage's `score` returned. A checkpoint inside the rollout keeps it, so it must be
     # made of tensors, numbers, strings, lists and dicts (checkpoints load with weights_only).
@@ -155,7 +155,7 @@ class OnPolicyStage:
         results, counts = verify_by_domain(domains, rollout.prompts, responses(batch, self.tokenizer), self.reward_of)
         batch.rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
         rollout.domain_counts = counts
-        out = {f"rollout_acc/{d}": float(c / n) for d, (c, _, n) in zip(domains, counts.tolist()) if n}
+        out = {f"rollout_acc/{d}": float(c / n) for d, (c, _, n, _) in zip(domains, counts.tolist()) if n}
         total = counts.sum(0)
         out["rollout_acc"] = float(total[0] / total[2])
         out["response_len"] = float(batch.response_lens.float().mean())
