@@ -1,8 +1,11 @@
-"""`Scorer`: where a stage's teacher signals come from.
+"""`Scorer`: what an on-policy stage needs from its teachers, whatever serves them.
 
-The HTTP `TeacherPool` (teachers/pool.py) is one implementation; in-job teachers (loaded on
-demand in the training job's own runtime) will be another. The OPD stage calls it on the first
-rank of each data-parallel replica and shares the result with the replica.
+    routed = scorer.route(batch)          # fills batch.teacher from each row's domain
+    signals = scorer.score(routed)        # one TeacherSignals per teacher present in the batch
+
+`teachers.pool.TeacherPool` (HTTP, SGLang's protocol) is one implementation; in-job teachers
+(loaded on demand inside the training job) will be another. Both run on the replica's first
+model-parallel rank, which broadcasts the result to the rest of its replica.
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ from megatron_opd.data.trajectories import TeacherSignals, Trajectories
 
 @runtime_checkable
 class Scorer(Protocol):
-    def route(self, traj: Trajectories) -> Trajectories:
-        """Fill `traj.teacher` (the teacher of each row, from its domain); returns `traj`."""
+    def route(self, batch: Trajectories) -> Trajectories:
+        """Fill `batch.teacher` (the teacher of each row) in place and return `batch`; an unknown
+        domain is an error, never a default."""
         ...
 
-    def score(self, traj: Trajectories) -> list[TeacherSignals]:
-        """One `TeacherSignals` per teacher in the routed batch, rows indexing `traj`."""
+    def score(self, batch: Trajectories) -> list[TeacherSignals]:
+        """The teachers' signals for a routed batch, one `TeacherSignals` per teacher, its rows
+        indexing `batch`, aligned with the response tokens (data/trajectories.py)."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release connections, threads or models."""
+        ...
