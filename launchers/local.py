@@ -240,7 +240,7 @@ def run_command(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.stage != "opd":
         raise SystemExit(f"megatron-opd run expects a distillation config (stage: opd), {args.config} has stage={cfg.stage!r}")
-    # Before anything starts; this launcher trains the experts and starts their servers itself.
-    cfg.check(cfg.run.nproc, endpoints_from_launcher=True, model_dirs_from_launcher=True)
+    # Before anything starts; this pipeline trains the experts and starts their servers itself.
+    cfg.check(cfg.run.nproc, by_pipeline=True)
     run_pipeline(cfg)
     return 0

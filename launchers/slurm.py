@@ -3,10 +3,12 @@
     python -m launchers.slurm CONFIG [key=value ...] [--dry-run]
 
 CONFIG is a job YAML with a `cluster:` section (`megatron_opd.runtime.cluster.ClusterConfig`).
-`check` validates the combination (node counts, the trainer's parallel layout against its GPUs,
-every teacher has servers, ...) before anything is written or submitted; `render` turns it into
-a readable bash script with one section per role; `submit` writes the script and a snapshot of
-the job config next to the logs and calls `sbatch --parsable`. `--dry-run` prints the script.
+`check` runs the job's own `JobConfig.problems()` on the trainer's world (layout, batch,
+teachers, stage keys) and then the cluster's (node counts, ranks against GPUs, every teacher has
+servers, ...) before anything is written or submitted; `render` turns it into a readable bash
+script with one section per role, the shell functions inlined from launchers/slurm_runtime.sh;
+`submit` writes the script and a snapshot of the job config next to the logs and calls
+`sbatch --parsable`. `--dry-run` prints the script. Torch-free: it runs on a login node.
 
 What the rendered script does, in order (docs/launching.md has the full walk-through):
   1. node groups: which hosts each role owns (split layout: slices of SLURM_JOB_NODELIST;

@@ -205,19 +205,19 @@ def test_every_problem_of_a_config_is_listed():
 def test_fused_output_layer_needs_no_sequence_parallel():
     cfg = load_config(TINY_OPD, ["opd.fused_output_layer=true", "parallel.sequence_parallel=true"])
     with pytest.raises(ConfigError, match="opd.fused_output_layer needs parallel.sequence_parallel=false"):
-        cfg.check(endpoints_from_launcher=True, model_dirs_from_launcher=True)
+        cfg.check(by_pipeline=True)
 
 
 def test_launcher_filled_keys_are_only_left_open_for_that_launcher():
     cfg = load_config(TINY_OPD)  # `megatron-opd run` trains the experts and starts their servers
-    cfg.check(endpoints_from_launcher=True, model_dirs_from_launcher=True)
+    cfg.check(by_pipeline=True)
     with pytest.raises(ConfigError, match="teachers.arithmetic.endpoints is empty"):
         cfg.check()
     with pytest.raises(ConfigError, match="teachers.arithmetic.signal is 'hidden' but teachers.arithmetic.model_dir is empty"):
         cfg.check(endpoints_from_launcher=True)  # submit: the servers, but not the model dirs
     bad = derive(cfg, ["pipeline.expert_overrides_by_teacher={arith: [train.steps=5]}"])
     with pytest.raises(ConfigError, match=r"pipeline.expert_overrides_by_teacher names \['arith'\], which are not teachers"):
-        bad.check(endpoints_from_launcher=True, model_dirs_from_launcher=True)
+        bad.check(by_pipeline=True)
 
 
 def test_layout_not_dividing_world_names_numbers():
@@ -272,7 +272,7 @@ def test_shipped_config_passes_its_check(name, tmp_path):
         cfg.check()
         job_tokenizer(cfg)
     elif command == "run":
-        cfg.check(endpoints_from_launcher=True, model_dirs_from_launcher=True)
+        cfg.check(by_pipeline=True)
     else:
         from launchers.slurm import prepare
 
@@ -405,7 +405,7 @@ def test_api_key_is_read_when_used_from_env_or_file(tmp_path, monkeypatch):
         TeacherConfig(api_key_file=str(tmp_path / "missing")).api_key
     cfg = load_config(None, ["stage=opd", "teachers.t.api_key_env=A", "teachers.t.api_key_file=/k", "teachers.t.domains=[add]"])
     with pytest.raises(ConfigError, match="teachers.t.api_key_env and teachers.t.api_key_file are both set; keep one"):
-        cfg.check(endpoints_from_launcher=True, model_dirs_from_launcher=True)
+        cfg.check(by_pipeline=True)
 
 
 def test_a_run_with_a_keyed_teacher_writes_no_key(tmp_path):

@@ -190,14 +190,15 @@ class JobConfig:
         world_size: int | None = None,
         *,
         endpoints_from_launcher: bool = False,
-        model_dirs_from_launcher: bool = False,
+        by_pipeline: bool = False,
     ) -> list[str]:
         """Every check that needs no ranks; the first problem of each section, each naming its key.
 
         `world_size`: the ranks the job runs on (default `run.nproc`). A launcher that starts
         the servers fills in `teachers.*.endpoints` and `rollout.endpoints` itself
-        (`endpoints_from_launcher`), and `megatron-opd run` also trains the experts into model
-        directories of its choosing (`model_dirs_from_launcher`): empty values are fine then.
+        (`endpoints_from_launcher`: `submit`); `megatron-opd run` (`by_pipeline`) also trains the
+        experts into model directories of its choosing, and reads the pipeline: section. Empty
+        values are fine then.
         """
         world = world_size if world_size is not None else self.run.nproc
         found: list[str] = []
@@ -214,7 +215,7 @@ class JobConfig:
         collect(self.model.check, layout or self.parallel)
         collect(self.train.check, layout.dp if layout else None)
         collect(self.data.check)
-        ctx = CheckContext(world, layout, endpoints_from_launcher, model_dirs_from_launcher)
+        ctx = CheckContext(world, layout, endpoints_from_launcher, by_pipeline)
         for problem in stage_spec(self.stage).check(self, ctx):
             found.append(problem)
         return found
@@ -224,12 +225,10 @@ class JobConfig:
         world_size: int | None = None,
         *,
         endpoints_from_launcher: bool = False,
-        model_dirs_from_launcher: bool = False,
+        by_pipeline: bool = False,
     ) -> None:
         """Raise `ConfigError` with what `problems()` finds (one line for one problem, else one per line)."""
-        found = self.problems(
-            world_size, endpoints_from_launcher=endpoints_from_launcher, model_dirs_from_launcher=model_dirs_from_launcher
-        )
+        found = self.problems(world_size, endpoints_from_launcher=endpoints_from_launcher, by_pipeline=by_pipeline)
         if len(found) == 1:
             raise ConfigError(found[0])
         if found:

@@ -32,7 +32,14 @@ class CheckContext:
     world_size: int
     layout: ParallelLayout | None  # resolved against the world (None: it does not fit)
     endpoints_from_launcher: bool = False  # the launcher starts the servers and fills in endpoints
-    model_dirs_from_launcher: bool = False  # the launcher trains the experts into model dirs
+    # `megatron-opd run`: its pipeline (the pipeline: section) trains the experts into model dirs
+    # of its choosing and starts their servers.
+    by_pipeline: bool = False
+
+    @property
+    def endpoints_given(self) -> bool:
+        """Whether the config itself must name the servers' URLs."""
+        return not (self.endpoints_from_launcher or self.by_pipeline)
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ def check_opd(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
     problems: list[str] = []
     if not cfg.teachers:
         return ["stage opd needs teachers: the teachers: section is empty; add teachers.NAME with its domains"]
-    problems += _raised(check_teachers, cfg.teachers, endpoints_required=not ctx.endpoints_from_launcher)
+    problems += _raised(check_teachers, cfg.teachers, endpoints_required=ctx.endpoints_given)
     owner = {d: n for n, t in cfg.teachers.items() for d in t.domains}
     for domain in cfg.data.domains:
         if domain not in owner:
@@ -64,7 +71,7 @@ def check_opd(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
             )
     for name in sorted(cfg.teachers):
         t = cfg.teachers[name]
-        if t.signal == "hidden" and not t.model_dir and not ctx.model_dirs_from_launcher:
+        if t.signal == "hidden" and not t.model_dir and not ctx.by_pipeline:
             problems.append(
                 f"teachers.{name}.signal is 'hidden' but teachers.{name}.model_dir is empty: the trainer "
                 f"needs the teacher's output layer from it; set it, or use signal topk or sampled"
@@ -82,8 +89,9 @@ def check_opd(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
         )
     if cfg.opd.fused_chunk_size < 1:
         problems.append(f"opd.fused_chunk_size must be >= 1, got {cfg.opd.fused_chunk_size}")
-    problems += _raised(cfg.rollout.check, endpoints_required=not ctx.endpoints_from_launcher)
-    problems += _raised(cfg.pipeline.check, cfg.teachers)  # `megatron-opd run` builds an OPD job from it
+    problems += _raised(cfg.rollout.check, endpoints_required=ctx.endpoints_given)
+    if ctx.by_pipeline:  # only `megatron-opd run` reads the pipeline: section
+        problems += _raised(cfg.pipeline.check, cfg.teachers)
     return problems
 
 
