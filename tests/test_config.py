@@ -427,6 +427,7 @@ def test_a_run_with_a_keyed_teacher_writes_no_key(tmp_path):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=30)
         assert refused.value.code == 401  # the server really wants the key
+        assert key not in " ".join(map(str, server.process.args)), "the key is on the server's command line (ps shows it)"
         job = _opd_job(tmp_path, endpoints=[server.url], api_key_env="OPD_TEST_TEACHER_KEY")
         env = dict(os.environ, OPD_TEST_TEACHER_KEY=key)
         out = _cli("train", str(job), "run.progress=none", "train.eval_at_start=false", cwd=tmp_path, env=env, timeout=600)

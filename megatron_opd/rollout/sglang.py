@@ -96,7 +96,8 @@ class SGLangRolloutEngine:
             self._loop = _LoopThread()
             self.client = TeacherClient(
                 "rollout",
-                TeacherConfig(endpoints=list(cfg.endpoints), domains=["*"], signal="sampled", api_key_env=cfg.api_key_env, api_key_file=cfg.api_key_file),
+                TeacherConfig(endpoints=list(cfg.endpoints), domains=["*"], signal="sampled",
+                              api_key_env=cfg.api_key_env, api_key_file=cfg.api_key_file),  # fmt: skip
                 vocab_size=tokenizer.vocab_size,
             )
             self._loop.run(self.client.start())

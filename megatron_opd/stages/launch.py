@@ -33,6 +33,7 @@ def _launched() -> bool:
 def world_size(cfg: JobConfig) -> int:
     """The ranks `cfg` runs on: the launcher's world, else `run.nproc` ranks spawned here."""
     if _launched():
+        # Imported here: a config error is reported before torch is imported (a fast `error:`).
         from megatron_opd.runtime.distributed import process_env
 
         return process_env().world_size
