@@ -7,9 +7,14 @@ the machine does not grant is skipped with the reason the sandbox reported.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import resource
+import shutil
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -162,7 +167,7 @@ def test_math_worker_is_killed_past_its_hard_limit_and_restarts():
         pid = verifier._worker._process.pid
         started = time.monotonic()
         [hung] = verifier.score([sample(r"\boxed{9^{9^{9}}}", answer="3")])
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 20  # unstopped, this comparison runs for minutes
         assert hung.timed_out and hung.score == 0.0 and "hard limit" in hung.info["reason"]
         assert gone(pid)
         [after] = verifier.score([sample(r"\boxed{\frac{1}{2}}", answer="0.5", sample_id="s/1")])
@@ -219,26 +224,30 @@ def test_code_stdin_stdout_cases():
     assert crash.score == 0.0 and crash.info["reason"].startswith("case 0: exit status 3")
 
 
-def test_code_exiting_early_cannot_pass():
-    """The pass count is reported after the last test: leaving before the tests is a failure."""
+def test_code_cannot_fake_a_pass():
+    """The pass count is reported after the last test, on a line only the harness can mark,
+    built from names the code cannot patch."""
     results = code_verifier().score([
         sample("import os\nos._exit(0)", tests="assert False"),
         sample("import sys\nsys.exit(0)", tests="assert False"),
         sample("print('x result 1 1')", tests="assert False"),  # a forged report lacks the nonce
+        sample("import builtins\nbuiltins.len = lambda x: 0\nbuiltins.range = lambda *a: iter(())\n"
+               "builtins.enumerate = lambda x: iter(())", tests=["assert False", "assert False"]),
     ])
-    assert [r.score for r in results] == [0.0, 0.0, 0.0]
+    assert [r.score for r in results] == [0.0, 0.0, 0.0, 0.0]
+    assert (results[3].info["passed"], results[3].info["total"]) == (0, 2)
     assert results[0].info["reason"].startswith("no test result")
     assert results[1].info["reason"] == "the solution exited before the tests"
 
 
 def test_code_runs_samples_concurrently():
-    verifier = code_verifier(workers=4)
+    verifier = code_verifier(workers=4, limits=SandboxLimits(wall_seconds=10))
     started = time.monotonic()
-    results = verifier.score([sample("import time\ntime.sleep(1.0)", sample_id=f"s/{i}", tests="pass")
+    results = verifier.score([sample("import time\ntime.sleep(2.0)", sample_id=f"s/{i}", tests="pass")
                               for i in range(4)])
     elapsed = time.monotonic() - started
     assert [r.score for r in results] == [1.0] * 4
-    assert elapsed < 3.5, f"4 one-second samples on 4 workers took {elapsed:.1f}s: not concurrent"
+    assert elapsed < 6.0, f"4 two-second samples on 4 workers took {elapsed:.1f}s: not concurrent"
 
 
 # ---------------------------------------------------------------- code: limits
@@ -248,7 +257,7 @@ def test_infinite_loop_is_killed_within_the_limit_and_leaves_no_process():
     result = run_sandboxed(SandboxRun("while True:\n    pass", tests=("pass",)), FAST)
     elapsed = time.monotonic() - started
     assert result.killed == "wall clock" and result.timed_out and result.passed is None
-    assert elapsed < FAST.wall_seconds + 1.5
+    assert elapsed < FAST.wall_seconds + 3.0  # the margin: killing, reaping, deleting the scratch
     assert group_empty(result.pid) and gone(result.pid)
     [scored] = code_verifier().score([sample("while True:\n    pass", tests="pass")])
     assert scored.timed_out and scored.score == 0.0
@@ -256,9 +265,10 @@ def test_infinite_loop_is_killed_within_the_limit_and_leaves_no_process():
 
 
 def test_cpu_limit_kills_a_busy_loop():
-    limits = SandboxLimits(wall_seconds=20, cpu_seconds=1, memory_bytes=256 << 20)
+    # A generous wall clock: on a loaded machine one CPU second can take many wall seconds.
+    limits = SandboxLimits(wall_seconds=120, cpu_seconds=1, memory_bytes=256 << 20)
     result = run_sandboxed(SandboxRun("while True:\n    pass"), limits)
-    assert result.killed == "cpu time" and result.cpu_seconds >= 0.95 and result.wall_seconds < 15
+    assert result.killed == "cpu time" and result.cpu_seconds >= 0.8
     assert group_empty(result.pid)
 
 
@@ -267,7 +277,7 @@ def test_processes_it_starts_die_with_it():
     with the pid namespace."""
     program = ("import os\nif os.fork() == 0:\n    os.setsid()\n    print(os.readlink('/proc/self'), flush=True)\n"
                "    while True:\n        pass\nwhile True:\n    pass\n")
-    limits = SandboxLimits(wall_seconds=2.0, cpu_seconds=10, memory_bytes=256 << 20, max_processes=1 << 20)
+    limits = SandboxLimits(wall_seconds=2.0, cpu_seconds=30, memory_bytes=256 << 20, max_processes=1 << 20)
     result = run_sandboxed(SandboxRun(program), limits, KERNEL_ONLY)
     require_kernel(result, "processes", "own pid namespace")
     escaped = int(result.stdout.split()[0])
@@ -405,6 +415,56 @@ def test_the_code_cannot_undo_the_kernel_isolation():
     require_kernel(result, "filesystem", "read-only except the scratch directory")
     assert result.isolation["capabilities"] == "none"
     assert result.stdout.split() == ["-1", "1"]  # EPERM
+
+
+def _readable_by_others(path: Path) -> bool:
+    path = path.resolve()
+    return all(parent.stat().st_mode & 0o005 == 0o005 for parent in [path, *path.parents] if parent.is_dir()) \
+        and (path.is_dir() or path.stat().st_mode & 0o004)
+
+
+@pytest.fixture
+def world_writable_directory():
+    """A fresh directory every user can write to (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="opd-sandbox-test-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_an_unprivileged_user_gets_the_kernel_layers_too(world_writable_directory):
+    """As a uid without privileges, the child builds its own user namespace first, then the
+    same network and mount isolation (where the kernel allows unprivileged user namespaces)."""
+    repo = Path(__file__).resolve().parents[1]
+    python = Path("/usr/bin/python3")
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None or not python.exists():
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to run the sandbox as uid 65534")
+    if not (_readable_by_others(repo / "megatron_opd" / "rewards" / "sandbox_child.py")
+            and _readable_by_others(python)):
+        pytest.skip(f"{repo} or {python} is not readable by uid 65534")
+    target = world_writable_directory
+    script = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(repo)!r})\n"
+        "from megatron_opd.rewards.sandbox import SandboxLimits, SandboxOptions, SandboxRun, run_sandboxed\n"
+        f"program = \"import socket\\ntry:\\n    socket.create_connection(('127.0.0.1', 1), timeout=1)\\n"
+        f"except OSError as e:\\n    print(e.errno)\\nopen({str(target / 'escaped')!r}, 'w')\\n\"\n"
+        f"result = run_sandboxed(SandboxRun(program), SandboxLimits(wall_seconds=5), "
+        f"SandboxOptions(python={str(python)!r}, python_guard=False, scratch_root={str(target)!r}))\n"
+        "print(json.dumps({'isolation': result.isolation, 'stdout': result.stdout, 'stderr': result.stderr}))\n")
+    done = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", str(python), "-c", script],
+                          capture_output=True, text=True, timeout=60, cwd="/")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["isolation"], report
+    if report["isolation"].get("user") != "own user namespace":
+        pytest.skip(f"unprivileged user namespaces are off here: {report['isolation']}")
+    assert report["isolation"]["network"] == "own network namespace (no interfaces up)"
+    assert report["isolation"]["filesystem"] == "read-only except the scratch directory"
+    assert report["isolation"]["capabilities"] == "none"
+    assert report["stdout"].split() == [str(errno.ENETUNREACH)]
+    assert "Read-only file system" in report["stderr"] and not (target / "escaped").exists()
 
 
 # ---------------------------------------------------------------- code: bad input

@@ -326,7 +326,10 @@ def _run_code(config, report, nonce):
     """Step 5. `report` writes one line to the result descriptor; bound before untrusted code."""
     import types
 
+    # Everything used after the untrusted code starts is bound now: it may patch builtins
+    # (len, range, BaseException, ...) and modules, not these local names.
     exec_, compile_, flush_out, flush_err, exit_ = exec, compile, sys.stdout.flush, sys.stderr.flush, os._exit
+    range_, base_exception = range, BaseException
     with open(config["program"], encoding="utf-8") as f:
         source = f.read()
     module = types.ModuleType("__main__")
@@ -334,6 +337,7 @@ def _run_code(config, report, nonce):
     sys.modules["__main__"] = module
     namespace = module.__dict__
     tests = config["tests"]
+    total = len(tests) if tests is not None else 0
 
     def finish(code):
         for flush in (flush_out, flush_err):
@@ -352,26 +356,26 @@ def _run_code(config, report, nonce):
                 print(code, file=sys.stderr)
                 code = 1
             finish(code or 0)
-        report(f"{nonce} result 0 {len(tests)} {'the solution exited before the tests'.encode().hex()}")
+        report(f"{nonce} result 0 {total} {'the solution exited before the tests'.encode().hex()}")
         finish(0)
     except BaseException as error:
         if tests is None:
             print(_describe(error), file=sys.stderr)
             finish(1)
-        report(f"{nonce} result 0 {len(tests)} {('the solution raised ' + _describe(error)).encode().hex()}")
+        report(f"{nonce} result 0 {total} {('the solution raised ' + _describe(error)).encode().hex()}")
         finish(0)
     if tests is None:
         finish(0)
     passed, first_failure = 0, ""
-    for index, test in enumerate(tests):
+    for index in range_(total):
         try:
-            exec_(compile_(test, f"<test {index}>", "exec"), namespace)
+            exec_(compile_(tests[index], f"<test {index}>", "exec"), namespace)
             passed += 1
-        except BaseException as error:
+        except base_exception as error:
             if not first_failure:
                 first_failure = f"test {index}: {_describe(error)}"
-    # Only int formatting and bytes.hex, which untrusted code cannot patch, build this line.
-    report(f"{nonce} result {passed} {len(tests)} {first_failure.encode('utf-8', 'backslashreplace').hex()}")
+    # Only int formatting and str/bytes methods, which untrusted code cannot patch, build this line.
+    report(f"{nonce} result {passed} {total} {first_failure.encode('utf-8', 'backslashreplace').hex()}")
     finish(0)
 
 
