@@ -159,6 +159,21 @@ def test_math_from_a_thread_runs_in_the_worker_and_agrees():
         verifier.close()
 
 
+def test_math_refuses_inline_scoring_off_the_main_thread():
+    errors = []
+
+    def score():
+        try:
+            MathVerifier(use_worker=False).score([sample(r"\boxed{1}", answer="1")])
+        except RuntimeError as error:
+            errors.append(str(error))
+
+    worker = threading.Thread(target=score)
+    worker.start()
+    worker.join(60)
+    assert len(errors) == 1 and "use_worker=False outside the main thread" in errors[0]
+
+
 def test_math_worker_is_killed_past_its_hard_limit_and_restarts():
     # timeout_seconds=0 turns math-verify's own alarm off, so only the hard limit stops this.
     verifier = MathVerifier(timeout_seconds=0, use_worker=True, hard_timeout_seconds=1.0)
@@ -432,14 +447,17 @@ def world_writable_directory():
     shutil.rmtree(path)
 
 
-def test_an_unprivileged_user_gets_the_kernel_layers_too(world_writable_directory):
-    """As a uid without privileges, the child builds its own user namespace first, then the
-    same network and mount isolation (where the kernel allows unprivileged user namespaces)."""
+@pytest.mark.parametrize("who", [["--reuid=65534", "--regid=65534", "--clear-groups"], ["--bounding-set=-sys_admin"]],
+                         ids=["uid-65534", "root-without-CAP_SYS_ADMIN"])
+def test_an_unprivileged_user_gets_the_kernel_layers_too(world_writable_directory, who):
+    """Without CAP_SYS_ADMIN (another uid, or a container's root), the child builds its own user
+    namespace first, then the same network and mount isolation (where the kernel allows
+    unprivileged user namespaces)."""
     repo = Path(__file__).resolve().parents[1]
     python = Path("/usr/bin/python3")
     setpriv = shutil.which("setpriv")
     if os.geteuid() != 0 or setpriv is None or not python.exists():
-        pytest.skip("needs root, setpriv and /usr/bin/python3 to run the sandbox as uid 65534")
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to run the sandbox without privileges")
     if not (_readable_by_others(repo / "megatron_opd" / "rewards" / "sandbox_child.py")
             and _readable_by_others(python)):
         pytest.skip(f"{repo} or {python} is not readable by uid 65534")
@@ -453,7 +471,7 @@ def test_an_unprivileged_user_gets_the_kernel_layers_too(world_writable_director
         f"result = run_sandboxed(SandboxRun(program), SandboxLimits(wall_seconds=5), "
         f"SandboxOptions(python={str(python)!r}, python_guard=False, scratch_root={str(target)!r}))\n"
         "print(json.dumps({'isolation': result.isolation, 'stdout': result.stdout, 'stderr': result.stderr}))\n")
-    done = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", str(python), "-c", script],
+    done = subprocess.run([setpriv, *who, str(python), "-c", script],
                           capture_output=True, text=True, timeout=60, cwd="/")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -480,6 +498,13 @@ def test_code_bad_input_names_field_sample_and_verifier():
                                tests=[{"input": "1", "output": "1"}, {"in": "1"}])])
     with pytest.raises(RewardError, match=r"field 'tests' is a int, expected str or list"):
         verifier.score([sample("pass", sample_id="x/20", domain="code", tests=3)])
+    # tests that would fail every response, or pass every response, are the dataset's bug
+    with pytest.raises(RewardError, match=r"sample 'x/22' .*field 'tests' does not compile"):
+        verifier.score([sample("pass", sample_id="x/22", domain="code", tests="assert f(1) ==")])
+    with pytest.raises(RewardError, match=r"sample 'x/23' .*field 'tests' is .*a literal and not test code"):
+        verifier.score([sample("pass", sample_id="x/23", domain="code", tests='[{"input": "1", "output": "2"}]')])
+    with pytest.raises(RewardError, match=r"sample 'x/24' .*field 'tests' item 1 is '3', a literal"):
+        verifier.score([sample("pass", sample_id="x/24", domain="code", tests=["assert True", "3"])])
 
 
 def test_a_verifier_that_raises_names_verifier_domain_and_sample():

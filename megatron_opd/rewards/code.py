@@ -20,6 +20,7 @@ run gets; info["isolation"] says what it got.
 
 from __future__ import annotations
 
+import ast
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,15 +54,32 @@ class _Plan:
     expected_outputs: tuple[str, ...] | None  # stdio mode
 
 
+def _check_test_code(where: str, test: str) -> None:
+    """A test block must be Python that can fail: one that does not compile would fail every
+    response, and one that is only a literal (a JSON list of cases left encoded) would pass
+    every response."""
+    try:
+        tree = ast.parse(test)
+    except SyntaxError as error:
+        raise RewardError(f"{where} does not compile: {error}") from None
+    literals = (ast.Constant, ast.List, ast.Tuple, ast.Dict, ast.Set)
+    if all(isinstance(node, ast.Expr) and isinstance(node.value, literals) for node in tree.body):
+        raise RewardError(f"{where} is {test[:200]!r}, a literal and not test code; a list of "
+                          f"stdin/stdout cases must be a list, not a JSON string")
+
+
 def _plan(verifier: str, sample: RewardInput) -> _Plan:
     tests = require_field(verifier, sample, "tests", (str, list))
     code, source = extract_code(sample.response)
     where = f"{verifier} verifier: sample {sample.sample_id!r} (domain {sample.domain!r}) field 'tests'"
     if isinstance(tests, str):
+        _check_test_code(where, tests)
         return _Plan(source, (SandboxRun(code, tests=(tests,)),), None)
     if not tests:
         raise RewardError(f"{where} is an empty list: a sample needs at least one test")
     if all(isinstance(test, str) for test in tests):
+        for index, test in enumerate(tests):
+            _check_test_code(f"{where} item {index}", test)
         return _Plan(source, (SandboxRun(code, tests=tuple(tests)),), None)
     for index, case in enumerate(tests):
         if not (isinstance(case, dict) and isinstance(case.get("input"), str)

@@ -55,7 +55,7 @@ class RegexMatch:
     mode: Literal["fullmatch", "search"] = "fullmatch"
     strip: bool = True
     name: ClassVar[str] = "regex"
-    _compiled: dict[str, re.Pattern] = field(default_factory=dict, repr=False)
+    _compiled: dict[str, re.Pattern] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.mode not in ("fullmatch", "search"):

@@ -162,8 +162,8 @@ class MathVerifier:
     use_worker: bool | None = None
     hard_timeout_seconds: float = 60.0
     name: ClassVar[str] = "math"
-    _worker: _MathWorker | None = field(default=None, init=False, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _worker: _MathWorker | None = field(default=None, init=False, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if int(self.timeout_seconds) != self.timeout_seconds or self.timeout_seconds < 0:
@@ -174,15 +174,25 @@ class MathVerifier:
     def settings(self) -> MathSettings:
         return MathSettings(int(self.timeout_seconds), self.float_rounding, self.numeric_precision, self.strict)
 
-    def score(self, samples: list[RewardInput]) -> list[RewardResult]:
+    def _in_worker(self) -> bool:
         in_main_thread = threading.current_thread() is threading.main_thread()
-        if not (self.use_worker or (self.use_worker is None and not in_main_thread and self.timeout_seconds > 0)):
+        if self.use_worker is None:
+            # signal.alarm only works in the main thread; with no time limit there is no alarm.
+            return self.timeout_seconds > 0 and not in_main_thread
+        if not self.use_worker and self.timeout_seconds > 0 and not in_main_thread:
+            raise RuntimeError("math verifier: use_worker=False outside the main thread, where math-verify's "
+                               "time limit (signal.alarm) cannot work; leave use_worker unset (None) to use "
+                               "the worker process there, or set timeout_seconds=0 for no limit")
+        return self.use_worker
+
+    def score(self, samples: list[RewardInput]) -> list[RewardResult]:
+        if not self._in_worker():
             settings = self.settings
             return score_each(self.name, samples, lambda sample: score_math(sample, settings, self.name))
         with self._lock:  # one worker, one request at a time
             if self._worker is None:
                 self._worker = _MathWorker(self.settings, self.hard_timeout_seconds)
-            return [self._worker.score(sample) for sample in samples]
+            return score_each(self.name, samples, self._worker.score)
 
     def close(self) -> None:
         """Stop the worker process, if one was started."""

@@ -6,8 +6,8 @@ TMPDIR only, HOME and TMPDIR being the scratch directory), all other descriptors
 fresh scratch directory that is deleted afterwards. The child isolates itself before running the
 code (sandbox_child.py says how) and reports what it achieved in `SandboxResult.isolation`.
 
-What the isolation is, where the kernel allows each part (it does as root, and for other users
-where unprivileged user namespaces are enabled):
+What the isolation is, where the kernel allows each part (it does with CAP_SYS_ADMIN, i.e. as
+root, and without it where unprivileged user namespaces are enabled):
 - network: an own network namespace with no interface up: no connection to anything, 127.0.0.1
   included;
 - files: an own mount namespace in which every mount is read-only except the scratch directory,

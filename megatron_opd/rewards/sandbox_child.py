@@ -5,7 +5,7 @@ Started by megatron_opd/rewards/sandbox.py as `python -I -S sandbox_child.py RES
 any untrusted line runs:
 1. read the run's config (then delete it: it holds the nonce that marks this program's reports);
 2. kernel isolation, each step where the kernel permits it and reported either way: a user
-   namespace when not root (so the rest needs no privilege), a network namespace (no interface
+   namespace when this process lacks CAP_SYS_ADMIN (so the rest needs no privilege), a network namespace (no interface
    is up, not even loopback), a mount namespace in which every mount is read-only except a bind
    mount of the scratch directory, a pid namespace (the code is pid 1 of its own namespace and
    sees no other process); then no capabilities (bounding, ambient, effective, permitted all
@@ -95,12 +95,18 @@ def _read_only_except(scratch, call):
     return failed
 
 
+def _has_cap_sys_admin():
+    with open("/proc/self/status") as f:
+        effective = next(line.split()[1] for line in f if line.startswith("CapEff:"))
+    return bool(int(effective, 16) >> 21 & 1)  # CAP_SYS_ADMIN is capability 21
+
+
 def enter_namespaces(scratch):
     """Steps 2a: namespaces. Returns what was achieved, per concern, in words."""
     _, _, call = _libc()
     report = {}
     uid, gid = os.getuid(), os.getgid()
-    if os.geteuid() != 0:
+    if not _has_cap_sys_admin():  # not root, or a root without it (many containers)
         try:
             call("unshare", CLONE_NEWUSER)
             # Map our own uid and gid to themselves, so files keep their owner.
