@@ -312,6 +312,16 @@ def test_memory_hog_fails_without_harming_the_caller():
     assert len(bytearray(512 << 20)) == 512 << 20  # this process can still allocate beyond the sandbox's limit
 
 
+def test_file_size_limit_covers_files_and_stdout():
+    limits = SandboxLimits(wall_seconds=10, file_size_bytes=1 << 20)
+    big_file = run_sandboxed(SandboxRun("open('big', 'wb').write(b'x' * (2 << 20))"), limits)
+    flood = run_sandboxed(SandboxRun("import sys\nwhile True:\n    sys.stdout.write('y' * 65536)"), limits)
+    for result in (big_file, flood):
+        assert result.exit_code != 0 and not result.timed_out
+    assert "File too large" in big_file.stderr or big_file.exit_code == -25  # EFBIG, or SIGXFSZ
+    assert len(flood.stdout) <= 1 << 20
+
+
 # ---------------------------------------------------------------- code: isolation
 
 @pytest.fixture

@@ -19,9 +19,9 @@ root, and without it where unprivileged user namespaces are enabled):
 - privileges: no capabilities and no_new_privs, so the code cannot undo any of the above;
 - limits: RLIMIT_CPU (killed at the limit), RLIMIT_AS (allocations beyond it fail:
   MemoryError), RLIMIT_FSIZE (stdout and stderr count too), RLIMIT_NOFILE, RLIMIT_NPROC (the
-  kernel counts it per user, and the trainer's uid already runs many threads, so a small value
-  means the code can start no process and no thread), no core dumps; and a wall-clock limit
-  after which the process group is killed with SIGKILL.
+  kernel counts it per user and does not enforce it for uid 0; for another user, whose uid
+  already runs the trainer's threads, a small value means no new process or thread), no core
+  dumps; and a wall-clock limit after which the process group is killed with SIGKILL.
 Where the kernel refuses a namespace, the result's `isolation` says so, and only the Python guard
 stands there: an audit hook in the child that refuses sockets, subprocesses, fork, exec,
 signals, writes outside the scratch directory, ctypes and the routes to the harness's objects.
