@@ -43,18 +43,6 @@ def torch_dtype(name: str | None):
     return None if name is None else getattr(torch, DTYPE_NAMES[name])
 
 
-def _check_output_dir(path: Path, overwrite: bool) -> None:
-    import shutil
-
-    from checkpoints_tools.errors import CheckpointToolError
-
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise CheckpointToolError(f"{path} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-
-
 def resolve_naming(naming: str) -> str:
     if naming != "auto":
         return naming
@@ -125,7 +113,7 @@ def hf_to_megatron(
         model_config_from_hf,
     )
     from checkpoints_tools.hf_io import HFCheckpoint, copy_side_files
-    from checkpoints_tools.manifest import write_manifest
+    from checkpoints_tools.manifest import check_manifest, write_manifest
     from checkpoints_tools.mapping import bind
     from checkpoints_tools.megatron_io import (
         HF_SIDE_DIR,
@@ -134,11 +122,14 @@ def hf_to_megatron(
         write_checkpoint,
         write_model_yaml,
     )
+    from checkpoints_tools.output import claim_output
     from checkpoints_tools.progress import bytes_on_disk, counting
     from checkpoints_tools.staging import Arena
     from megatron_opd.runtime.checkpoint import step_dir
     from megatron_opd.runtime.layout import ParallelLayout
 
+    output = claim_output(output_dir, [input_dir], overwrite)
+    check_manifest(Path(input_dir))
     hf = HFCheckpoint(input_dir)
     architecture = get_architecture(arch) if arch else architecture_of_hf_config(hf.config)
     cfg = model_config_from_hf(architecture, hf.config)
@@ -155,8 +146,6 @@ def hf_to_megatron(
     bindings = bind(architecture.name, architecture.rules, {n: s.shape for n, s in slots.items()}, cfg)
     check_hf_tensors(hf, bindings, architecture, cfg)
 
-    out = Path(output_dir)
-    _check_output_dir(out, overwrite)
     want = torch_dtype(dtype)
     staged = [
         (slots[b.megatron_name].shape, want or hf.info(b.hf_names[0]).dtype)
@@ -164,45 +153,46 @@ def hf_to_megatron(
         if not _direct(hf, b, want)
     ]
     sharded, total = [], 0
-    with Arena(out / ".staging", Arena.bytes_for(staged)) as arena:
-        with counting(progress, "mapping tensors", len(bindings)) as advance:
-            for b in bindings:
-                pieces = _pieces(hf, b, slots[b.megatron_name], want, arena)
-                sharded += sharded_pieces(
-                    dataclasses.replace(slots[b.megatron_name], dtype=pieces[0].dtype), pieces
+    with output.writing() as out:
+        with Arena(out / ".staging", Arena.bytes_for(staged)) as arena:
+            with counting(progress, "mapping tensors", len(bindings)) as advance:
+                for b in bindings:
+                    pieces = _pieces(hf, b, slots[b.megatron_name], want, arena)
+                    sharded += sharded_pieces(
+                        dataclasses.replace(slots[b.megatron_name], dtype=pieces[0].dtype), pieces
+                    )
+                    total += sum(p.numel() * p.element_size() for p in pieces)
+                    advance()
+            root = out / "checkpoints"
+            with bytes_on_disk(progress, "writing megatron checkpoint", step_dir(root, step), total):
+                write_checkpoint(
+                    root,
+                    step,
+                    sharded,
+                    structure.objects,
+                    common={
+                        "converted_from": str(Path(input_dir).resolve()),
+                        "hf_architecture": architecture.name,
+                    },
                 )
-                total += sum(p.numel() * p.element_size() for p in pieces)
-                advance()
-        root = out / "checkpoints"
-        with bytes_on_disk(progress, "writing megatron checkpoint", step_dir(root, step), total):
-            path = write_checkpoint(
-                root,
-                step,
-                sharded,
-                structure.objects,
-                common={
-                    "converted_from": str(Path(input_dir).resolve()),
-                    "hf_architecture": architecture.name,
-                },
-            )
-    del sharded
-    write_model_yaml(out, cfg)
-    copy_side_files(hf.side_files(), out / HF_SIDE_DIR)
-    _keep_char_tokenizer(hf.path, out)
-    write_manifest(
-        out,
-        "checkpoints_tools.convert",
-        {
-            "source": "hf",
-            "target": "megatron",
-            "input": str(Path(input_dir).resolve()),
-            "architecture": architecture.name,
-            "vocab_padding_tp": tp,
-            "naming": naming,
-            "dtype": dtype or "as stored",
-        },
-    )
-    return path
+        del sharded
+        write_model_yaml(out, cfg)
+        copy_side_files(hf.side_files(), out / HF_SIDE_DIR)
+        _keep_char_tokenizer(hf.path, out)
+        write_manifest(
+            out,
+            "checkpoints_tools.convert",
+            {
+                "source": "hf",
+                "target": "megatron",
+                "input": str(Path(input_dir).resolve()),
+                "architecture": architecture.name,
+                "vocab_padding_tp": tp,
+                "naming": naming,
+                "dtype": dtype or "as stored",
+            },
+        )
+    return step_dir(output.path / "checkpoints", step)
 
 
 def _direct(hf, binding, want) -> bool:

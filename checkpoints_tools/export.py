@@ -31,7 +31,7 @@ from pathlib import Path
 
 from checkpoints_tools.errors import add_output_flags, run_tool
 
-from checkpoints_tools.convert import DTYPE_NAMES, _check_output_dir, torch_dtype
+from checkpoints_tools.convert import DTYPE_NAMES, torch_dtype
 
 
 def _natural(name: str):
@@ -80,9 +80,12 @@ def megatron_to_hf(
         resolve_keys,
         stored_tensors,
     )
+    from checkpoints_tools.output import claim_output
     from checkpoints_tools.progress import counting
 
     model = open_megatron(input_path, model_config)
+    output = claim_output(output_dir, [input_path, *model.read_paths], overwrite)
+    model.check_manifest()
     cfg, side = model.cfg, model.hf_side_dir
     original = (
         json.loads((side / "config.json").read_text()) if side and (side / "config.json").is_file() else None
@@ -119,27 +122,26 @@ def megatron_to_hf(
     dtype_name = DTYPE_NAMES[dtype] if dtype else str(stored).replace("torch.", "")
     config = _hf_config(architecture, cfg, original, dtype_name, dtype is not None, model, side)
 
-    out = Path(output_dir)
-    _check_output_dir(out, overwrite)
-    with counting(progress, "writing safetensors", len(by_name)) as advance:
-        write_shards(out, shards, _shard_loader(slots, by_name, out_dtype, model.step_dir), on_shard=advance)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if side is not None:
-        for f in side.iterdir():
-            if f.is_file() and f.name != "config.json":
-                shutil.copy2(f, out / f.name)
-    elif model.model_dir is not None and (model.model_dir / "tokenizer.json").is_file():
-        shutil.copy2(model.model_dir / "tokenizer.json", out / "tokenizer.json")
-    write_manifest(
-        out,
-        "checkpoints_tools.export",
-        {
-            "input": str(model.step_dir.resolve()),
-            "architecture": architecture.name,
-            "dtype": dtype or "as stored",
-        },
-    )
-    return out
+    with output.writing() as out:
+        with counting(progress, "writing safetensors", len(by_name)) as advance:
+            write_shards(out, shards, _shard_loader(slots, by_name, out_dtype, model.step_dir), on_shard=advance)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if side is not None:
+            for f in side.iterdir():
+                if f.is_file() and f.name != "config.json":
+                    shutil.copy2(f, out / f.name)
+        elif model.model_dir is not None and (model.model_dir / "tokenizer.json").is_file():
+            shutil.copy2(model.model_dir / "tokenizer.json", out / "tokenizer.json")
+        write_manifest(
+            out,
+            "checkpoints_tools.export",
+            {
+                "input": str(model.step_dir.resolve()),
+                "architecture": architecture.name,
+                "dtype": dtype or "as stored",
+            },
+        )
+    return output.path
 
 
 def _hf_config(architecture, cfg, original, dtype_name, cast, model, side) -> dict:

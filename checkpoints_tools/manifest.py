@@ -1,7 +1,9 @@
 """manifest.json: what a tool wrote, with a sha256 and size per file, and how (tool, arguments, inputs).
 
 Every output directory of checkpoints_tools gets one. `python -m checkpoints_tools.manifest DIR`
-re-hashes the files and reports any that are missing, changed or not listed.
+re-hashes the files and reports any that are missing, changed or not listed; the tools call
+`check_manifest` on their inputs, so that a file damaged or altered since it was written is
+refused by name before anything is converted.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+from checkpoints_tools.errors import CorruptCheckpoint
 
 MANIFEST = "manifest.json"
 
@@ -65,6 +69,40 @@ def verify_manifest(directory: str | Path) -> list[str]:
         if rel not in listed:
             problems.append(f"not in manifest: {rel}")
     return problems
+
+
+def check_manifest(directory: str | Path, scope: Iterable[str | Path] | None = None) -> None:
+    """Refuse files that differ from `directory`/manifest.json, when there is one.
+
+    Only listed files are checked, and with `scope` only those at or under one of its paths (a
+    model directory's manifest also lists checkpoints that training may since have pruned).
+    Raises CorruptCheckpoint naming the first file that is missing or whose size or sha256 differs.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        listed = json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CorruptCheckpoint(f"{path} is not a manifest ({e}); restore it or delete it") from None
+    within = [Path(p).resolve() for p in scope] if scope is not None else None
+    for rel, meta in sorted(listed.items()):
+        file = directory / rel
+        if within is not None and not any(file.resolve().is_relative_to(s) for s in within):
+            continue
+        if not file.is_file():
+            problem = "is missing"
+        elif file.stat().st_size != meta["bytes"]:
+            problem = f"has {file.stat().st_size} bytes, the manifest lists {meta['bytes']}"
+        elif (digest := sha256(file)) != meta["sha256"]:
+            problem = f"has sha256 {digest[:16]}..., the manifest lists {meta['sha256'][:16]}..."
+        else:
+            continue
+        raise CorruptCheckpoint(
+            f"{file} {problem} ({path}): the file changed after the manifest was written; "
+            f"restore it from the original, or delete {MANIFEST} if the change is intended"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,17 +23,19 @@ either; writing uses the one asked for.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from checkpoints_tools.errors import (
     CheckpointToolError,
+    CorruptCheckpoint,
     MissingTensors,
     ShapeMismatch,
     UnexpectedTensors,
@@ -189,6 +191,28 @@ def model_slots(cfg: ModelConfig, *, vocab_tp: int = 1, naming: str = "local") -
 # ---------------------------------------------------------------------------------------------
 # Checkpoint metadata and region reads
 
+# How a tool's user falls back from a corrupt checkpoint (runtime.checkpoint.Corruption.describe).
+TOOL_FALLBACK = "pass it as --input, or delete {step_dir}"
+
+
+@contextlib.contextmanager
+def naming_corruption(step_dir: Path) -> Iterator[None]:
+    """A failed read of the checkpoint becomes CorruptCheckpoint naming the damaged file and the
+    checkpoint to fall back to; other errors (the files are fine) pass through unchanged."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    from megatron_opd.runtime.checkpoint import find_corruption
+
+    try:
+        yield
+    except CheckpointToolError:
+        raise
+    except (Exception, CheckpointException) as e:
+        corruption = find_corruption(step_dir)
+        if corruption is None:
+            raise
+        raise CorruptCheckpoint(corruption.describe(TOOL_FALLBACK)) from e
+
 
 @dataclass(frozen=True)
 class StoredTensor:
@@ -202,7 +226,8 @@ def stored_tensors(step_dir: Path) -> dict[str, StoredTensor]:
 
     if not (step_dir / ".metadata").is_file():
         raise CheckpointToolError(f"{step_dir} is not a torch_dist checkpoint (.metadata is missing)")
-    md = _reader(step_dir).read_metadata()  # parsed once, shared with read_regions
+    with naming_corruption(step_dir):
+        md = _reader(step_dir).read_metadata()  # parsed once, shared with read_regions
     return {
         k: StoredTensor(tuple(v.size), v.properties.dtype)
         for k, v in md.state_dict_metadata.items()
@@ -321,7 +346,8 @@ def read_regions(step_dir: Path, regions: Sequence[Region]) -> None:
 
     if regions:
         planner = _region_planner_class()(step_dir, regions)
-        dcp_load({}, storage_reader=_reader(step_dir), planner=planner, no_dist=True)
+        with naming_corruption(step_dir):
+            dcp_load({}, storage_reader=_reader(step_dir), planner=planner, no_dist=True)
 
 
 def read_slot(
@@ -458,11 +484,27 @@ class MegatronModel:
     step_dir: Path
     model_dir: Path | None
     cfg: ModelConfig
+    model_yaml: Path
 
     @property
     def hf_side_dir(self) -> Path | None:
         d = self.model_dir / HF_SIDE_DIR if self.model_dir else None
         return d if d is not None and d.is_dir() else None
+
+    @property
+    def read_paths(self) -> list[Path]:
+        """Everything a tool reads of this model (an output must not overlap any of it)."""
+        paths = [self.step_dir, self.model_yaml]
+        if self.model_dir is not None:
+            paths += [self.model_dir / "tokenizer.json", self.model_dir / HF_SIDE_DIR]
+        return paths
+
+    def check_manifest(self) -> None:
+        """The files read that the model directory's manifest.json lists must match it."""
+        from checkpoints_tools.manifest import check_manifest
+
+        if self.model_dir is not None:
+            check_manifest(self.model_dir, scope=self.read_paths)
 
 
 def read_model_yaml(path: Path) -> ModelConfig:
@@ -507,4 +549,4 @@ def open_megatron(path: str | Path, model_config: str | Path | None = None) -> M
     yaml_path = Path(model_config) if model_config else (model_dir / "model.yaml" if model_dir else None)
     if yaml_path is None:
         raise CheckpointToolError(f"{path}: no model.yaml found next to the checkpoint; pass --model-config")
-    return MegatronModel(step_dir, model_dir, read_model_yaml(yaml_path))
+    return MegatronModel(step_dir, model_dir, read_model_yaml(yaml_path), yaml_path)

@@ -20,16 +20,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from checkpoints_tools.errors import add_output_flags, run_tool
-from typing import Sequence
+from typing import Callable, Sequence
 
-from checkpoints_tools.convert import _check_output_dir
 from checkpoints_tools.errors import (
     CheckpointToolError,
     MissingTensors,
     ShapeMismatch,
     UnexpectedTensors,
+    add_output_flags,
     name_list,
+    run_tool,
 )
 
 BLOCK_BYTES = 1 << 28
@@ -100,28 +100,31 @@ def merge(
         raise CheckpointToolError(
             "inputs mix Hugging Face and megatron directories; convert them to one format first"
         )
-    out = Path(output_dir)
-    # The inputs are checked before the output is touched: a refused merge keeps an old output.
-    if kinds.pop():
-        _merge_hf(method, experts, Path(base) if base else None, w, out, overwrite, progress, max_shard_bytes)
-    else:
-        _merge_megatron(method, experts, Path(base) if base else None, w, out, overwrite, progress)
     from checkpoints_tools.manifest import write_manifest
+    from checkpoints_tools.output import claim_output
 
-    write_manifest(
-        out,
-        "checkpoints_tools.merge",
-        {
-            "method": method,
-            "weights": w,
-            "base": str(Path(base).resolve()) if base else None,
-            "experts": [str(e.resolve()) for e in experts],
-        },
-    )
-    return out
+    if kinds.pop():
+        read, write = _merge_hf(method, experts, Path(base) if base else None, w, progress, max_shard_bytes)
+    else:
+        read, write = _merge_megatron(method, experts, Path(base) if base else None, w, progress)
+    output = claim_output(output_dir, [*inputs, *read], overwrite)
+    with output.writing() as out:
+        write(out)
+        write_manifest(
+            out,
+            "checkpoints_tools.merge",
+            {
+                "method": method,
+                "weights": w,
+                "base": str(Path(base).resolve()) if base else None,
+                "experts": [str(e.resolve()) for e in experts],
+            },
+        )
+    return output.path
 
 
-def _merge_megatron(method, experts, base, w, out: Path, overwrite: bool, progress: bool) -> None:
+def _merge_megatron(method, experts, base, w, progress: bool) -> tuple[list[Path], Callable[[Path], None]]:
+    """Check the inputs; returns the paths it reads and write(out), which merges into `out`."""
     import torch
 
     from checkpoints_tools.megatron_io import (
@@ -160,35 +163,42 @@ def _merge_megatron(method, experts, base, w, out: Path, overwrite: bool, progre
                     f"tensor {slot.key}: {list(slot.shape)} in {models[0].step_dir} "
                     f"but {list(s[name].shape)} in {m.step_dir}"
                 )
-    _check_output_dir(out, overwrite)
-    batches = row_batches(first, BLOCK_BYTES)
-    with Arena(out / ".staging", Arena.bytes_for((s.shape, s.dtype) for s in first.values())) as arena:
-        dests = {name: arena.empty(slot.shape, slot.dtype) for name, slot in first.items()}
-        with counting(progress, f"merging ({method})", sum(map(len, batches))) as advance:
-            for batch in batches:
-                read = []  # per input: {(name, row): tensor}
-                for m, s in zip(models, slots):
-                    got = {
-                        (n, r): torch.empty((rows, *s[n].shape[1:]), dtype=s[n].dtype) for n, r, rows in batch
-                    }
-                    read_regions(m.step_dir, [block_region(s[n], r, got[(n, r)]) for n, r, _ in batch])
-                    read.append(got)
-                for name, r, rows in batch:
-                    tensors = [got[(name, r)] for got in read]
-                    b, ex = (tensors[0], tensors[1:]) if base else (None, tensors)
-                    dests[name][r : r + rows].copy_(combine(method, ex, b, w))
-                advance(len(batch))
-        sharded = [t for name, slot in first.items() for t in sharded_pieces(slot, [dests[name]])]
-        total = sum(slot.nbytes for slot in first.values())
-        root = out / "checkpoints"
-        with bytes_on_disk(progress, "writing megatron checkpoint", step_dir(root, 0), total):
-            write_checkpoint(root, 0, sharded, structure.objects, common={"merged": method, "weights": w})
-    del sharded
-    copy_model_files(models[0].model_dir, out)
+
+    def write(out: Path) -> None:
+        for m in models:
+            m.check_manifest()
+        batches = row_batches(first, BLOCK_BYTES)
+        with Arena(out / ".staging", Arena.bytes_for((s.shape, s.dtype) for s in first.values())) as arena:
+            dests = {name: arena.empty(slot.shape, slot.dtype) for name, slot in first.items()}
+            with counting(progress, f"merging ({method})", sum(map(len, batches))) as advance:
+                for batch in batches:
+                    read = []  # per input: {(name, row): tensor}
+                    for m, s in zip(models, slots):
+                        got = {
+                            (n, r): torch.empty((rows, *s[n].shape[1:]), dtype=s[n].dtype) for n, r, rows in batch
+                        }
+                        read_regions(m.step_dir, [block_region(s[n], r, got[(n, r)]) for n, r, _ in batch])
+                        read.append(got)
+                    for name, r, rows in batch:
+                        tensors = [got[(name, r)] for got in read]
+                        b, ex = (tensors[0], tensors[1:]) if base else (None, tensors)
+                        dests[name][r : r + rows].copy_(combine(method, ex, b, w))
+                    advance(len(batch))
+            sharded = [t for name, slot in first.items() for t in sharded_pieces(slot, [dests[name]])]
+            total = sum(slot.nbytes for slot in first.values())
+            root = out / "checkpoints"
+            with bytes_on_disk(progress, "writing megatron checkpoint", step_dir(root, 0), total):
+                write_checkpoint(root, 0, sharded, structure.objects, common={"merged": method, "weights": w})
+        del sharded
+        copy_model_files(models[0].model_dir, out)
+
+    return [p for m in models for p in m.read_paths], write
 
 
-def _merge_hf(method, experts, base, w, out: Path, overwrite: bool, progress: bool, max_shard_bytes: int) -> None:
+def _merge_hf(method, experts, base, w, progress: bool, max_shard_bytes: int) -> tuple[list[Path], Callable[[Path], None]]:
+    """Check the inputs; returns the paths it reads and write(out), which merges into `out`."""
     from checkpoints_tools.hf_io import HFCheckpoint, copy_side_files, plan_shards, write_shards
+    from checkpoints_tools.manifest import check_manifest
     from checkpoints_tools.progress import counting
 
     hfs = [HFCheckpoint(p) for p in ([base] if base else []) + experts]
@@ -205,7 +215,6 @@ def _merge_hf(method, experts, base, w, out: Path, overwrite: bool, progress: bo
             raise ShapeMismatch(
                 f"tensor {n}: {list(ref.info(n).shape)} in {ref.path} but {list(h.info(n).shape)} in {h.path}"
             )
-    _check_output_dir(out, overwrite)
     shards = plan_shards([(n, ref.info(n).nbytes) for n in ref.names()], max_shard_bytes)
 
     def load_shard(names):
@@ -220,9 +229,14 @@ def _merge_hf(method, experts, base, w, out: Path, overwrite: bool, progress: bo
             )
         return merged
 
-    with counting(progress, f"merging ({method})", len(ref.names())) as advance:
-        write_shards(out, shards, load_shard, on_shard=advance)
-    copy_side_files(ref.side_files(), out)
+    def write(out: Path) -> None:
+        for h in hfs:
+            check_manifest(h.path)
+        with counting(progress, f"merging ({method})", len(ref.names())) as advance:
+            write_shards(out, shards, load_shard, on_shard=advance)
+        copy_side_files(ref.side_files(), out)
+
+    return [h.path for h in hfs], write
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -266,6 +266,7 @@ def _errors(root: Path) -> dict:
     write_model_yaml(
         root / "ok_mg", dataclasses.replace(read_model_yaml(root / "ok_mg" / "model.yaml"), qk_layernorm=True)
     )
+    (root / "ok_mg" / "manifest.json").unlink()  # else the manifest refuses the edited model.yaml first
     try:
         megatron_to_hf(root / "ok_mg", root / "ok_back", progress=False)
         messages["yaml"] = "no error"
