@@ -22,15 +22,15 @@ from pathlib import Path
 
 from typing import Callable, Sequence
 
-from checkpoints_tools.errors import (
-    CheckpointToolError,
+from checkpoints_tools.errors import add_output_flags, run_tool
+from megatron_opd.models.hf.errors import (
+    CheckpointError,
     MissingTensors,
     ShapeMismatch,
     UnexpectedTensors,
-    add_output_flags,
     name_list,
-    run_tool,
 )
+from megatron_opd.models.hf.hf_dir import is_hf_model_dir
 
 BLOCK_BYTES = 1 << 28
 
@@ -38,22 +38,22 @@ BLOCK_BYTES = 1 << 28
 def coefficients(method: str, n: int, weights: Sequence[float] | None, scale: float | None) -> list[float]:
     if method == "uniform":
         if weights is not None or scale is not None:
-            raise CheckpointToolError(
+            raise CheckpointError(
                 "uniform averages the experts equally; --weights/--scale are for task_arithmetic"
             )
         return [1.0 / n] * n
     if method == "task_arithmetic":
         if weights is None and scale is None:
-            raise CheckpointToolError(
+            raise CheckpointError(
                 "task_arithmetic needs --weights (one per expert) or --scale (the same for all)"
             )
         if weights is not None and scale is not None:
-            raise CheckpointToolError("pass --weights or --scale, not both")
+            raise CheckpointError("pass --weights or --scale, not both")
         w = list(weights) if weights is not None else [scale] * n
         if len(w) != n:
-            raise CheckpointToolError(f"--weights has {len(w)} values for {n} experts")
+            raise CheckpointError(f"--weights has {len(w)} values for {n} experts")
         return w
-    raise CheckpointToolError(f"unknown merge method {method!r}; choose uniform or task_arithmetic")
+    raise CheckpointError(f"unknown merge method {method!r}; choose uniform or task_arithmetic")
 
 
 def combine(method: str, experts, base, w: list[float]):
@@ -70,10 +70,6 @@ def combine(method: str, experts, base, w: list[float]):
     return out
 
 
-def _is_hf(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / "model.yaml").is_file()
-
-
 def merge(
     method: str,
     experts: Sequence[str | Path],
@@ -88,20 +84,20 @@ def merge(
 ) -> Path:
     experts = [Path(e) for e in experts]
     if not experts:
-        raise CheckpointToolError("no experts to merge")
+        raise CheckpointError("no experts to merge")
     if method == "task_arithmetic" and base is None:
-        raise CheckpointToolError("task_arithmetic needs --base (the model the experts were fine-tuned from)")
+        raise CheckpointError("task_arithmetic needs --base (the model the experts were fine-tuned from)")
     if method == "uniform" and base is not None:
-        raise CheckpointToolError("uniform does not use --base")
+        raise CheckpointError("uniform does not use --base")
     w = coefficients(method, len(experts), weights, scale)
     inputs = ([Path(base)] if base else []) + experts
-    kinds = {_is_hf(p) for p in inputs}
+    kinds = {is_hf_model_dir(p) for p in inputs}
     if len(kinds) > 1:
-        raise CheckpointToolError(
+        raise CheckpointError(
             "inputs mix Hugging Face and megatron directories; convert them to one format first"
         )
-    from checkpoints_tools.manifest import write_manifest
-    from checkpoints_tools.output import claim_output
+    from megatron_opd.models.hf.manifest import write_manifest
+    from megatron_opd.models.hf.output import claim_output
 
     if kinds.pop():
         read, write = _merge_hf(method, experts, Path(base) if base else None, w, progress, max_shard_bytes)
@@ -127,7 +123,10 @@ def _merge_megatron(method, experts, base, w, progress: bool) -> tuple[list[Path
     """Check the inputs; returns the paths it reads and write(out), which merges into `out`."""
     import torch
 
-    from checkpoints_tools.megatron_io import (
+    from checkpoints_tools.progress import bytes_on_disk, counting
+    from checkpoints_tools.reshard import copy_model_files
+    from checkpoints_tools.staging import Arena
+    from megatron_opd.models.hf.megatron_io import (
         block_region,
         init_single_process,
         model_structure,
@@ -139,9 +138,6 @@ def _merge_megatron(method, experts, base, w, progress: bool) -> tuple[list[Path
         stored_tensors,
         write_checkpoint,
     )
-    from checkpoints_tools.progress import bytes_on_disk, counting
-    from checkpoints_tools.reshard import copy_model_files
-    from checkpoints_tools.staging import Arena
     from megatron_opd.runtime.checkpoint import step_dir
 
     models = [open_megatron(p) for p in ([base] if base else []) + experts]
@@ -149,7 +145,7 @@ def _merge_megatron(method, experts, base, w, progress: bool) -> tuple[list[Path
     for m in models[1:]:
         if m.cfg != cfg:
             diff = [f for f in vars(cfg) if getattr(cfg, f) != getattr(m.cfg, f)]
-            raise CheckpointToolError(
+            raise CheckpointError(
                 f"{m.step_dir} has another model config than {models[0].step_dir}: {', '.join(diff)}"
             )
     init_single_process()
@@ -197,9 +193,9 @@ def _merge_megatron(method, experts, base, w, progress: bool) -> tuple[list[Path
 
 def _merge_hf(method, experts, base, w, progress: bool, max_shard_bytes: int) -> tuple[list[Path], Callable[[Path], None]]:
     """Check the inputs; returns the paths it reads and write(out), which merges into `out`."""
-    from checkpoints_tools.hf_io import HFCheckpoint, copy_side_files, plan_shards, write_shards
-    from checkpoints_tools.manifest import check_manifest
     from checkpoints_tools.progress import counting
+    from megatron_opd.models.hf.hf_dir import HFCheckpoint, copy_side_files, plan_shards, write_shards
+    from megatron_opd.models.hf.manifest import check_manifest
 
     hfs = [HFCheckpoint(p) for p in ([base] if base else []) + experts]
     ref = hfs[0]
@@ -257,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from checkpoints_tools.hf_io import parse_size
+    from megatron_opd.models.hf.hf_dir import parse_size
 
     args = build_parser().parse_args(argv)
     return run_tool(

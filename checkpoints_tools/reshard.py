@@ -41,7 +41,7 @@ READ_BATCH_BYTES = 1 << 28  # one region read covers at most ~256 MB of tensors
 
 def copy_model_files(model_dir: Path | None, out: Path) -> None:
     """model.yaml, tokenizer.json and hf/ travel with the weights."""
-    from checkpoints_tools.megatron_io import HF_SIDE_DIR
+    from megatron_opd.models.hf.megatron_io import HF_SIDE_DIR
 
     if model_dir is None:
         return
@@ -54,7 +54,7 @@ def copy_model_files(model_dir: Path | None, out: Path) -> None:
 
 def target_layout(cfg, tp: int, pp: int, ep: int):
     """The ParallelLayout for (tp, pp, ep) on the smallest world that has it, checked against the model."""
-    from checkpoints_tools.errors import UnsupportedConfig
+    from megatron_opd.models.hf.errors import UnsupportedConfig
     from megatron_opd.runtime.layout import LayoutError, ParallelLayout
 
     layout = ParallelLayout(tp=tp, pp=pp, ep=ep, sequence_parallel=cfg.is_moe and tp > 1)
@@ -81,8 +81,10 @@ def reshard(
     """Write a checkpoint of `input_path`'s model for the target layout; returns the new step dir."""
     from megatron.core import dist_checkpointing
 
-    from checkpoints_tools.manifest import write_manifest
-    from checkpoints_tools.megatron_io import (
+    from checkpoints_tools.progress import bytes_on_disk, counting
+    from checkpoints_tools.staging import Arena
+    from megatron_opd.models.hf.manifest import write_manifest
+    from megatron_opd.models.hf.megatron_io import (
         block_region,
         init_single_process,
         model_slots,
@@ -96,9 +98,7 @@ def reshard(
         stored_tensors,
         write_checkpoint,
     )
-    from checkpoints_tools.output import claim_output
-    from checkpoints_tools.progress import bytes_on_disk, counting
-    from checkpoints_tools.staging import Arena
+    from megatron_opd.models.hf.output import claim_output
     from megatron_opd.runtime.checkpoint import checkpoint_step, step_dir
 
     model = open_megatron(input_path, model_config)
@@ -148,7 +148,7 @@ def reshard(
         del sharded
         copy_model_files(model.model_dir, out)
         if model.model_dir is None:
-            from checkpoints_tools.megatron_io import write_model_yaml
+            from megatron_opd.models.hf.megatron_io import write_model_yaml
 
             write_model_yaml(out, cfg)
         write_manifest(
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if status == 0 and args.verify:
         from checkpoints_tools.verify import verify_in_world
 
-        from checkpoints_tools.megatron_io import open_megatron
+        from megatron_opd.models.hf.megatron_io import open_megatron
 
         layout = target_layout(open_megatron(args.output).cfg, args.tp, args.pp, args.ep)
         world = args.tp * args.pp * args.ep

@@ -150,7 +150,7 @@ def _overwrite_probes(root: Path) -> dict:
             "kept": _digest(target) == before,
             "leftovers": sorted(p.name for p in root.iterdir() if p.name.startswith(f".old_{tool}")),
         }
-    from checkpoints_tools.manifest import verify_manifest
+    from megatron_opd.models.hf.manifest import verify_manifest
 
     rc, err = _cli("reshard", "--input", root / "M", "--output", root / "old_reshard", "--tp", 2, "--overwrite")
     manifest = (root / "old_reshard" / "manifest.json").read_text()
@@ -165,10 +165,8 @@ def _overwrite_probes(root: Path) -> dict:
 
 
 def _corruption_probes(root: Path) -> dict:
-    import torch
-
     from megatron_opd.models.gpt import build_gpt_model
-    from checkpoints_tools.megatron_io import read_model_yaml
+    from megatron_opd.models.hf.megatron_io import read_model_yaml
     from megatron_opd.runtime.checkpoint import load_checkpoint
     from megatron_opd.runtime.layout import ParallelLayout
 

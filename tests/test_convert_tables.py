@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints_tools.architectures import (
+from megatron_opd.models.hf.architectures import (
     ARCHITECTURES,
     architecture_of_hf_config,
     get_architecture,
@@ -25,10 +25,10 @@ from checkpoints_tools.architectures import (
     infer_architecture,
     model_config_from_hf,
 )
-from checkpoints_tools.errors import CorruptCheckpoint, UnknownArchitecture, UnsupportedConfig
-from checkpoints_tools.hf_io import HFCheckpoint
-from checkpoints_tools.mapping import LAYOUTS, _pattern
-from checkpoints_tools.megatron_io import Slot, te_key
+from megatron_opd.models.hf.errors import CorruptCheckpoint, UnknownArchitecture, UnsupportedConfig
+from megatron_opd.models.hf.hf_dir import HFCheckpoint
+from megatron_opd.models.hf.mapping import LAYOUTS, _pattern
+from megatron_opd.models.hf.megatron_io import Slot, te_key
 from checkpoints_tools.staging import Arena
 from megatron_opd.models.config import ModelConfig
 

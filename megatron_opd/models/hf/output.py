@@ -1,9 +1,10 @@
-"""Where a tool writes its output directory: never over an input, and beside the old output until done.
+"""Where a conversion writes its output directory: never over an input, and beside the old output until done.
 
-Every tool that writes a directory (convert, export, reshard, merge) claims its output first and
-writes through it:
+Everything that writes a directory (export, so the rollout engine's HF export too, and the
+checkpoints_tools commands convert, reshard and merge) claims its output and writes through it:
 
-- `claim_output(output, inputs, overwrite)` runs before anything is read or written. It refuses
+- `claim_output(output, inputs, overwrite)` runs as soon as the paths to be read are known,
+  before anything is written or any tensor read. It refuses
   an output that is, contains or is inside any input (paths resolved, so symlinks and relative
   paths cannot hide an overlap), a path that is a file, and a non-empty directory without
   `--overwrite`.
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from checkpoints_tools.errors import CheckpointToolError
+from megatron_opd.models.hf.errors import CheckpointError
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755
@@ -69,15 +70,15 @@ def claim_output(output: str | os.PathLike, inputs: Iterable[str | os.PathLike |
             relation = "is inside"
         else:
             continue
-        raise CheckpointToolError(
+        raise CheckpointError(
             f"--output {output} {relation} the input {given}"
             + (f" (both resolve to {target})" if relation == "is" and Path(output) != Path(given) else "")
             + ": writing there would destroy the input; choose an output directory outside it"
         )
     if target.exists() and not target.is_dir():
-        raise CheckpointToolError(f"--output {output} is a file, not a directory")
+        raise CheckpointError(f"--output {output} is a file, not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise CheckpointToolError(
+        raise CheckpointError(
             f"--output {output} exists and is not empty; pass --overwrite to replace it "
             f"(the old one is kept until the new one is complete)"
         )
