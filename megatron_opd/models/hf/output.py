@@ -15,7 +15,8 @@ checkpoints_tools commands convert, reshard and merge) claims its output and wri
   is deleted and the old output is exactly as it was.
 
 The output's parent directory must hold both copies for a moment (a rename cannot cross file
-systems, and a copy would not be atomic).
+systems, and a copy would not be atomic). A crash between the two renames leaves the old output
+as `.NAME.old-XXXXXXXX` beside the new one's partial directory: nothing is lost.
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ class Output:
     def writing(self) -> Iterator[Path]:
         """A new, empty directory beside `path` to write into; swapped in when the body returns."""
         parent, name = self.path.parent, self.path.name
-        parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent))
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            partial = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent))
+        except OSError as e:
+            raise CheckpointError(f"cannot write beside {self.path}: {e}") from None
         try:
             yield partial
             make_world_readable(partial)
