@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from megatron_opd.models.config import ModelConfig
 from megatron_opd.models.hf.architectures import infer_architecture
 from megatron_opd.models.hf.errors import MissingTensors, ShapeMismatch, name_list
 from megatron_opd.models.hf.mapping import Binding, bind
-from megatron_opd.models.config import ModelConfig
 
 
 def bindings_for(cfg: ModelConfig, megatron_shapes: dict[str, tuple[int, ...]]) -> list[Binding]:

@@ -23,8 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from megatron_opd.models.hf.errors import CheckpointError, UnsupportedConfig, name_list
 from megatron_opd.models.config import ModelConfig
+from megatron_opd.models.hf.errors import CheckpointError, UnsupportedConfig, name_list
 
 Shape = tuple[int, ...]
 

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from megatron_opd.models.config import ModelConfig
 from megatron_opd.models.hf.errors import (
     CheckpointError,
     CorruptCheckpoint,
@@ -42,7 +43,6 @@ from megatron_opd.models.hf.errors import (
     UnexpectedTensors,
     name_list,
 )
-from megatron_opd.models.config import ModelConfig
 from megatron_opd.runtime.layout import ParallelLayout
 
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
