@@ -517,14 +517,14 @@ def test_update_weights_from_distributed_protocol(servers, world, tmp_path):
 
     from safetensors.torch import load_file
 
-    from checkpoints_tools.export import megatron_to_hf
+    from megatron_opd.models.hf.export import megatron_to_hf
     from megatron_opd.rollout.sglang import distributed_update_body, init_group_bodies
     from megatron_opd.runtime.distributed import broadcast_from, standalone_group
     from megatron_opd.runtime.spawn import free_port
 
     url = servers["main"].url
     tensors = {}
-    for f in sorted(megatron_to_hf(world.dir_b, tmp_path / "b_hf", progress=False).glob("*.safetensors")):
+    for f in sorted(megatron_to_hf(world.dir_b, tmp_path / "b_hf").glob("*.safetensors")):
         tensors.update(load_file(str(f)))
     pool = ThreadPoolExecutor(2)
 

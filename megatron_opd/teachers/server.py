@@ -468,7 +468,7 @@ class ModelBackend:
 
     def receive_weights(self, body: dict) -> str:
         """Receive `names` (Hugging Face names) broadcast from rank 0 in order, then load them."""
-        from checkpoints_tools.live import megatron_from_hf
+        from megatron_opd.models.hf.live import megatron_from_hf
         from megatron_opd.runtime.distributed import broadcast_from
 
         torch = self.torch
