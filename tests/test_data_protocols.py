@@ -60,7 +60,7 @@ def test_load_tokenizer_dispatches_on_what_the_directory_holds(tmp_path):
 
 
 def test_run_tokenizer_is_the_runs_own_else_the_init_models_else_the_default(tmp_path):
-    from megatron_opd.models.model_dir import run_tokenizer
+    from megatron_opd.data.tokenizer import run_tokenizer
 
     reversed_tok = CharTokenizer(alphabet=TINY_ALPHABET[::-1])
     reversed_tok.save(tmp_path / "init")

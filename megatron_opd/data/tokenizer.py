@@ -176,3 +176,20 @@ _HF_NOT_YET = (
     "{path} is a Hugging Face tokenizer, which megatron-opd cannot load yet; models trained here use "
     "the character tokenizer (tokenizer.json with type 'char')"
 )
+
+
+def run_tokenizer(run_dir: str | os.PathLike, init_from: str | os.PathLike = "") -> Tokenizer:
+    """The tokenizer a run trains with: the one its directory already holds (a resumed run keeps
+    its own), else that of the model it starts from (`train.init_from`: a model directory, or its
+    `checkpoints/` or one `checkpoints/step_N` in it), else the tiny domains' character tokenizer
+    (a model trained from scratch here). Torch-free: checked before launch."""
+    candidates = [Path(run_dir)]
+    if init_from:
+        path = Path(init_from)
+        if path.name.startswith("step_") and path.parent.name == "checkpoints":
+            path = path.parent
+        candidates.append(path.parent if path.name == "checkpoints" else path)
+    for directory in candidates:
+        if (directory / "tokenizer.json").is_file() or (directory / "hf" / "tokenizer_config.json").is_file():
+            return load_tokenizer(directory)
+    return CharTokenizer()

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from megatron_opd.data.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
+from megatron_opd.config import load_config, to_dict
+from megatron_opd.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_opd.models.config import ModelConfig
 from megatron_opd.runtime.checkpoint import latest_complete
 
@@ -43,8 +44,6 @@ class ModelDir:
 
 
 def write_model_dir(directory: str | os.PathLike, model: ModelConfig, tokenizer: Tokenizer) -> ModelDir:
-    from megatron_opd.config import to_dict
-
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     (path / "model.yaml").write_text(yaml.safe_dump(to_dict(model), sort_keys=False))
@@ -53,8 +52,6 @@ def write_model_dir(directory: str | os.PathLike, model: ModelConfig, tokenizer:
 
 
 def read_model_dir(directory: str | os.PathLike) -> ModelDir:
-    from megatron_opd.config import load_config
-
     path = Path(directory)
     if not (path / "model.yaml").is_file():
         raise FileNotFoundError(f"{path} is not a model directory: model.yaml is missing")
@@ -62,25 +59,3 @@ def read_model_dir(directory: str | os.PathLike) -> ModelDir:
     tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
     return ModelDir(path, model, tokenizer)
 
-
-def model_dir_of(path: str | os.PathLike) -> Path:
-    """The model directory a path names: itself, or the one holding it when it is a checkpoint
-    root (`<dir>/checkpoints`) or a checkpoint (`<dir>/checkpoints/step_N`), as train.init_from may be."""
-    path = Path(path)
-    if path.name.startswith("step_") and path.parent.name == "checkpoints":
-        return path.parent.parent
-    if path.name == "checkpoints":
-        return path.parent
-    return path
-
-
-def run_tokenizer(run_dir: str | os.PathLike, init_from: str | os.PathLike = "") -> Tokenizer:
-    """The tokenizer a run trains with: the one its directory already holds (a resumed run keeps
-    its own), else that of the model it starts from (`train.init_from`), else the tiny domains'
-    character tokenizer (a model trained from scratch here)."""
-    for directory in (Path(run_dir), model_dir_of(init_from) if init_from else None):
-        if directory is not None and (
-            (directory / "tokenizer.json").is_file() or (directory / "hf" / "tokenizer_config.json").is_file()
-        ):
-            return load_tokenizer(directory)
-    return CharTokenizer()

@@ -1,3 +1,4 @@
 """Rewards: the `Reward` protocol (a batch of samples -> a score and info each, rewards/base.py,
-with the records of rewards/types.py), a registry that finds rewards by name, and the rule
-verifiers of the tiny domains. Verifiers for real domains and GRM verdicts are further rewards."""
+with the records of rewards/types.py), the registry that finds them by name (rewards/registry.py),
+the rule verifiers of the tiny domains, and verifiers that score real responses (math, code,
+exact and regex match; docs/rewards.md). GRM verdicts will be another reward."""

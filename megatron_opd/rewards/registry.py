@@ -1,5 +1,5 @@
-"""Rewards by name: the one table a config's or a prompt source's reward names resolve through.
-New verifiers (math, code, exact, regex; a GRM judge) are added to REWARDS."""
+"""Rewards by name: the one table a config's or a prompt source's reward names resolve through
+(a GRM judge will be added here too)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,18 @@ from typing import Callable
 from megatron_opd.data.prompts import PromptSource
 from megatron_opd.rewards import tiny
 from megatron_opd.rewards.base import Reward
+from megatron_opd.rewards.code import CodeVerifier
+from megatron_opd.rewards.match import ExactMatch, RegexMatch
+from megatron_opd.rewards.math import MathVerifier
 
-REWARDS: dict[str, Callable[[], Reward]] = {**tiny.REWARDS}
+# name -> a factory of the reward with its default settings
+REWARDS: dict[str, Callable[[], Reward]] = {
+    **tiny.REWARDS,  # add, reverse, sort, count
+    "math": MathVerifier,
+    "code": CodeVerifier,
+    "exact": ExactMatch,
+    "regex": RegexMatch,
+}
 
 
 def get_reward(name: str) -> Reward:

@@ -79,28 +79,10 @@ class OPDStage(OnPolicyStage):
     # -- set-up -----------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        # The config's checks (teachers for every domain, signal and temperature, fused output
+        # layer) ran before launch: JobConfig.check, config/stages.py.
         cfg = self.cfg
-        if not cfg.teachers:
-            raise ValueError("stage=opd needs teachers: the teachers section of the config is empty")
-        for domain in cfg.data.domains:
-            if not any(domain in t.domains for t in cfg.teachers.values()):
-                raise ValueError(
-                    f"domain {domain!r} (data.domains) has no teacher; add it to the domains of one "
-                    f"of teachers {sorted(cfg.teachers)}"
-                )
         self.teacher_names = sorted(cfg.teachers)
-        if cfg.opd.fused_output_layer and cfg.parallel.sequence_parallel:
-            raise ValueError(
-                "opd.fused_output_layer needs parallel.sequence_parallel=false (the fused loss takes the "
-                "full hidden states on every TP rank)"
-            )
-        for name, t in cfg.teachers.items():
-            if t.signal in ("topk", "sampled") and t.temperature != 1.0:
-                raise ValueError(
-                    f"teachers.{name}.temperature={t.temperature} needs the full distribution; with "
-                    f"signal={t.signal!r} servers return raw (T=1) log-probs and the tempered teacher "
-                    f"cannot be rebuilt: use signal=hidden or temperature=1.0"
-                )
         self.scorer: Scorer | None = self._start_pool()
         self.store = None
         if cfg.opd.signal_store and dist.get_rank() == self.mp_src:
@@ -141,8 +123,6 @@ class OPDStage(OnPolicyStage):
             teacher = self.cfg.teachers[name]
             if teacher.signal != "hidden":
                 continue
-            if not teacher.model_dir:
-                raise ValueError(f"teachers.{name}.signal is 'hidden' but teachers.{name}.model_dir is empty")
             model_dir = read_model_dir(teacher.model_dir)
             heads[name] = load_output_layer_shard(
                 model_dir.latest_checkpoint(),
