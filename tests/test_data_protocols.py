@@ -17,7 +17,7 @@ from megatron_opd.data.domains import TinyDomains
 from megatron_opd.data.prompts import Prompt, PromptSource, replica_slice, repeat_for_group
 from megatron_opd.data.tokenizer import TINY_ALPHABET, CharTokenizer, Tokenizer, load_tokenizer
 from megatron_opd.rewards.base import Reward, is_correct, score_responses
-from megatron_opd.rewards.registry import get_reward, rewards_for
+from megatron_opd.rewards.registry import REWARDS, get_reward, rewards_for
 from megatron_opd.rewards.types import RewardError, RewardResult
 
 # -- Tokenizer ----------------------------------------------------------------------------------
@@ -112,6 +112,10 @@ def test_groups_repeat_each_prompt_with_its_own_sample_ids():
 def test_reward_registry_refuses_unknown_names_with_the_closest():
     with pytest.raises(ValueError, match="unknown reward 'revers'; did you mean 'reverse'"):
         get_reward("revers")
+    with pytest.raises(ValueError, match="unknown reward 'regx'; did you mean 'regex'"):
+        get_reward("regx")
+    assert {"math", "code", "exact", "regex"} <= set(REWARDS)  # the real-domain verifiers, by name
+    assert all(isinstance(get_reward(name), Reward) and get_reward(name).name == name for name in REWARDS)
     source = TinyDomains(["add", "sort"], seed=0, eval_size=4)
     rewards = rewards_for(source)
     assert sorted(rewards) == ["add", "sort"] and all(isinstance(r, Reward) for r in rewards.values())
