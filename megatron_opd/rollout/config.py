@@ -11,10 +11,30 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """What the one sampler (rollout/sampler.py) does at each new token, with SGLang's meaning."""
+
     max_new_tokens: int = 8
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no limit
+    temperature: float = 1.0  # below 1e-6: greedy (SGLang turns it into top_k=1 at temperature 1)
+    top_p: float = 1.0  # keep a token while the probability mass before it is <= top_p
+    top_k: int = 0  # 0: no limit (SGLang's -1); 1: greedy
+    min_p: float = 0.0  # drop tokens whose probability is below min_p times the top one's
+    stop_token_ids: tuple[int, ...] = ()  # finish after sampling one of these (EOS is the engine's)
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        problems = []
+        if self.max_new_tokens < 0:
+            problems.append(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):
+            problems.append(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (0: no limit), got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            problems.append(f"min_p must be in [0, 1], got {self.min_p}")
+        if problems:
+            raise ValueError("sampling parameters: " + "; ".join(problems))
 
 
 @dataclass
@@ -27,6 +47,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     # SGLang engine: "disk" exports weights and calls /update_weights_from_disk; "distributed"
     # broadcasts them under their Hugging Face names from trainer rank 0 through a process group
     # joining it and the servers (/init_weights_update_group, /begin_weight_update,
@@ -43,4 +64,4 @@ class RolloutConfig:
 
     @property
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.min_p)

@@ -50,7 +50,7 @@ from megatron_opd.teachers.launch import LAUNCH_ENV
 DEFAULT_WEIGHT_VERSION = "default"  # SGLang's --weight-version default
 # Sampling parameters accepted only at their neutral value (the server does not implement them).
 _NEUTRAL_PARAMS = {
-    "min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
+    "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
     "min_new_tokens": 0, "n": 1, "json_schema": None, "regex": None, "ebnf": None,
     "structural_tag": None, "stop_regex": None, "logit_bias": {}, "custom_params": None,
     "beam_width": None, "watermark": None, "choice": [], "stop": None,
@@ -88,6 +88,16 @@ class GenItem:
     top_logprobs_num: int = 0
     return_hidden_states: bool = False
     rid: str | None = None
+    min_p: float = 0.0
+
+    def sampling_params(self):
+        """This item's sampling as the one sampler's parameters (SGLang's top_k -1 is our 0)."""
+        from megatron_opd.rollout.config import SamplingParams
+
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=0 if self.top_k == -1 else self.top_k, min_p=self.min_p, stop_token_ids=self.stop_token_ids,
+        )  # fmt: skip
 
 
 @dataclass
@@ -170,6 +180,7 @@ def parse_generate(body: Any, *, vocab_size: int, encode: Callable[[str], list[i
             temperature=float(_want(sp.get("temperature", 1.0), (int, float), "f32")),
             top_p=float(_want(sp.get("top_p", 1.0), (int, float), "f32")),
             top_k=_want(sp.get("top_k", -1), (int,), "i32"),
+            min_p=float(_want(sp.get("min_p", 0.0), (int, float), "f32")),
             stop_token_ids=tuple(_want(t, (int,), "i64") for t in (sp.get("stop_token_ids") or ())),
             ignore_eos=_want(sp.get("ignore_eos", False), (bool,), "a boolean"),
             sampling_seed=None if sp.get("sampling_seed") is None else _want(sp["sampling_seed"], (int,), "i64"),
@@ -186,6 +197,10 @@ def parse_generate(body: Any, *, vocab_size: int, encode: Callable[[str], list[i
             raise RequestError(f"top_p must be in (0, 1], got {item.top_p}")
         if item.temperature < 0:
             raise RequestError(f"temperature must be >= 0, got {item.temperature}")
+        if item.top_k < 1 and item.top_k != -1:  # SGLang's SamplingParams.verify
+            raise RequestError(f"top_k must be -1 (disable) or at least 1, got {item.top_k}.")
+        if not 0.0 <= item.min_p <= 1.0:
+            raise RequestError(f"min_p must be in [0, 1], got {item.min_p}.")
         if item.return_logprob:
             if item.logprob_start_len == -1:
                 item.logprob_start_len = L  # SGLang: output logprobs only
@@ -331,29 +346,16 @@ class ModelBackend:
         return results
 
     def _sample(self, it: GenItem, logits, gen, seq: list[int], res: ItemResult) -> None:
-        torch = self.torch
-        greedy = it.temperature < 1e-5 or it.top_k == 1
-        # SGLang turns temperature 0 into top_k=1 at temperature 1: logprobs are then unscaled.
-        temp = 1.0 if it.temperature < 1e-5 else it.temperature
-        logprobs = torch.log_softmax(logits / temp, -1)
-        if greedy:
-            token = int(torch.argmax(logprobs))
-        else:
-            probs = logprobs.exp()
-            if 0 < it.top_k < probs.numel():
-                kth = torch.topk(probs, it.top_k).values[-1]
-                probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
-            if it.top_p < 1.0:
-                sorted_p, order = torch.sort(probs, descending=True)
-                drop = (torch.cumsum(sorted_p, 0) - sorted_p) > it.top_p * sorted_p.sum()
-                sorted_p[drop] = 0
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-            token = int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+        from megatron_opd.rollout.sampler import reported_logprobs, sample, stops
+
+        params = it.sampling_params()
+        row = logits[None]
+        token = int(sample(row, params, gen).tokens[0])
         seq.append(token)
         res.output_ids.append(token)
-        res.output_logprobs.append(logprobs.numpy())
+        res.output_logprobs.append(reported_logprobs(row, params)[0].numpy())
         n = len(res.output_ids)
-        if token in it.stop_token_ids or (token == self.tokenizer.eos_id and not it.ignore_eos):
+        if stops(token, params, None if it.ignore_eos else self.tokenizer.eos_id):
             res.finish = {"type": "stop", "matched": token}
         elif n >= it.max_new_tokens or len(seq) >= self.cfg.max_seq_len:
             res.finish = {"type": "length", "length": n}

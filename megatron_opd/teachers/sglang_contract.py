@@ -23,6 +23,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 PINNED = "0.5.23"
 MEMBER = "sglang/api/v1/api_types.py"
@@ -73,6 +74,27 @@ def request_fields(class_name: str) -> dict[str, bool]:
                 if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
             }
     raise KeyError(f"{class_name} is not in {IO_STRUCT} of sglang=={PINNED}")
+
+
+SAMPLER = "sglang/srt/layers/sampler.py"
+
+
+def wheel_function(member: str, name: str, namespace: dict) -> Callable:
+    """A top-level function of the pinned wheel's `member`, compiled on its own (with `ast`) in
+    `namespace`: how the tests run SGLang's own torch sampler without importing sglang."""
+    import ast
+
+    path = _wheel_member(member)
+    if path is None:
+        raise FileNotFoundError(f"sglang=={PINNED} wheel not found; fetch it with: {FETCH_HINT}")
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            node.decorator_list = []
+            scope = dict(namespace)
+            exec(compile(ast.Module(body=[node], type_ignores=[]), f"{member}:{name}", "exec"), scope)
+            return scope[name]
+    raise KeyError(f"{name} is not a function of {member} in sglang=={PINNED}")
 
 
 def fetch_wheel(directory: Path) -> None:
