@@ -239,7 +239,7 @@ def _plan_pool(key, label, prefix, cfg: ServerPoolConfig, cluster, group, ports,
 def _server_argv(cfg: ServerPoolConfig, cluster: ClusterConfig, server: Server, *, signal: str, model: str) -> list[str]:
     """The command of one server replica, with the flags its teacher's signal needs."""
     if cfg.backend == "embedded":
-        argv = [cluster.python, "-m", "megatron_opd.teachers.server", "--model-dir", model]
+        argv = [cluster.python, "-m", "megatron_opd.serving", "--model-dir", model]
     else:
         argv = [cluster.python, "-m", "sglang.launch_server", "--model-path", model,
                 "--tp-size", str(cfg.tp), "--dp-size", str(cfg.dp), "--ep-size", str(cfg.ep),

@@ -21,8 +21,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _serve_teacher_args(p: argparse.ArgumentParser) -> None:
-    from megatron_opd.teachers.server import add_arguments
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from megatron_opd.serving.cli import add_arguments
 
     add_arguments(p)
 
@@ -50,6 +50,9 @@ _CHECKPOINT_TOOLS = {
     "merge": "weight-merging baselines (uniform average, task arithmetic)",
 }
 
+# Older names that still work.
+_ALIASES = {"serve": ["serve-teacher"]}
+
 # name -> (help, add_arguments, "module:function")
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
     "run": (
@@ -69,10 +72,10 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]]
         _config_args,
         "megatron_opd.stages.launch:train_command",
     ),
-    "serve-teacher": (
-        "serve a megatron model as an SGLang-compatible teacher / rollout server",
-        _serve_teacher_args,
-        "megatron_opd.teachers.server:serve_command",
+    "serve": (
+        "serve a megatron model as an SGLang-compatible teacher / rollout server (alias: serve-teacher)",
+        _serve_args,
+        "megatron_opd.serving.cli:serve_command",
     ),
     **{
         tool: (
@@ -113,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_arguments, target) in _COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, aliases=_ALIASES.get(name, []))
         add_arguments(p)
         p.set_defaults(_target=target)
     return parser

@@ -19,7 +19,7 @@ import torch
 from megatron_opd.config import JobConfig, derive, load_config, to_dict
 from megatron_opd.runtime.spawn import WorldFailed, spawn_world
 from megatron_opd.stages.trainer import read_ledger
-from megatron_opd.teachers.launch import start_teacher_server, wait_ready
+from megatron_opd.serving.launch import start_teacher_server, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = {"arith": "add", "rev": "reverse", "sorter": "sort"}

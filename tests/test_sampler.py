@@ -10,7 +10,7 @@ Two independent references:
   rank >= top_k dropped; dropped when the mass before a token is > top_p; dropped when below
   min_p * the top probability);
 - SGLang's own `top_k_top_p_min_p_sampling_from_probs_torch`, compiled from the pinned wheel
-  (teachers/sglang_contract.py: wheel_function), whose filtered probabilities give its kept set.
+  (serving/sglang_contract.py: wheel_function), whose filtered probabilities give its kept set.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from megatron_opd.rollout.config import SamplingParams
 from megatron_opd.rollout.sampler import filters, is_greedy, reported_logprobs, sample, stops, token_logprobs
-from megatron_opd.teachers.sglang_contract import SAMPLER, load_contract, wheel_function
+from megatron_opd.serving.sglang_contract import SAMPLER, load_contract, wheel_function
 
 
 def reference_kept(logits: np.ndarray, params: SamplingParams) -> list[int]:

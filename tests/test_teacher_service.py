@@ -26,21 +26,13 @@ import torch
 from megatron_opd.data.tokenizer import CharTokenizer
 from megatron_opd.data.trajectories import Trajectories
 from megatron_opd.models.config import ModelConfig
+from megatron_opd.serving import wire as W
+from megatron_opd.serving.client import ClientSettings, RequestRefused, SGLangClient, ServerUnavailable
+from megatron_opd.serving.launch import start_router, start_teacher_server, stop_all, wait_ready
+from megatron_opd.serving.sglang_contract import load_contract
 from megatron_opd.teachers import protocol as P
-from megatron_opd.teachers.client import (
-    TeacherClient,
-    TeacherRequestError,
-    TeacherUnavailable,
-)
 from megatron_opd.teachers.config import TeacherConfig
-from megatron_opd.teachers.launch import (
-    start_router,
-    start_teacher_server,
-    stop_all,
-    wait_ready,
-)
-from megatron_opd.teachers.pool import RoutingError, TeacherIncompatible, TeacherPool
-from megatron_opd.teachers.sglang_contract import load_contract
+from megatron_opd.teachers.pool import RoutingError, TeacherIncompatible, TeacherPool, client_for, request_batches, score_items
 
 KEY = "s3cret"
 TOK = CharTokenizer()
@@ -139,11 +131,15 @@ def sequences(n: int, seed: int = 0) -> list[P.ScoreItem]:
 
 def run_client(cfg: TeacherConfig, items, **kw):
     async def go():
-        async with TeacherClient("math", cfg, vocab_size=V, **kw) as client:
+        async with client_for("math", cfg, **kw) as client:
             await client.start()
-            return await client.score(items), client
+            return await score_items(client, cfg, items, vocab_size=V), client
 
     return asyncio.run(go())
+
+
+def plain_client(url: str, **kw) -> SGLangClient:
+    return SGLangClient("teacher 'math'", ClientSettings(endpoints=(url,), api_key=KEY), **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,9 +200,9 @@ def test_scoring_semantics_against_the_model(servers, world):
 def test_client_signals_equal_the_model(servers, world, wire, signal, extra):
     items = sequences(7, seed=3)
     sigs, client = run_client(teacher(servers["main"].url, signal, wire=wire, batch_size=2, **extra), items, trace=True)
-    binary = {e.content_type == P.BINARY_CONTENT_TYPE for e in client.trace}
+    binary = {e.content_type == W.BINARY_CONTENT_TYPE for e in client.trace}
     assert binary == {wire == "auto"}
-    assert len(client.trace) == len(client.batches(items)) > 1  # batched per prompt length
+    assert len(client.trace) == len(request_batches(items, 2)) > 1  # batched per prompt length
     head = world.ref_a.head
     for item, sig in zip(items, sigs):
         lp, hidden = world.ref_a(item.tokens)
@@ -240,9 +236,9 @@ def test_every_request_and_response_decodes_with_sglang_contract(servers):
             traces += client.trace
 
     async def sampling():
-        async with TeacherClient("math", teacher(servers["main"].url), trace=True) as client:
-            await client.generate(P.sample_request([[3, 4, 5], [6, 7]], max_new_tokens=4, temperature=0.8, top_k=10, sampling_seed=1))
-            body = P.sample_request([[3, 4, 5]], max_new_tokens=3, temperature=0.0)
+        async with plain_client(servers["main"].url, trace=True) as client:
+            await client.generate(W.sample_request([[3, 4, 5], [6, 7]], max_new_tokens=4, temperature=0.8, top_k=10, sampling_seed=1))
+            body = W.sample_request([[3, 4, 5]], max_new_tokens=3, temperature=0.0)
             await client.generate(dict(body, top_logprobs_num=3, return_hidden_states=True, logprob_start_len=0, return_text_in_logprobs=True))
             await client.generate({"input_ids": [3, 4, 5], "sampling_params": {"max_new_tokens": 2}})  # a single, not a batch
             return client.trace
@@ -252,8 +248,8 @@ def test_every_request_and_response_decodes_with_sglang_contract(servers):
     for entry in traces:
         api.GenerateRequest.from_json_value(entry.request)
         assert entry.status == 200
-        if entry.content_type == P.BINARY_CONTENT_TYPE:
-            responses = P.decode_binary(entry.body)  # arrays in meta_info aside, the rest is SGLang's shape
+        if entry.content_type == W.BINARY_CONTENT_TYPE:
+            responses = W.decode_binary(entry.body)  # arrays in meta_info aside, the rest is SGLang's shape
             for r in responses:
                 r["meta_info"] = {k: v for k, v in r["meta_info"].items() if not isinstance(v, np.ndarray)}
         else:
@@ -334,10 +330,10 @@ def test_error_bodies_are_sglangs(servers, body, status, shape, text):
 
 def test_client_refuses_bad_requests_and_reports_server_errors(servers):
     async def go():
-        async with TeacherClient("math", teacher(servers["main"].url)) as client:
+        async with plain_client(servers["main"].url) as client:
             with pytest.raises(ValueError, match="did you mean 'max_new_tokens'"):
                 await client.generate({"input_ids": [1], "sampling_params": {"max_new_token": 1}})
-            with pytest.raises(TeacherRequestError) as e:
+            with pytest.raises(RequestRefused) as e:
                 await client.generate({"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 9})
             assert client.stats.attempts == 1  # a refusal is not retried
             return str(e.value)
@@ -381,9 +377,10 @@ def test_short_and_malformed_responses_give_clear_errors():
         try:
             for mode in ("short", "missing", "truncated", "good"):
                 cfg = teacher(f"{base}/{mode}", max_retries=2, retry_backoff_s=0.01)
-                async with TeacherClient("fake", cfg) as client:
+                async with client_for("fake", cfg) as client:
                     try:
-                        errors[mode] = await client.score([item])
+                        await client.start()
+                        errors[mode] = await score_items(client, cfg, [item])
                     except Exception as e:  # noqa: BLE001 - the test inspects it
                         errors[mode] = e
         finally:
@@ -391,11 +388,11 @@ def test_short_and_malformed_responses_give_clear_errors():
         return base, errors
 
     base, errors = asyncio.run(go())
-    assert isinstance(errors["short"], P.ProtocolError) and str(errors["short"]) == (
+    assert isinstance(errors["short"], W.ProtocolError) and str(errors["short"]) == (
         f"teacher 'fake' at {base}/short returned 3 input_token_logprobs for a sequence of 5 tokens with logprob_start_len 1; expected 4"
     )
     assert str(errors["missing"]) == f"teacher 'fake' at {base}/missing returned 0 responses for a batch of 1 sequences"
-    assert isinstance(errors["truncated"], TeacherUnavailable) and hits["truncated"] == 3  # 1 + max_retries
+    assert isinstance(errors["truncated"], ServerUnavailable) and hits["truncated"] == 3  # 1 + max_retries
     assert "ClientPayloadError" in str(errors["truncated"]) or "ServerDisconnected" in str(errors["truncated"])
     np.testing.assert_allclose(errors["good"][0].sampled_logprobs, [-1.0, -1.0, -1.0])
 
@@ -465,7 +462,7 @@ def test_pool_refuses_incompatible_and_unreachable_teachers(servers):
     with pytest.raises(TeacherIncompatible, match=rf"teacher 'math' at {url} has tokenizer fingerprint '{TOK.fingerprint}' .* but the student has 'feedface'"):
         start(teacher(url), fp="feedface")
     dead = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(TeacherUnavailable, match=rf"teacher 'math' at {dead} is not reachable"):
+    with pytest.raises(ServerUnavailable, match=rf"teacher 'math' at {dead} is not reachable"):
         start(teacher([url, dead]))
     # A stock SGLang server does not report its tokenizer: a declaration is required, then probed.
     with pytest.raises(TeacherIncompatible, match=rf"teacher 'math' at {plain} does not report its tokenizer .* declare teachers.math.tokenizer_fingerprint"):
@@ -514,7 +511,7 @@ def test_update_weights_from_distributed_protocol(servers, world, tmp_path):
     from safetensors.torch import load_file
 
     from checkpoints_tools.export import megatron_to_hf
-    from megatron_opd.rollout.sglang import distributed_update_body, init_group_bodies
+    from megatron_opd.rollout.sglang import update_body_for
     from megatron_opd.runtime.distributed import broadcast_from, standalone_group
     from megatron_opd.runtime.spawn import free_port
 
@@ -529,11 +526,11 @@ def test_update_weights_from_distributed_protocol(servers, world, tmp_path):
         return status, json.loads(raw)
 
     port = free_port()
-    (init,) = init_group_bodies(1, 1, "127.0.0.1", port, "test-group", "gloo")
+    (init,) = W.init_group_bodies(1, 1, "127.0.0.1", port, "test-group", "gloo")
     joining = pool.submit(post, "/init_weights_update_group", init)
     group = standalone_group("gloo", "127.0.0.1", port, 0, 2, timeout_s=60)
     assert joining.result() == (200, {"success": True, "message": "Succeeded to initialize custom process group."})
-    body = distributed_update_body(tensors, "test-group", "v3")
+    body = update_body_for(tensors, "test-group", "v3")
     status, reply = post("/update_weights_from_distributed", body)  # no session: refused, nothing received
     assert status == 400 and "begin_weight_update" in reply["message"]
     assert post("/begin_weight_update", {})[0] == 200
@@ -560,7 +557,7 @@ def test_update_weights_from_distributed_protocol(servers, world, tmp_path):
         # A tensor missing from an update is named; the weights stay as they were.
         assert post("/begin_weight_update", {})[0] == 200
         partial = {k: v for k, v in tensors.items() if k != "model.norm.weight"}
-        receiving = pool.submit(post, "/update_weights_from_distributed", distributed_update_body(partial, "test-group", "v4"))
+        receiving = pool.submit(post, "/update_weights_from_distributed", update_body_for(partial, "test-group", "v4"))
         for tensor in partial.values():
             broadcast_from(group, tensor.contiguous(), 0)
         status, reply = receiving.result()
@@ -579,14 +576,15 @@ def test_update_weights_from_distributed_protocol(servers, world, tmp_path):
 # Failover
 
 
-def score_while_killing(cfg: TeacherConfig, items, victim) -> tuple[list[P.ItemSignal], TeacherClient]:
+def score_while_killing(cfg: TeacherConfig, items, victim) -> tuple[list[P.ItemSignal], SGLangClient]:
     """Score `items` on a background loop; kill `victim` once a few requests have completed."""
     box, client_box = {}, {}
 
     async def go():
-        async with TeacherClient("math", cfg, vocab_size=V) as client:
+        async with client_for("math", cfg) as client:
             client_box["c"] = client
-            return await client.score(items), client
+            await client.start()
+            return await score_items(client, cfg, items, vocab_size=V), client
 
     thread = threading.Thread(target=lambda: box.update(result=asyncio.run(go())), daemon=True)
     thread.start()

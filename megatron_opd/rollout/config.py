@@ -43,6 +43,7 @@ class RolloutConfig:
     # SGLang engine: server base URLs (a router's URL, or several servers used round-robin).
     endpoints: list[str] = field(default_factory=list)
     api_key: str = ""
+    timeout_s: float = 300.0  # per HTTP request to a rollout server (a weight update included)
     max_new_tokens: int = 8
     temperature: float = 1.0
     top_p: float = 1.0

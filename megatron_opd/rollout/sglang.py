@@ -39,34 +39,13 @@ from megatron_opd.data.trajectories import Trajectories
 from megatron_opd.rollout.config import RolloutConfig
 from megatron_opd.runtime import checkpoint as ckpt
 from megatron_opd.runtime.distributed import broadcast_object, first_error, replica_group_and_src
+from megatron_opd.serving import wire
+from megatron_opd.serving.client import ClientSettings, EventLoopThread, SGLangClient, gather_all
 
-# -- the weight-update request bodies (tests check them against SGLang's io_struct) -------------
-
-
-def disk_update_body(model_path: str, version: str) -> dict:
-    return {"model_path": model_path, "weight_version": version, "flush_cache": True}
-
-
-def init_group_bodies(servers: int, ranks: int, address: str, port: int, group_name: str, backend: str) -> list[dict]:
-    """Trainer rank 0 is the group's rank 0; server i holds ranks 1 + i * ranks onwards."""
-    world = 1 + ranks * servers
-    return [
-        {"master_address": address, "master_port": port, "rank_offset": 1 + i * ranks, "world_size": world,
-         "group_name": group_name, "backend": backend}
-        for i in range(servers)
-    ]  # fmt: skip
-
-
-def distributed_update_body(tensors: dict[str, torch.Tensor], group_name: str, version: str) -> dict:
-    """What the servers allocate and receive, in broadcast order."""
-    return {
-        "names": list(tensors),
-        "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors.values()],
-        "shapes": [list(t.shape) for t in tensors.values()],
-        "group_name": group_name,
-        "flush_cache": True,
-        "weight_version": version,
-    }
+def update_body_for(tensors: dict[str, torch.Tensor], group_name: str, version: str) -> dict:
+    """/update_weights_from_distributed for `tensors` (Hugging Face names, in broadcast order)."""
+    dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors.values()]
+    return wire.distributed_update_body(list(tensors), dtypes, [tuple(t.shape) for t in tensors.values()], group_name, version)
 
 
 class RolloutServerError(RuntimeError):
@@ -93,16 +72,9 @@ class SGLangRolloutEngine:
         # Unique per engine: a server can hold groups of several trainers (or tests) at once.
         self.group_name = f"megatron-opd-{os.getpid()}-{id(self):x}"
         if self.is_src:
-            from megatron_opd.teachers.client import TeacherClient
-            from megatron_opd.teachers.config import TeacherConfig
-            from megatron_opd.teachers.pool import _LoopThread
-
-            self._loop = _LoopThread()
-            self.client = TeacherClient(
-                "rollout",
-                TeacherConfig(endpoints=list(cfg.endpoints), domains=["*"], signal="sampled", api_key=cfg.api_key),
-                vocab_size=tokenizer.vocab_size,
-            )
+            self._loop = EventLoopThread("rollout-client")
+            settings = ClientSettings(endpoints=tuple(cfg.endpoints), api_key=cfg.api_key, timeout_s=cfg.timeout_s)
+            self.client = SGLangClient("rollout server", settings)
             self._loop.run(self.client.start())
         # The servers start from other weights than the student's: push the student's first.
         self.sync_weights(0)
@@ -181,7 +153,7 @@ class SGLangRolloutEngine:
         else:
             root = Path(self.trainer.run_dir) / "rollout_weights"
             path = ckpt.save_checkpoint(root, step, self.trainer.model, None, keep_last=1)
-            if self.is_src:
+            if dist.get_rank() == 0:  # one export and one load per server, whatever the replicas
                 push = lambda: self._load_from_disk(self._export(path, root, step), str(step))  # noqa: E731
         error = None
         if push is not None:
@@ -196,40 +168,25 @@ class SGLangRolloutEngine:
         return {"weight_sync_time_s": time.perf_counter() - t0}
 
     def _export(self, checkpoint: Path, root: Path, step: int) -> str:
-        """What the servers load: the checkpoint itself, or its Hugging Face export."""
+        """What the servers load: the checkpoint itself, or its Hugging Face export (any export
+        error propagates with its own message)."""
         if self.cfg.weight_format != "hf":
             return str(checkpoint)
-        from checkpoints_tools.export import main as export
+        from checkpoints_tools.export import megatron_to_hf
 
         for old in root.glob("hf_step_*"):  # the servers hold the previous export already
             shutil.rmtree(old, ignore_errors=True)
         out = root / f"hf_step_{step:08d}"
-        argv = ["--input", str(checkpoint), "--model-config", str(Path(self.trainer.run_dir) / "model.yaml")]
-        if export(argv + ["--output", str(out), "--overwrite", "--no-progress"]):
-            raise RolloutServerError(f"exporting {checkpoint} to Hugging Face format failed")
-        return str(out)
+        model_yaml = Path(self.trainer.run_dir) / "model.yaml"
+        return str(megatron_to_hf(checkpoint, out, model_config=model_yaml, overwrite=True, progress=False))
 
     # -- distributed sync (SGLang's weight-update group; trainer rank 0 is the group's rank 0) --
 
     def _post_all(self, path: str, bodies: list[dict]):
-        """Start one POST per server on the client's loop; returns futures of the parsed replies."""
-        import asyncio
-        import json
-
-        async def post(url: str, body: dict) -> dict:
-            payload, _ = await self.client.post_to(url, path, body)
-            return json.loads(payload)
-
-        return [
-            asyncio.run_coroutine_threadsafe(post(url, body), self._loop.loop)
-            for url, body in zip(self.cfg.endpoints, bodies)
-        ]
-
-    def _check_replies(self, path: str, futures) -> None:
-        for url, future in zip(self.cfg.endpoints, futures):
-            reply = future.result()
-            if not reply.get("success"):
-                raise RolloutServerError(f"rollout server {url}{path}: {reply.get('message')}")
+        """Start one weight-update POST per server on the client's loop; the future's result is
+        the replies' messages, or the first refusal with the server's own message."""
+        calls = [self.client.admin(url, path, body) for url, body in zip(self.cfg.endpoints, bodies)]
+        return self._loop.submit(gather_all(calls))
 
     def _open_update_group(self, device: torch.device) -> None:
         import socket
@@ -243,12 +200,12 @@ class SGLangRolloutEngine:
         address = self.cfg.weight_sync_address or ("127.0.0.1" if local else socket.gethostname())
         backend = "nccl" if device.type == "cuda" else "gloo"
         port, world = free_port(), 1 + ranks * len(self.cfg.endpoints)
-        bodies = init_group_bodies(len(self.cfg.endpoints), ranks, address, port, self.group_name, backend)
-        futures = self._post_all("/init_weights_update_group", bodies)
+        bodies = wire.init_group_bodies(len(self.cfg.endpoints), ranks, address, port, self.group_name, backend)
+        replies = self._post_all("/init_weights_update_group", bodies)
         # Joins the rendezvous the servers are joining now; a server that never comes ends in
         # the store's timeout, and its own reply says why.
         self.update_group = standalone_group(backend, address, port, 0, world, timeout_s=120)
-        self._check_replies("/init_weights_update_group", futures)
+        replies.result()
 
     def _broadcast_weights(self, full: dict[str, torch.Tensor], version: str) -> None:
         from checkpoints_tools.live import hf_from_megatron
@@ -259,23 +216,24 @@ class SGLangRolloutEngine:
         if self.update_group is None:
             self._open_update_group(device)
         n = len(self.cfg.endpoints)
-        self._check_replies("/begin_weight_update", self._post_all("/begin_weight_update", [{}] * n))
-        body = distributed_update_body(tensors, self.group_name, version)
-        futures = self._post_all("/update_weights_from_distributed", [body] * n)
+        self._post_all("/begin_weight_update", [{}] * n).result()
+        body = update_body_for(tensors, self.group_name, version)
+        replies = self._post_all("/update_weights_from_distributed", [body] * n)
         for tensor in tensors.values():  # in the order of `names`, as the servers receive them
             broadcast_from(self.update_group, tensor.contiguous(), 0)
-        self._check_replies("/update_weights_from_distributed", futures)
-        self._check_replies("/end_weight_update", self._post_all("/end_weight_update", [{}] * n))
+        replies.result()
+        self._post_all("/end_weight_update", [{}] * n).result()
 
     def _load_from_disk(self, model_path: str, version: str) -> None:
-        bodies = [disk_update_body(model_path, version)] * len(self.cfg.endpoints)
-        self._check_replies("/update_weights_from_disk", self._post_all("/update_weights_from_disk", bodies))
+        self._post_all("/update_weights_from_disk", [wire.disk_update_body(model_path, version)] * len(self.cfg.endpoints)).result()
 
     def close(self) -> None:
         if self.update_group is not None:
             body = [{"group_name": self.group_name}] * len(self.cfg.endpoints)
-            for future in self._post_all("/destroy_weights_update_group", body):
-                future.result()  # best effort: the servers drop the group when they stop anyway
+            try:
+                self._post_all("/destroy_weights_update_group", body).result()
+            except Exception as e:  # noqa: BLE001 - the servers drop the group when they stop anyway
+                print(f"rollout: destroying the weight-update group failed: {e}", flush=True)
             self.update_group = None
         if self.client is not None:
             self._loop.run(self.client.close())

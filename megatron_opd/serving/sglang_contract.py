@@ -32,7 +32,7 @@ FETCH_HINT = f"pip download --no-deps sglang=={PINNED} -d .whl"
 
 def _wheel_member(member: str) -> Path | None:
     """A file of the pinned wheel, extracted once into the temp dir, or None without the wheel."""
-    from megatron_opd.teachers.launch import REPO_ROOT
+    from megatron_opd.serving.launch import REPO_ROOT
 
     candidates = [Path(os.environ["OPD_SGLANG_WHEEL"])] if os.environ.get("OPD_SGLANG_WHEEL") else []
     candidates.append(REPO_ROOT / ".whl")
@@ -115,7 +115,7 @@ def load_contract(*, fetch: bool = False) -> ModuleType:
     otherwise a missing wheel raises FileNotFoundError with the command that fetches it."""
     path = find_api_types()
     if path is None and fetch:
-        from megatron_opd.teachers.launch import REPO_ROOT
+        from megatron_opd.serving.launch import REPO_ROOT
 
         fetch_wheel(REPO_ROOT / ".whl")
         path = find_api_types()

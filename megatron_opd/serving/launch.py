@@ -1,11 +1,11 @@
-"""Start embedded teacher servers (and the real sglang-router in front of them) as subprocesses.
+"""Start our servers (and the real sglang-router in front of them) as subprocesses.
 
 Used by the default job, the benchmark and the tests:
 
     with start_teacher_server(model_dir="runs/math-teacher") as server:
         pool = TeacherPool({"math": TeacherConfig(endpoints=[server.url], domains=["add"])}, ...)
 
-A server is `python -m megatron_opd.teachers.server ... --port 0`: it binds a free port itself
+A server is `python -m megatron_opd.serving ... --port 0`: it binds a free port itself
 and prints it in its ready line, which this module reads from the server's log file (a pipe
 could fill and stall the server). Several servers start in parallel with `wait=False` followed
 by `wait_ready(handles)`. Nothing here imports torch.
@@ -119,8 +119,9 @@ def start_teacher_server(
     wait: bool = True,
     startup_timeout_s: float = 180.0,
 ) -> ServerHandle:
-    """Launch `python -m megatron_opd.teachers.server` and (by default) wait for its ready line."""
-    cmd = [sys.executable, "-m", "megatron_opd.teachers.server", "--host", host, "--port", str(port), "--seed", str(seed)]
+    """Launch `python -m megatron_opd.serving` (a teacher or rollout server) and, by default, wait
+    for its ready line."""
+    cmd = [sys.executable, "-m", "megatron_opd.serving", "--host", host, "--port", str(port), "--seed", str(seed)]
     if model_dir:
         cmd += ["--model-dir", str(model_dir)]
     if random_init:
