@@ -73,6 +73,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
+    from checkpoints_tools.manifest import write_manifest
     from megatron_opd.models.gpt import build_gpt_model
     from megatron_opd.models.model_dir import write_model_dir
     from megatron_opd.runtime.checkpoint import save_checkpoint
@@ -86,14 +87,14 @@ def world(tmp_path_factory) -> World:
         seed_everything(seed)
         mdir = write_model_dir(root / name, MODEL, TOK)
         model = build_gpt_model(MODEL, ParallelLayout()).eval()
-        save_checkpoint(mdir.checkpoints, 1, [model])
+        write_manifest(save_checkpoint(mdir.checkpoints, 1, [model]), "test")  # servers load only checked files
         refs.append(Reference(model))
     return World(root / "teacher_a", root / "teacher_b", *refs)
 
 
 @pytest.fixture(scope="module")
 def servers(world):
-    handles = {"main": start_teacher_server(model_dir=world.dir_a, api_key=KEY, wait=False)}
+    handles = {"main": start_teacher_server(model_dir=world.dir_a, api_key=KEY, weights_dir=world.dir_a.parent, weight_groups=True, wait=False)}
     for name in ("a", "b"):
         handles[name] = start_teacher_server(model_dir=world.dir_a, extra_args=["--plain-sglang"], wait=False)
     wait_ready(list(handles.values()))
@@ -472,6 +473,29 @@ def test_pool_refuses_incompatible_and_unreachable_teachers(servers):
         start(teacher(plain, tokenizer_fingerprint=TOK.fingerprint, vocab_size=V - 1), vocab=V - 1)
     with pytest.raises(TeacherIncompatible, match="cannot send signal 'logits'"):
         start(teacher(plain, "logits", tokenizer_fingerprint=TOK.fingerprint, vocab_size=V))
+
+
+def test_pool_refuses_a_hidden_teacher_whose_model_dir_is_another_models(servers, world):
+    """The head the trainer applies must belong to the served model: checkpoint ids compared."""
+    from megatron_opd.models.model_dir import read_model_dir
+    from megatron_opd.runtime.checkpoint import checkpoint_id
+
+    url = servers["main"].url  # serves teacher A
+    served = checkpoint_id(read_model_dir(world.dir_a).latest_checkpoint())
+    assert served and json.loads(http("GET", url + "/model_info")[1])["checkpoint_id"] == served
+    wrong = {
+        "math": TeacherConfig(endpoints=[url], domains=["add"], signal="topk", topk=3, api_key=KEY, model_dir=str(world.dir_a)),
+        "text": TeacherConfig(endpoints=[url], domains=["reverse"], signal="hidden", api_key=KEY, model_dir=str(world.dir_b)),
+    }
+    with TeacherPool(wrong, student_vocab_size=V, student_fingerprint=TOK.fingerprint) as pool:
+        with pytest.raises(TeacherIncompatible) as e:
+            pool.start_sync()
+    text = str(e.value)
+    assert text.startswith(f"teacher 'text' at {url} serves checkpoint {served}") and str(world.dir_b) in text
+    assert f"it serves the checkpoint of teachers.math.model_dir ({world.dir_a})" in text
+    right = dict(wrong, text=TeacherConfig(endpoints=[url], domains=["reverse"], signal="hidden", api_key=KEY, model_dir=str(world.dir_a)))
+    with TeacherPool(right, student_vocab_size=V, student_fingerprint=TOK.fingerprint) as pool:
+        pool.start_sync()
 
 
 # ---------------------------------------------------------------------------------------------

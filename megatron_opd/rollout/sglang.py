@@ -5,9 +5,11 @@ become `behavior_logprobs`), EOS as a stop token and a per-sample `sampling_seed
 the sample id, so a resumed run asks for exactly the samples an uninterrupted one did.
 
 Weight sync (`rollout.weight_sync`):
-- "disk": after an update every rank writes a weights-only dist checkpoint (rank 0 exports it to
-  Hugging Face format too when `rollout.weight_format=hf`, for stock SGLang), then each server
-  gets `/update_weights_from_disk {model_path, weight_version, flush_cache}`;
+- "disk": after an update every rank writes a weights-only dist checkpoint under
+  `<run_dir>/rollout_weights/` with a manifest.json of every file's sha256 (our server loads only
+  such checkpoints, from the `--weights-dir` it was started with; rank 0 exports it to Hugging
+  Face format too when `rollout.weight_format=hf`, for stock SGLang), then each server gets
+  `/update_weights_from_disk {model_path, weight_version, flush_cache}`;
 - "distributed": the TP ranks gather full tensors, trainer rank 0 maps them to Hugging Face names
   (checkpoints_tools.live) and broadcasts them through SGLang's weight-update group: once
   `/init_weights_update_group` (rank 0 is the trainer, server i holds ranks 1 + i *
@@ -154,6 +156,10 @@ class SGLangRolloutEngine:
             root = Path(self.trainer.run_dir) / "rollout_weights"
             path = ckpt.save_checkpoint(root, step, self.trainer.model, None, keep_last=1)
             if dist.get_rank() == 0:  # one export and one load per server, whatever the replicas
+                from checkpoints_tools.manifest import write_manifest
+
+                # Our server loads only checkpoints whose files match their listed sha256.
+                write_manifest(path, "megatron_opd.rollout.sglang weight sync", {"step": step})
                 push = lambda: self._load_from_disk(self._export(path, root, step), str(step))  # noqa: E731
         error = None
         if push is not None:

@@ -7,7 +7,15 @@ Routes (SGLang's shapes): POST/PUT /generate; GET /health, /health_generate, /mo
 requires `Authorization: Bearer <key>` (401 {"error": "Unauthorized"}), as in SGLang.
 
 Threads: the model (megatron, torch) runs on the main thread, which drains `MainThreadWorker`'s
-queue; the aiohttp event loop runs on `HttpThread`, so /health answers while a forward runs.
+queue; the aiohttp event loop runs on `HttpThread`, so /health answers while a forward runs;
+weight-group rendezvous, receives and manifest checks run on the weights thread
+(serving/weights.py), so a slow or unreachable trainer never holds up generation.
+
+Health: /health answers 503 while the server is stopping or when the model thread has made no
+progress for `health_timeout_s` on the job it is running (SGLang's /health waits 20 s for the
+scheduler to answer, SGLANG_HEALTH_CHECK_TIMEOUT); /health_generate runs a one-token generation.
+Limits: a body over `max_body_bytes` gets 413, a request over the sequence or token limits 400,
+each naming the flag that sets it.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from megatron_opd.serving import wire
 from megatron_opd.serving.backend import ModelBackend
 from megatron_opd.serving.requests import GenItem, RequestError, ServerLimits, parse_generate
 from megatron_opd.serving.responses import ResponseContext, encode_response
-from megatron_opd.serving.weights import WeightUpdates
+from megatron_opd.serving.weights import UpdateRefused, WeightUpdates, plain_error
 
 
 @dataclass(frozen=True)
@@ -35,18 +43,34 @@ class AppOptions:
     plain_sglang: bool = False  # no extensions: behave like a stock SGLang server
     hidden_states_layout: str = "rows"  # JSON hidden_states as 1-D rows or a 2-D prefill block then rows
     tokenizer_path: str = ""  # reported in /model_info
+    max_batch_size: int = 512  # sequences per /generate request
+    max_request_tokens: int = 65536  # inputs plus max_new_tokens, summed over a request's sequences
+    max_body_bytes: int = 64 << 20  # request body size (413 beyond)
+    health_timeout_s: float = 20.0  # /health is 503 when the model thread is stuck this long
 
 
 class MainThreadWorker:
-    """A job queue the main thread drains; HTTP handlers await its futures."""
+    """A job queue the main thread drains; HTTP handlers await its futures.
+
+    `beat()` (called by the job, e.g. after each forward) and the start and end of every job
+    mark progress; `stalled_for()` is how long the running job has gone without any.
+    """
 
     def __init__(self):
         self._jobs: queue.Queue = queue.Queue()
+        self._busy = False
+        self._progress_at = time.monotonic()
 
     def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._jobs.put((fut, fn, args))
         return fut
+
+    def beat(self) -> None:
+        self._progress_at = time.monotonic()
+
+    def stalled_for(self) -> float:
+        return time.monotonic() - self._progress_at if self._busy else 0.0
 
     def run_until(self, stop: threading.Event, http: "HttpThread") -> None:
         while not stop.is_set() and http.is_alive():
@@ -56,10 +80,15 @@ class MainThreadWorker:
                 continue
             if not fut.set_running_or_notify_cancel():
                 continue
+            self.beat()
+            self._busy = True
             try:
                 fut.set_result(fn(*args))
             except BaseException as e:  # noqa: BLE001 - handed to the waiting request
-                fut.set_exception(e)
+                fut.set_exception(plain_error(e))
+            finally:
+                self._busy = False
+                self.beat()
         while True:  # fail what is still queued so no request waits forever
             try:
                 fut, _, _ = self._jobs.get_nowait()
@@ -108,7 +137,7 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
     from aiohttp import web
 
     plain = options.plain_sglang
-    limits = ServerLimits(context_length=backend.cfg.max_seq_len)
+    limits = ServerLimits(backend.cfg.max_seq_len, options.max_batch_size, options.max_request_tokens)
     json_response = lambda obj, status=200: web.Response(body=json.dumps(obj).encode(), status=status, content_type="application/json")  # noqa: E731
 
     @web.middleware
@@ -124,6 +153,14 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
     async def on_model(fn, *a):
         return await asyncio.wrap_future(worker.submit(fn, *a))
 
+    async def on_weights_thread(fn, *a):
+        return await asyncio.wrap_future(updates.thread.submit(fn, *a))
+
+    def too_large(e) -> web.Response:
+        return json_response(
+            {"error": {"message": f"the request body is over this server's limit of {options.max_body_bytes} bytes "
+                                  f"(--max-body-mb): {e.text}"}}, 413)  # fmt: skip
+
     def context() -> ResponseContext:
         return ResponseContext(
             vocab_size=backend.cfg.vocab_size,
@@ -137,6 +174,8 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
         t0 = time.perf_counter()
         try:
             body = await request.json()
+        except web.HTTPRequestEntityTooLarge as e:
+            return too_large(e)
         except ValueError as e:
             return json_response({"error": {"message": f"request body is not JSON: {e}"}}, 400)
         try:
@@ -145,7 +184,7 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
             return json_response(e.body(), e.status)
 
         def work():
-            results = backend.run(call.items)
+            results = backend.run(call.items, on_step=worker.beat)
             latency = time.perf_counter() - t0
             ctx = context()
             responses = [encode_response(call, it, res, latency, ctx) for it, res in zip(call.items, results)]
@@ -160,7 +199,8 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
         return web.Response(body=payload, content_type=ctype)
 
     async def health(request):
-        return web.Response(status=503 if state["stopping"] else 200)
+        stuck = worker.stalled_for() > options.health_timeout_s
+        return web.Response(status=503 if state["stopping"] or stuck else 200)
 
     async def health_generate(request):
         if state["stopping"]:
@@ -194,6 +234,7 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
                 wire.INFO_VOCAB_SIZE: backend.cfg.vocab_size,
                 wire.INFO_FINGERPRINT: backend.tokenizer.fingerprint,
                 wire.INFO_HIDDEN_SIZE: backend.cfg.hidden_size,
+                wire.INFO_CHECKPOINT_ID: backend.checkpoint_id,
                 "max_context_length": backend.cfg.max_seq_len,
                 wire.INFO_SERVER: {"version": 1, "binary_signal": 1, "full_logprobs": True, "hidden_states_layout": options.hidden_states_layout},
             })  # fmt: skip
@@ -210,10 +251,13 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
         try:
             body = await request.json()
             path = body["model_path"]
+        except web.HTTPRequestEntityTooLarge as e:
+            return too_large(e)
         except (ValueError, KeyError, TypeError):
             return json_response({"success": False, "message": "body must be JSON with model_path", "num_paused_requests": 0}, 400)
         try:
-            loaded = await on_model(updates.load_from_disk, path)
+            checkpoint = await on_weights_thread(updates.resolve, str(path))  # confined, manifest-checked
+            loaded = await on_model(updates.load_staged, checkpoint)
         except Exception as e:  # noqa: BLE001 - reported to the caller as SGLang does
             return json_response({"success": False, "message": f"Failed to update weights: {e}", "num_paused_requests": 0}, 400)
         if body.get("weight_version") is not None:
@@ -233,7 +277,7 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
 
     async def init_weights_update_group(request):
         try:
-            message = await on_model(updates.init_group, await json_body(request))
+            message = await on_weights_thread(updates.init_group, await json_body(request))
         except Exception as e:  # noqa: BLE001 - SGLang answers failures in the body
             return sglang_reply(f"Failed to initialize custom process group: {e}.", False)
         return sglang_reply(message)
@@ -241,7 +285,7 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
     async def destroy_weights_update_group(request):
         try:
             body = await json_body(request)
-            message = await on_model(updates.destroy_group, body.get("group_name", "weight_update_group"))
+            message = await on_weights_thread(updates.destroy_group, body.get("group_name", "weight_update_group"))
         except Exception as e:  # noqa: BLE001
             return sglang_reply(f"Failed to destroy custom process group: {e}.", False)
         return sglang_reply(message)
@@ -249,28 +293,29 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
     async def begin_weight_update(request):
         try:
             updates.begin()
-        except ValueError as e:
+        except UpdateRefused as e:
             return sglang_reply(str(e), False)
         return sglang_reply("Success")
 
     async def end_weight_update(request):
         try:
             updates.end()
-        except ValueError as e:
+        except UpdateRefused as e:
             return sglang_reply(str(e), False)
         return sglang_reply("Success")
 
     async def update_weights_from_distributed(request):
         try:
             body = await json_body(request)
-            message = await on_model(updates.receive, body)
+            received = await on_weights_thread(updates.receive, body)
+            message = await on_model(updates.apply, received)
         except Exception as e:  # noqa: BLE001
             return sglang_reply(f"Failed to receive weights: {e}", False)
         if body.get("weight_version") is not None:
             backend.weight_version = str(body["weight_version"])
         return sglang_reply(message)
 
-    app = web.Application(middlewares=[auth], client_max_size=1 << 30)
+    app = web.Application(middlewares=[auth], client_max_size=options.max_body_bytes)
     app.router.add_route("POST", "/generate", generate)
     app.router.add_route("PUT", "/generate", generate)
     app.router.add_get("/health", health)

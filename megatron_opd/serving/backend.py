@@ -41,10 +41,13 @@ class ModelSource:
 class ModelBackend:
     """The megatron model and everything that touches torch; used from the main thread only."""
 
-    def __init__(self, model, cfg, tokenizer, *, model_path: str, weight_version: str, seed: int):
+    def __init__(self, model, cfg, tokenizer, *, model_path: str, weight_version: str, seed: int, checkpoint_id: str | None = None):
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
         self.device = next(model.parameters()).device
         self.model_path, self.weight_version = model_path, weight_version
+        # runtime/checkpoint.py's id of the checkpoint served (None: random, or weights received
+        # over a weight-update group), reported in /model_info for the teacher pool's check.
+        self.checkpoint_id = checkpoint_id
         self.rng = random.Random(seed)
         self._captured: dict[str, Any] = {}
         self.attach(model)
@@ -69,7 +72,7 @@ class ModelBackend:
         from megatron_opd.models.config import ModelConfig
         from megatron_opd.models.gpt import build_gpt_model
         from megatron_opd.models.model_dir import read_model_dir
-        from megatron_opd.runtime.checkpoint import load_checkpoint
+        from megatron_opd.runtime.checkpoint import checkpoint_id, load_checkpoint
         from megatron_opd.runtime.distributed import init_runtime
         from megatron_opd.runtime.layout import ParallelLayout
 
@@ -87,11 +90,12 @@ class ModelBackend:
         init_runtime(ParallelLayout(), source.seed)
         model = build_gpt_model(cfg, ParallelLayout())
         model.eval()
+        served_id = None
         if source.model_dir and not source.random_init:
             ckpt = Path(source.checkpoint) if source.checkpoint else mdir.latest_checkpoint()
             load_checkpoint(ckpt, [model], load_rng=False)
-            path = str(ckpt)
-        return cls(model, cfg, tok, model_path=path, weight_version=weight_version, seed=source.seed)
+            path, served_id = str(ckpt), checkpoint_id(ckpt)
+        return cls(model, cfg, tok, model_path=path, weight_version=weight_version, seed=source.seed, checkpoint_id=served_id)
 
     # -- forward ------------------------------------------------------------------------------
 

@@ -5,6 +5,9 @@
 
 A megatron-core model behind SGLang's HTTP protocol, as a teacher (scoring: input logprobs,
 top-k, hidden states) or a rollout server (sampling with the one sampler, weight updates).
+Weight updates are administrative and off unless asked for: --weights-dir DIR (disk updates, only
+manifest-checked checkpoints inside DIR) and --weight-groups (trainers' weight-update groups); a
+server that takes updates and binds beyond 127.0.0.1 needs --api-key (serving/weights.py).
 Extensions (ignored by SGLang, off with --plain-sglang so the server stands in for a stock one):
 `return_binary_signal` (our binary form, docs/teachers.md), `return_full_logprobs` (full
 log-softmax rows, the `logits` signal), and the model identity keys of /model_info.
@@ -37,6 +40,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--plain-sglang", action="store_true", help="no extensions: behave like a stock SGLang server")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    g = p.add_argument_group("weight updates and limits")
+    g.add_argument(
+        "--weights-dir", default="",
+        help="the only directory /update_weights_from_disk loads from (checkpoints with a manifest.json); none: no disk updates",
+    )  # fmt: skip
+    g.add_argument(
+        "--weight-groups", action="store_true",
+        help="join trainers' weight-update groups (/init_weights_update_group, /update_weights_from_distributed, ...)",
+    )  # fmt: skip
+    g.add_argument("--weight-group-timeout-s", type=float, default=120.0, help="time limit to join a weight-update group (and per broadcast)")
+    g.add_argument("--max-batch-size", type=int, default=512, help="sequences per /generate request")
+    g.add_argument("--max-request-tokens", type=int, default=65536, help="input plus max_new_tokens, summed over a request")
+    g.add_argument("--max-body-mb", type=float, default=64.0, help="request body size in MiB (413 beyond)")
+    g.add_argument("--health-timeout-s", type=float, default=20.0, help="/health answers 503 when the model thread is stuck this long")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: reachable from wherever it resolves
+        return False
+
+
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """Why the server must not start with `args`, or None."""
+    if (args.weights_dir or args.weight_groups) and not is_loopback(args.host) and not args.api_key:
+        return (
+            f"--host {args.host} makes the server reachable beyond this machine, and its weight updates "
+            f"(--weights-dir, --weight-groups) replace the model: give --api-key (clients send it as a Bearer "
+            f"token), or bind --host 127.0.0.1"
+        )
+    for flag in ("weight_group_timeout_s", "max_batch_size", "max_request_tokens", "max_body_mb", "health_timeout_s"):
+        if getattr(args, flag) <= 0:
+            return f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}"
+    return None
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -44,6 +86,10 @@ def serve_command(args: argparse.Namespace) -> int:
     from megatron_opd.serving.backend import ModelBackend, ModelSource
     from megatron_opd.serving.weights import WeightUpdates
 
+    refusal = check_arguments(args)
+    if refusal:
+        print(f"serve: {refusal}", file=sys.stderr, flush=True)
+        return 2
     if args.threads:
         import torch
 
@@ -55,13 +101,20 @@ def serve_command(args: argparse.Namespace) -> int:
         plain_sglang=args.plain_sglang,
         hidden_states_layout=args.hidden_states_layout,
         tokenizer_path=args.model_dir or args.tokenizer or "",
+        max_batch_size=args.max_batch_size,
+        max_request_tokens=args.max_request_tokens,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        health_timeout_s=args.health_timeout_s,
+    )
+    updates = WeightUpdates(
+        backend, weights_dir=args.weights_dir or None, groups=args.weight_groups, group_timeout_s=args.weight_group_timeout_s
     )
     worker = MainThreadWorker()
     state = {"stopping": False}
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    http = HttpThread(build_app(backend, WeightUpdates(backend), worker, options, state), args.host, args.port)
+    http = HttpThread(build_app(backend, updates, worker, options, state), args.host, args.port)
     http.start()
     http.ready.wait()
     if http.error is not None:
@@ -76,6 +129,7 @@ def serve_command(args: argparse.Namespace) -> int:
     worker.run_until(stop, http)
     state["stopping"] = True
     http.stop()
+    updates.close()
     if not stop.is_set():  # the HTTP thread died on its own
         print(f"serve: the HTTP server stopped unexpectedly: {http.error}", file=sys.stderr, flush=True)
         return 1

@@ -112,6 +112,8 @@ def start_teacher_server(
     host: str = "127.0.0.1",
     port: int = 0,
     api_key: str = "",
+    weights_dir: str | os.PathLike = "",
+    weight_groups: bool = False,
     seed: int = 1234,
     threads: int = 1,
     extra_args: Sequence[str] = (),
@@ -132,6 +134,10 @@ def start_teacher_server(
         cmd += ["--tokenizer", str(tokenizer)]
     if api_key:
         cmd += ["--api-key", api_key]
+    if weights_dir:
+        cmd += ["--weights-dir", str(weights_dir)]
+    if weight_groups:
+        cmd += ["--weight-groups"]
     if threads:
         cmd += ["--threads", str(threads)]
     cmd += list(extra_args)

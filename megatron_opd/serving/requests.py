@@ -3,7 +3,8 @@
 `parse_generate` turns a body into `GenItem`s (one per sequence) or raises `RequestError`, whose
 body has SGLang's shape: {"error": "<text>"} for a request that breaks the contract (what
 `generate_contract_error` sends), {"error": {"message": ...}} for one the server cannot serve.
-`ServerLimits` bounds what one request may ask for.
+Size limits (`ServerLimits`) bound what one request may cost: sequences per request and tokens
+held (inputs plus the new tokens asked for); the body size itself is bounded by the HTTP app.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class ServerLimits:
     """What one /generate request may ask for (server flags, docs/teachers.md)."""
 
     context_length: int  # the model's max_seq_len
+    max_batch_size: int = 512  # sequences per request (--max-batch-size)
+    max_request_tokens: int = 65536  # sum over sequences of input + max_new_tokens (--max-request-tokens)
 
 
 @dataclass
@@ -129,6 +132,11 @@ def parse_generate(
         raise RequestError("Either text, input_ids or input_embeds should be provided.")
     is_batch = isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
     seqs = ids if is_batch else [ids]
+    if len(seqs) > limits.max_batch_size:
+        raise RequestError(
+            f"the request has {len(seqs)} sequences; this server takes at most {limits.max_batch_size} per request "
+            f"(--max-batch-size): send them in several requests"
+        )
     for seq in seqs:
         if not isinstance(seq, list) or not seq:
             raise RequestError("input_ids must be a non-empty list of token ids (or a list of such lists)")
@@ -189,6 +197,12 @@ def parse_generate(
             if not 0 <= item.top_logprobs_num <= vocab_size:
                 raise RequestError(f"top_logprobs_num={item.top_logprobs_num} is outside [0, vocabulary size {vocab_size}]")
         items.append(item)
+    held = sum(len(it.input_ids) + min(it.max_new_tokens, limits.context_length) for it in items)
+    if held > limits.max_request_tokens:
+        raise RequestError(
+            f"the request holds {held} tokens (inputs plus max_new_tokens over {n} sequences); this server takes at "
+            f"most {limits.max_request_tokens} per request (--max-request-tokens): send fewer or shorter sequences"
+        )
     call = GenerateCall(
         items=items,
         is_batch=is_batch,

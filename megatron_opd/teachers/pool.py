@@ -16,7 +16,9 @@ Start-up compatibility (every replica of every teacher; docs/teachers.md, "Compa
   must return that many ids, all inside the student's id range, holding probability mass 1;
 - then one scoring request per teacher with its own signal kind proves the whole path (hidden
   states enabled, top-k honoured, row counts right); for hidden-state teachers the state width
-  must match the `model_dir` whose output layer the trainer will apply.
+  must match the `model_dir` whose output layer the trainer will apply, and the checkpoint the
+  server reports in /model_info (`checkpoint_id`) must be the one that head is loaded from (a
+  stock SGLang server reports none: then the check is skipped with a warning).
 
 Each teacher is one `SGLangClient` (serving/client.py: pooled connections, retries, failover);
 scoring batches its sequences by prompt length (`score_items`). The clients live on a private
@@ -26,6 +28,8 @@ from any other loop. The pool is the HTTP implementation of `teachers.scorer.Sco
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -38,6 +42,17 @@ from megatron_opd.teachers import protocol as P
 from megatron_opd.teachers.config import TeacherConfig, check_teachers
 
 PROBE_MASS_TOLERANCE = 1e-3
+log = logging.getLogger(__name__)
+
+
+def _newest_id(model_dir: str) -> str | None:
+    from megatron_opd.models.model_dir import read_model_dir
+    from megatron_opd.runtime.checkpoint import checkpoint_id
+
+    try:
+        return checkpoint_id(read_model_dir(model_dir).latest_checkpoint())
+    except (OSError, ValueError):
+        return None
 
 
 class TeacherIncompatible(ServerError):
@@ -213,6 +228,37 @@ class TeacherPool:
                     f"({cfg.model_dir}) has hidden_size {mdir.model.hidden_size}: its output layer cannot apply"
                 )
             self._compare(name, cfg.model_dir, mdir.model.vocab_size, mdir.tokenizer.fingerprint, f"teachers.{name}.model_dir")
+            self._check_head_checkpoint(name, mdir.latest_checkpoint())
+
+    def _check_head_checkpoint(self, name: str, head: Path) -> None:
+        """The output layer the trainer applies to a teacher's hidden states must be the served
+        model's: every replica's checkpoint id (/model_info) must be that of the checkpoint the
+        head is loaded from (teachers.<name>.model_dir's newest)."""
+        from megatron_opd.runtime.checkpoint import checkpoint_id
+
+        want = checkpoint_id(head)
+        for url, info in self.clients[name].model_infos.items():
+            served = info.get(wire.INFO_CHECKPOINT_ID)
+            if want is None or served is None:
+                log.warning(
+                    "teacher %r at %s: cannot check that teachers.%s.model_dir (%s) is the model it serves: %s",
+                    name, url, name, self.teachers[name].model_dir,
+                    "the checkpoint has no id (saved before ids)" if want is None else "the server reports no checkpoint id",
+                )  # fmt: skip
+                continue
+            if served != want:
+                owners = [
+                    f"teachers.{other}.model_dir ({cfg.model_dir})"
+                    for other, cfg in self.teachers.items()
+                    if other != name and cfg.model_dir and _newest_id(cfg.model_dir) == served
+                ]
+                hint = f"; it serves the checkpoint of {', '.join(owners)}" if owners else ""
+                raise TeacherIncompatible(
+                    f"teacher {name!r} at {url} serves checkpoint {served} ({info.get('model_path')}) but "
+                    f"teachers.{name}.model_dir ({self.teachers[name].model_dir}) holds {want} ({head}){hint}: the trainer "
+                    f"would apply another model's output layer to its hidden states; point teachers.{name}.model_dir "
+                    f"at the model this server serves"
+                )
 
     # -- routing and scoring ------------------------------------------------------------------
 
