@@ -257,6 +257,34 @@ def test_malformed_responses_fail_loudly(mutate, message):
     assert str(e.value).startswith(WHERE)
 
 
+@pytest.mark.parametrize("kind", ["hidden", "logits", "sampled", "topk"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_signals_are_refused_naming_teacher_url_and_sample(kind, bad):
+    L, R = len(TOKENS), len(TOKENS) - PROMPT
+    lp = table(L, seed=4)
+    if kind == "hidden":
+        states = np.random.default_rng(5).normal(size=(L, 6))
+        states[PROMPT - 1 + 2, 3] = bad  # the state that predicts response token 2
+        resp = nested_response(TOKENS, None, None, hidden=[states.tolist()], completion=1)
+    else:
+        resp = nested_response(TOKENS, PROMPT - 1, lp, k=3 if kind == "topk" else 0)
+        meta = resp["meta_info"]
+        if kind == "logits":
+            rows = lp[PROMPT - 1 : L - 1].astype(np.float64)
+            rows[2, 5] = bad
+            meta[W.FULL_LOGPROBS] = [None] + rows.tolist()
+        elif kind == "sampled":
+            meta["input_token_logprobs"][3][0] = bad  # entry 3 belongs to response token 2
+        else:
+            meta["input_top_logprobs"][3][1][0] = bad
+    item = P.ScoreItem(TOKENS, PROMPT, sample_id="add/7")
+    with pytest.raises(W.ProtocolError) as e:
+        P.parse_score_response([resp], [item], P.SignalSpec(kind, topk=3 if kind == "topk" else 0), WHERE, vocab_size=V)
+    text = str(e.value)
+    assert text.startswith(f"{WHERE} (sample 'add/7') returned non-finite") and "first at response position 2" in text
+    assert R == 5
+
+
 def test_topk_checks_order_count_and_ids():
     lp = table(len(TOKENS))
     resp = nested_response(TOKENS, PROMPT - 1, lp, k=3)

@@ -398,6 +398,48 @@ def test_short_and_malformed_responses_give_clear_errors():
     np.testing.assert_allclose(errors["good"][0].sampled_logprobs, [-1.0, -1.0, -1.0])
 
 
+def test_pool_refuses_nan_hidden_states_naming_teacher_url_and_sample():
+    """A teacher that answers 200 with NaN hidden states for some sequences (a broken model): the
+    pool raises instead of handing NaN to the loss."""
+    from aiohttp import web
+
+    from megatron_opd.serving.app import HttpThread
+
+    d = 6
+
+    async def generate(request):
+        body = await request.json()
+        out = []
+        for seq in body["input_ids"]:
+            value = float("nan") if 13 in seq else 0.5
+            out.append({"text": "", "output_ids": [1], "meta_info": {
+                "prompt_tokens": len(seq), "completion_tokens": 1, "cached_tokens": 0, "weight_version": "w",
+                "finish_reason": {"type": "length", "length": 1}, "hidden_states": [[value] * d for _ in seq]}})  # fmt: skip
+        return web.Response(text=json.dumps(out), content_type="application/json")
+
+    info = {"model_path": "fake", W.INFO_VOCAB_SIZE: V, W.INFO_FINGERPRINT: TOK.fingerprint, W.INFO_HIDDEN_SIZE: d}
+    app = web.Application()
+    app.router.add_post("/generate", generate)
+    app.router.add_get("/model_info", lambda r: web.json_response(info))
+    fake = HttpThread(app, "127.0.0.1", 0)
+    fake.start()
+    fake.ready.wait()
+    url = f"http://127.0.0.1:{fake.port}"
+    try:
+        cfg = TeacherConfig(endpoints=[url], domains=["add"], signal="hidden", batch_size=4)
+        with TeacherPool({"math": cfg}, student_vocab_size=V, student_fingerprint=TOK.fingerprint) as pool:
+            pool.start_sync()
+            good = [P.ScoreItem((3, 4, 5, 6, 7), 2), P.ScoreItem((3, 4, 5, 8), 2)]
+            assert all(torch.isfinite(s.hidden).all() for s in pool.score(batch(good, ["add", "add"])))
+            traj = batch(good + [P.ScoreItem((3, 4, 13, 6, 7), 2)], ["add"] * 3)
+            with pytest.raises(W.ProtocolError) as e:
+                pool.score(traj)
+    finally:
+        fake.stop()
+    text = str(e.value)
+    assert text.startswith(f"teacher 'math' at {url} (batch item 2, sample 'add/2') returned non-finite hidden states"), text
+
+
 # ---------------------------------------------------------------------------------------------
 # TeacherPool
 

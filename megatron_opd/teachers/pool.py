@@ -295,7 +295,8 @@ class TeacherPool:
 
         async def one(name: str, rows: list[int]) -> TeacherSignals:
             items = [
-                P.ScoreItem(tuple(traj.tokens[i, : int(traj.lengths[i])].tolist()), int(traj.prompt_lens[i])) for i in rows
+                P.ScoreItem(tuple(traj.tokens[i, : int(traj.lengths[i])].tolist()), int(traj.prompt_lens[i]), traj.sample_ids[i])
+                for i in rows
             ]
             sigs = await score_items(self.clients[name], self.teachers[name], items, vocab_size=self.student_vocab_size)
             return assemble(name, self.teachers[name].signal, rows, items, sigs, R)

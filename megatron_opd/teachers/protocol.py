@@ -44,10 +44,12 @@ from megatron_opd.serving.wire import (
 
 @dataclass(frozen=True)
 class ScoreItem:
-    """One sequence to score: `tokens` is prompt + response, the first `prompt_len` the prompt."""
+    """One sequence to score: `tokens` is prompt + response, the first `prompt_len` the prompt.
+    `sample_id` (the trajectory's) names it in error messages."""
 
     tokens: tuple[int, ...]
     prompt_len: int
+    sample_id: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
@@ -134,6 +136,19 @@ class ItemSignal:
 
 def _fail(where: str, text: str) -> ProtocolError:
     return ProtocolError(f"{where} {text}")
+
+
+def _finite(values: np.ndarray, name: str, where: str) -> np.ndarray:
+    """`values` ([R, ...], one row per response token) if every entry is finite."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise _fail(
+            where,
+            f"returned non-finite {name} ({int(bad.sum())} of {values.size} values, the first at response position "
+            f"{row}); a NaN or infinite teacher signal would make the loss non-finite, so it is refused",
+        )
+    return values
 
 
 def _finish(meta: dict, where: str) -> str:
@@ -277,7 +292,8 @@ def parse_score_response(
         raise _fail(where, f"returned {len(responses)} responses for a batch of {len(items)} sequences")
     out = []
     for b, (resp, item) in enumerate(zip(responses, items)):
-        at = f"{where} (batch item {b})" if len(items) > 1 else where
+        label = ([f"batch item {b}"] if len(items) > 1 else []) + ([f"sample {item.sample_id!r}"] if item.sample_id else [])
+        at = f"{where} ({', '.join(label)})" if label else where
         meta = resp.get("meta_info")
         if not isinstance(meta, dict):
             raise _fail(at, "returned a response without meta_info")
@@ -287,7 +303,7 @@ def parse_score_response(
             raise _fail(at, f"reports prompt_tokens={meta.get('prompt_tokens')} for a sequence of {L} tokens")
         sig = ItemSignal(kind=spec.kind, weight_version=str(meta.get("weight_version") or ""))
         if spec.kind == "hidden":
-            sig.hidden = _hidden_rows(meta, item, at)
+            sig.hidden = _finite(_hidden_rows(meta, item, at), "hidden states", at)
             out.append(sig)
             continue
         n = L - s
@@ -299,7 +315,9 @@ def parse_score_response(
         if not math.isnan(vals[0]):
             raise _fail(at, f"input_token_logprobs[0] is {vals[0]}, expected null (entry 0 is never scored)")
         lp = vals[1:]
-        if lp.size and (not np.all(np.isfinite(lp)) or lp.max() > 1e-4):
+        if lp.size and not np.all(np.isfinite(lp)):
+            _finite(lp, "input logprobs", at)
+        if lp.size and lp.max() > 1e-4:
             raise _fail(at, f"returned input logprobs that are not finite log-probabilities (max {np.nanmax(lp)})")
         if spec.kind == "sampled":
             sig.sampled_logprobs = lp.copy()
@@ -309,8 +327,7 @@ def parse_score_response(
                 raise _fail(at, "input_top_logprobs[0] is not null (entry 0 is never scored)")
             tv, ti = tv[1:], ti[1:]
             if tv.size:
-                if not np.all(np.isfinite(tv)):
-                    raise _fail(at, "returned null or non-finite top logprobs after entry 0")
+                _finite(tv, "(or null) top logprobs after entry 0", at)
                 if np.any(np.diff(tv, axis=1) > 1e-6):
                     raise _fail(at, "returned top logprobs that are not sorted in descending order")
                 if ti.min() < 0 or (vocab_size and ti.max() >= vocab_size):
@@ -329,7 +346,7 @@ def parse_score_response(
             full = np.asarray(rows, np.float32) if len(rows) else np.zeros((0, vocab_size), np.float32)
             if full.ndim != 2 or full.shape[0] != R or (vocab_size and full.shape[1] != vocab_size):
                 raise _fail(at, f"returned {FULL_LOGPROBS} of shape {tuple(full.shape)}; expected ({R}, {vocab_size or 'V'})")
-            sig.logits = np.array(full)
+            sig.logits = _finite(np.array(full), FULL_LOGPROBS, at)
         else:
             raise ValueError(f"unknown signal kind {spec.kind!r}")
         out.append(sig)
