@@ -17,8 +17,10 @@ Weight sync (`rollout.weight_sync`):
   `/update_weights_from_distributed {names, dtypes, shapes, group_name, weight_version}` while
   broadcasting the tensors in that order, and `/end_weight_update` (SGLang 0.5.23 refuses an
   update outside such a session). NCCL with CUDA tensors, gloo without.
-Every trajectory carries the `weight_version` its server reported; `stale_fraction` counts rows
-sampled by weights older than the trainer's.
+The first push happens before the first rollout (not when the engine is built, which is before
+the trainer loaded train.init_from or a resumed checkpoint). Every trajectory carries the
+`weight_version` its server reported; a row from weights other than the trainer's last push is
+an error. All HTTP goes through the one SGLang client (serving/client.py).
 
 Within a data-parallel replica only the first model-parallel rank talks HTTP; it broadcasts the
 batch to the rest of its group.
@@ -78,12 +80,18 @@ class SGLangRolloutEngine:
             settings = ClientSettings(endpoints=tuple(cfg.endpoints), api_key=cfg.api_key, timeout_s=cfg.timeout_s)
             self.client = SGLangClient("rollout server", settings)
             self._loop.run(self.client.start())
-        # The servers start from other weights than the student's: push the student's first.
-        self.sync_weights(0)
+        # The servers start from other weights than the student's. The student's own are known
+        # only once the trainer has loaded train.init_from or its resumed checkpoint, which
+        # happens after the stage (and this engine) is built: they are pushed before the first
+        # rollout, whatever step that is.
+        self.synced = False
 
     # -- sampling ---------------------------------------------------------------------------------
 
     def generate(self, prompts: list[Prompt], step: int) -> Trajectories:
+        """Sample `prompts` (collective: every rank calls it with the same step)."""
+        if not self.synced:
+            self.sync_weights(step)
         return broadcast_object(self._request(prompts) if self.is_src else None, self.src, self.group)
 
     def _request(self, prompts: list[Prompt]) -> Trajectories:
@@ -154,7 +162,14 @@ class SGLangRolloutEngine:
                     push = lambda: self._broadcast_weights(full, str(step))  # noqa: E731
         else:
             root = Path(self.trainer.run_dir) / "rollout_weights"
-            path = ckpt.save_checkpoint(root, step, self.trainer.model, None, keep_last=1)
+            if dist.get_rank() == 0 and root.is_dir():
+                # The servers hold their weights in memory; older exports are never read again. (A
+                # resumed run can find newer steps here than the one it writes: keep_last would
+                # keep those and drop this one.)
+                for old in root.glob("step_*"):
+                    if old != ckpt.step_dir(root, step):
+                        shutil.rmtree(old, ignore_errors=True)
+            path = ckpt.save_checkpoint(root, step, self.trainer.model, None)
             if dist.get_rank() == 0:  # one export and one load per server, whatever the replicas
                 from checkpoints_tools.manifest import write_manifest
 
@@ -170,7 +185,7 @@ class SGLangRolloutEngine:
         first = first_error(error)
         if first:
             raise RolloutServerError(first)
-        self.version = str(step)
+        self.version, self.synced = str(step), True
         return {"weight_sync_time_s": time.perf_counter() - t0}
 
     def _export(self, checkpoint: Path, root: Path, step: int) -> str:
