@@ -692,12 +692,16 @@ def test_through_the_real_sglang_router_with_a_worker_killed(servers, world):
         router.stop()
 
 
-def test_failover_between_replicas_loses_no_request(servers, world):
+def test_failover_between_replicas_loses_no_request(servers, world, caplog):
     items = sequences(60, seed=21)
     cfg = teacher([servers["a"].url, servers["main"].url], batch_size=1, max_concurrency=4, max_retries=4, retry_backoff_s=0.05)
-    sigs, client = score_while_killing(cfg, items, servers["a"])
+    with caplog.at_level("WARNING", logger="megatron_opd.serving.client"):
+        sigs, client = score_while_killing(cfg, items, servers["a"])
     assert not servers["a"].alive()
     assert len(sigs) == len(items) and all(s is not None for s in sigs)
     assert client.stats.failovers >= 1 and client.stats.requests == len(items)
     check_sampled(world, items, sigs)
+    # Every request in flight to the dead replica failed over, but the failure is logged once.
+    failovers = [r.getMessage() for r in caplog.records if "retrying on the other replicas" in r.getMessage()]
+    assert len(failovers) == 1 and failovers[0].startswith(f"teacher 'math' at {servers['a'].url} failed"), failovers
 
