@@ -295,6 +295,17 @@ def test_sampling_greedy_seeded_and_stops(servers, world):
         scaled = logits / 0.5 - np.log(np.exp(logits / 0.5).sum())
         assert entry[1] == token and abs(entry[0] - scaled[token]) < 1e-4
         seq.append(token)
+    # The server samples with the one sampler (rollout/sampler.py): the same draws as this
+    # process makes with the same seed on the same distribution, top-k/top-p/min-p included.
+    from megatron_opd.rollout.config import SamplingParams
+    from megatron_opd.rollout.sampler import sample
+
+    params = SamplingParams(temperature=0.8, top_k=6, top_p=0.9, min_p=0.05)
+    out = gen(temperature=0.8, top_k=6, top_p=0.9, min_p=0.05, sampling_seed=11)
+    seq, rng = list(prompt), torch.Generator().manual_seed(11)
+    for _ in range(6):
+        seq.append(int(sample(torch.from_numpy(world.ref_a(seq)[0][-1]).float()[None], params, rng).tokens[0]))
+    assert out["output_ids"] == seq[len(prompt) :]
     # stop_token_ids end generation at the first occurrence, finish_reason names it.
     stop = chain[len(prompt) + 2]
     out = gen(temperature=0.0, stop_token_ids=[stop])
