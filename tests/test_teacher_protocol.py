@@ -92,7 +92,7 @@ def test_requests_decode_with_sglang_contract():
     items = [P.ScoreItem(TOKENS, PROMPT)]
     bodies = [P.score_request(items, P.SignalSpec(kind, topk=4 if kind == "topk" else 0, topk_format=f, binary=b))
               for kind in ("hidden", "topk", "sampled", "logits") for f in ("b64", "nested") for b in (False, True)]  # fmt: skip
-    bodies.append(W.sample_request([[1, 2, 3]], max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=5, stop_token_ids=[2], sampling_seed=3))
+    bodies.append(W.sample_request([[1, 2, 3]], max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, stop_token_ids=[2], sampling_seed=3))
     for body in bodies:
         req = api.GenerateRequest.from_json_value(json.loads(json.dumps(body)))
         assert req.input_ids == body["input_ids"]

@@ -476,6 +476,9 @@ def test_pool_routes_by_domain_and_aligns_signals(servers, world):
          "text": TeacherConfig(endpoints=[url], domains=["reverse"], signal="hidden", api_key=KEY, model_dir=str(world.dir_a))},
         student_vocab_size=V, student_fingerprint=TOK.fingerprint,
     )  # fmt: skip
+    from megatron_opd.teachers.scorer import Scorer
+
+    assert isinstance(pool, Scorer)  # what the on-policy stages type against
     with pool:
         pool.start_sync()
         items = sequences(5, seed=9)

@@ -103,6 +103,7 @@ class SGLangRolloutEngine:
                 "temperature": self.cfg.temperature,
                 "top_p": self.cfg.top_p,
                 "top_k": self.cfg.top_k or -1,
+                "min_p": self.cfg.min_p,
                 "stop_token_ids": [self.tokenizer.eos_id],
                 "sampling_seed": sample_seed(self.seed, p.sample_id),
             }

@@ -77,6 +77,7 @@ def sample_request(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = -1,
+    min_p: float = 0.0,
     stop_token_ids: Sequence[int] = (),
     sampling_seed: int | None = None,
     return_logprob: bool = True,
@@ -85,6 +86,8 @@ def sample_request(
     params: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": float(top_p)}
     if top_k > 0:
         params["top_k"] = int(top_k)
+    if min_p > 0:
+        params["min_p"] = float(min_p)
     if stop_token_ids:
         params["stop_token_ids"] = [int(t) for t in stop_token_ids]
     if sampling_seed is not None:
