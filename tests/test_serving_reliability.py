@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints_tools.manifest import write_manifest
+from megatron_opd.models.hf.manifest import write_manifest
 from megatron_opd.data.tokenizer import CharTokenizer
 from megatron_opd.models.config import ModelConfig
 from megatron_opd.serving.launch import REPO_ROOT, start_teacher_server, subprocess_env

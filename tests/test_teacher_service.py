@@ -73,7 +73,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
-    from checkpoints_tools.manifest import write_manifest
+    from megatron_opd.models.hf.manifest import write_manifest
     from megatron_opd.models.gpt import build_gpt_model
     from megatron_opd.models.model_dir import write_model_dir
     from megatron_opd.runtime.checkpoint import save_checkpoint
@@ -590,14 +590,14 @@ def test_update_weights_from_distributed_protocol(servers, world, tmp_path):
 
     from safetensors.torch import load_file
 
-    from checkpoints_tools.export import megatron_to_hf
+    from megatron_opd.models.hf.export import megatron_to_hf
     from megatron_opd.rollout.sglang import update_body_for
     from megatron_opd.runtime.distributed import broadcast_from, standalone_group
     from megatron_opd.runtime.spawn import free_port
 
     url = servers["main"].url
     tensors = {}
-    for f in sorted(megatron_to_hf(world.dir_b, tmp_path / "b_hf", progress=False).glob("*.safetensors")):
+    for f in sorted(megatron_to_hf(world.dir_b, tmp_path / "b_hf").glob("*.safetensors")):
         tensors.update(load_file(str(f)))
     pool = ThreadPoolExecutor(2)
 

@@ -42,7 +42,7 @@ class ModelConfig:
     moe_router_expert_bias: bool = False
     moe_topk_scaling_factor: float = 0.0  # 0: none
     moe_aux_loss_coeff: float = 0.0
-    # --- Architectures imported from Hugging Face checkpoints (checkpoints_tools) ---
+    # --- Architectures imported from Hugging Face checkpoints (models/hf) ---
     # RoPE scaling. "llama3": Llama 3.1+ (megatron fixes the low/high frequency factors at 1 and 4
     # and the original context at 8192). "yarn": DeepSeek-V3 (megatron has it for MLA only).
     rope_scaling: Literal["none", "llama3", "yarn"] = "none"

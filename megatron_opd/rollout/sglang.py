@@ -11,7 +11,7 @@ Weight sync (`rollout.weight_sync`):
   Face format too when `rollout.weight_format=hf`, for stock SGLang), then each server gets
   `/update_weights_from_disk {model_path, weight_version, flush_cache}`;
 - "distributed": the TP ranks gather full tensors, trainer rank 0 maps them to Hugging Face names
-  (checkpoints_tools.live) and broadcasts them through SGLang's weight-update group: once
+  (megatron_opd.models.hf.live) and broadcasts them through SGLang's weight-update group: once
   `/init_weights_update_group` (rank 0 is the trainer, server i holds ranks 1 + i *
   rollout.server_ranks ...), then per sync `/begin_weight_update`,
   `/update_weights_from_distributed {names, dtypes, shapes, group_name, weight_version}` while
@@ -172,7 +172,7 @@ class SGLangRolloutEngine:
                         shutil.rmtree(old, ignore_errors=True)
             path = ckpt.save_checkpoint(root, step, self.trainer.model, None)
             if dist.get_rank() == 0:  # one export and one load per server, whatever the replicas
-                from checkpoints_tools.manifest import write_manifest
+                from megatron_opd.models.hf.manifest import write_manifest
 
                 # Our server loads only checkpoints whose files match their listed sha256.
                 write_manifest(path, "megatron_opd.rollout.sglang weight sync", {"step": step})
@@ -194,13 +194,13 @@ class SGLangRolloutEngine:
         error propagates with its own message)."""
         if self.cfg.weight_format != "hf":
             return str(checkpoint)
-        from checkpoints_tools.export import megatron_to_hf
+        from megatron_opd.models.hf.export import megatron_to_hf
 
         for old in root.glob("hf_step_*"):  # the servers hold the previous export already
             shutil.rmtree(old, ignore_errors=True)
         out = root / f"hf_step_{step:08d}"
         model_yaml = Path(self.trainer.run_dir) / "model.yaml"
-        return str(megatron_to_hf(checkpoint, out, model_config=model_yaml, overwrite=True, progress=False))
+        return str(megatron_to_hf(checkpoint, out, model_config=model_yaml, overwrite=True))
 
     # -- distributed sync (SGLang's weight-update group; trainer rank 0 is the group's rank 0) --
 
@@ -230,7 +230,7 @@ class SGLangRolloutEngine:
         replies.result()
 
     def _broadcast_weights(self, full: dict[str, torch.Tensor], version: str) -> None:
-        from checkpoints_tools.live import hf_from_megatron
+        from megatron_opd.models.hf.live import hf_from_megatron
         from megatron_opd.runtime.distributed import broadcast_from
 
         tensors = hf_from_megatron(self.trainer.cfg.model, full)

@@ -8,7 +8,7 @@ names is trusted:
 - From disk (`/update_weights_from_disk {model_path, weight_version}`): `model_path` (a model
   dir, a checkpoint root or a complete step dir) must lie inside the `--weights-dir` the server
   was started with, symlinks resolved, and the checkpoint chosen must pass its manifest.json
-  check (every file listed with its sha256, nothing unlisted: checkpoints_tools/manifest.py; the
+  check (every file listed with its sha256, nothing unlisted: megatron_opd/models/hf/manifest.py; the
   rollout engine's disk sync writes it) before any byte of it is unpickled. The checkpoint is
   loaded into a staging copy of the model and swapped in only when the whole load succeeded, so
   a failed update answers with its error and the old weights keep serving, bit for bit. (The
@@ -70,7 +70,7 @@ class WeightUpdates:
 
     def resolve(self, model_path: str) -> Path:
         """The complete, manifest-checked checkpoint dir `model_path` names, inside --weights-dir."""
-        from checkpoints_tools.manifest import MANIFEST, verify_manifest
+        from megatron_opd.models.hf.manifest import MANIFEST, verify_manifest
         from megatron_opd.models.model_dir import read_model_dir
         from megatron_opd.runtime.checkpoint import COMPLETE, latest_complete
 
@@ -105,7 +105,7 @@ class WeightUpdates:
         if not (ckpt / MANIFEST).is_file():
             raise UpdateRefused(
                 f"{ckpt} has no {MANIFEST}: the server loads only checkpoints whose files are listed with their "
-                f"sha256 (the rollout engine's disk sync writes one; `checkpoints_tools.manifest.write_manifest` too)"
+                f"sha256 (the rollout engine's disk sync writes one; `megatron_opd.models.hf.manifest.write_manifest` too)"
             )
         problems = verify_manifest(ckpt)
         if problems:
@@ -201,7 +201,7 @@ class WeightUpdates:
 
     def apply(self, received: dict[str, torch.Tensor]) -> str:
         """Copy received tensors into the model once they cover every parameter (main thread)."""
-        from checkpoints_tools.live import megatron_from_hf
+        from megatron_opd.models.hf.live import megatron_from_hf
 
         b = self.backend
         params = dict(b.model.named_parameters())
