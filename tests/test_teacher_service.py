@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -35,6 +36,9 @@ from megatron_opd.teachers.config import TeacherConfig
 from megatron_opd.teachers.pool import RoutingError, TeacherIncompatible, TeacherPool, client_for, request_batches, score_items
 
 KEY = "s3cret"
+# Clients read the key from the environment (teachers.<name>.api_key_env), never from a config value.
+KEY_ENV = "MEGATRON_OPD_TEST_TEACHER_KEY"
+os.environ[KEY_ENV] = KEY
 TOK = CharTokenizer()
 V = TOK.vocab_size
 MODEL = ModelConfig(vocab_size=V, hidden_size=32, num_layers=2, num_attention_heads=4, max_seq_len=64, init_std=0.2)
@@ -116,7 +120,7 @@ def http(method: str, url: str, body=None, key: str | None = KEY) -> tuple[int, 
 
 
 def teacher(url, signal="sampled", **kw) -> TeacherConfig:
-    kw.setdefault("api_key", KEY)
+    kw.setdefault("api_key_env", KEY_ENV)
     return TeacherConfig(endpoints=[url] if isinstance(url, str) else list(url), domains=["add"], signal=signal, **kw)
 
 
@@ -472,8 +476,8 @@ def batch(items: list[P.ScoreItem], domains: list[str]) -> Trajectories:
 def test_pool_routes_by_domain_and_aligns_signals(servers, world):
     url = servers["main"].url
     pool = TeacherPool(
-        {"math": TeacherConfig(endpoints=[url], domains=["add", "sort"], signal="topk", topk=3, api_key=KEY),
-         "text": TeacherConfig(endpoints=[url], domains=["reverse"], signal="hidden", api_key=KEY, model_dir=str(world.dir_a))},
+        {"math": TeacherConfig(endpoints=[url], domains=["add", "sort"], signal="topk", topk=3, api_key_env=KEY_ENV),
+         "text": TeacherConfig(endpoints=[url], domains=["reverse"], signal="hidden", api_key_env=KEY_ENV, model_dir=str(world.dir_a))},
         student_vocab_size=V, student_fingerprint=TOK.fingerprint,
     )  # fmt: skip
     from megatron_opd.teachers.scorer import Scorer
@@ -540,8 +544,8 @@ def test_pool_refuses_a_hidden_teacher_whose_model_dir_is_another_models(servers
     served = checkpoint_id(read_model_dir(world.dir_a).latest_checkpoint())
     assert served and json.loads(http("GET", url + "/model_info")[1])["checkpoint_id"] == served
     wrong = {
-        "math": TeacherConfig(endpoints=[url], domains=["add"], signal="topk", topk=3, api_key=KEY, model_dir=str(world.dir_a)),
-        "text": TeacherConfig(endpoints=[url], domains=["reverse"], signal="hidden", api_key=KEY, model_dir=str(world.dir_b)),
+        "math": TeacherConfig(endpoints=[url], domains=["add"], signal="topk", topk=3, api_key_env=KEY_ENV, model_dir=str(world.dir_a)),
+        "text": TeacherConfig(endpoints=[url], domains=["reverse"], signal="hidden", api_key_env=KEY_ENV, model_dir=str(world.dir_b)),
     }
     with TeacherPool(wrong, student_vocab_size=V, student_fingerprint=TOK.fingerprint) as pool:
         with pytest.raises(TeacherIncompatible) as e:
@@ -549,7 +553,7 @@ def test_pool_refuses_a_hidden_teacher_whose_model_dir_is_another_models(servers
     text = str(e.value)
     assert text.startswith(f"teacher 'text' at {url} serves checkpoint {served}") and str(world.dir_b) in text
     assert f"it serves the checkpoint of teachers.math.model_dir ({world.dir_a})" in text
-    right = dict(wrong, text=TeacherConfig(endpoints=[url], domains=["reverse"], signal="hidden", api_key=KEY, model_dir=str(world.dir_a)))
+    right = dict(wrong, text=TeacherConfig(endpoints=[url], domains=["reverse"], signal="hidden", api_key_env=KEY_ENV, model_dir=str(world.dir_a)))
     with TeacherPool(right, student_vocab_size=V, student_fingerprint=TOK.fingerprint) as pool:
         pool.start_sync()
 
@@ -690,12 +694,12 @@ def test_through_the_real_sglang_router_with_a_worker_killed(servers, world):
     try:
         items = sequences(60, seed=22)
         # The router drops unknown top-level keys: asked for flat base64 top-k, it comes back nested.
-        topk_cfg = teacher(router.url, "topk", topk=4, topk_format="b64", api_key="")
+        topk_cfg = teacher(router.url, "topk", topk=4, topk_format="b64", api_key_env="")
         topk, client = run_client(topk_cfg, items[:4], trace=True)
         assert all(b"input_top_logprobs_val_flat_b64" not in e.body and b'"input_top_logprobs"' in e.body for e in client.trace)
         lp, _ = world.ref_a(items[0].tokens)
         np.testing.assert_allclose(topk[0].topk_logprobs, -np.sort(-lp, 1)[items[0].prompt_len - 1 : items[0].length - 1, :4], atol=1e-5)
-        cfg = teacher(router.url, "sampled", batch_size=3, max_concurrency=4, max_retries=6, retry_backoff_s=0.2, api_key="")
+        cfg = teacher(router.url, "sampled", batch_size=3, max_concurrency=4, max_retries=6, retry_backoff_s=0.2, api_key_env="")
         sigs, client = score_while_killing(cfg, items, servers["b"])
         assert not servers["b"].alive() and all(s is not None for s in sigs)
         check_sampled(world, items, sigs)

@@ -6,7 +6,30 @@ Torch-free on purpose: the config tree imports it (a SLURM login node renders jo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
+
+from megatron_opd.runtime.secrets import LITERAL_KEY_REFUSED, SecretError, check_key_source, read_api_key
+
+
+class RolloutConfigError(ValueError):
+    """A rollout or sampling key is out of range; the message names the dotted key."""
+
+
+def sampling_problems(values: "SamplingParams | RolloutConfig", prefix: str = "") -> list[str]:
+    """What a sampler cannot use (it used to fail deep inside it, or do nothing), read from the
+    sampling fields that `SamplingParams` and `RolloutConfig` share; `prefix` makes dotted keys."""
+    out = []
+    if values.max_new_tokens < 0:
+        out.append(f"{prefix}max_new_tokens must be >= 0, got {values.max_new_tokens}")
+    if not values.temperature >= 0 or values.temperature == float("inf"):
+        out.append(f"{prefix}temperature must be a finite number >= 0 (0: greedy), got {values.temperature}")
+    if not 0.0 < values.top_p <= 1.0:
+        out.append(f"{prefix}top_p must be in (0, 1] (1: no nucleus cut), got {values.top_p}")
+    if values.top_k < 0:
+        out.append(f"{prefix}top_k must be >= 0 (0: no limit), got {values.top_k}")
+    if not 0.0 <= values.min_p <= 1.0:
+        out.append(f"{prefix}min_p must be in [0, 1] (0: off), got {values.min_p}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -22,19 +45,9 @@ class SamplingParams:
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        problems = []
-        if self.max_new_tokens < 0:
-            problems.append(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if not self.temperature >= 0 or self.temperature == float("inf"):
-            problems.append(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0 (0: no limit), got {self.top_k}")
-        if not 0.0 <= self.min_p <= 1.0:
-            problems.append(f"min_p must be in [0, 1], got {self.min_p}")
+        problems = sampling_problems(self)
         if problems:
-            raise ValueError("sampling parameters: " + "; ".join(problems))
+            raise RolloutConfigError("sampling parameters: " + "; ".join(problems))
 
 
 @dataclass
@@ -42,7 +55,9 @@ class RolloutConfig:
     engine: Literal["embedded", "sglang"] = "embedded"
     # SGLang engine: server base URLs (a router's URL, or several servers used round-robin).
     endpoints: list[str] = field(default_factory=list)
-    api_key: str = ""
+    # The servers' key: an environment variable's name, or a file, holding it (never the key).
+    api_key_env: str = ""
+    api_key_file: str = ""
     timeout_s: float = 300.0  # per HTTP request to a rollout server (a weight update included)
     max_new_tokens: int = 8
     temperature: float = 1.0
@@ -63,6 +78,42 @@ class RolloutConfig:
     weight_format: Literal["megatron", "hf"] = "megatron"
     sync_every: int = 1
 
+    REFUSED_KEYS: ClassVar[dict[str, str]] = {"api_key": LITERAL_KEY_REFUSED}
+
     @property
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.min_p)
+
+    @property
+    def api_key(self) -> str:
+        """The key, read now from $api_key_env or api_key_file ("" when neither is set)."""
+        return read_api_key(self.api_key_env, self.api_key_file, prefix="rollout.")
+
+    def check(self, *, endpoints_required: bool = True) -> None:
+        """Raise `RolloutConfigError` for the first bad key. `endpoints_required=False`: a launcher
+        starts the rollout servers and fills in `endpoints` itself."""
+        # Not through `sampling`: its constructor would refuse the values without the dotted keys.
+        problems = sampling_problems(self, "rollout.")
+        if self.max_new_tokens < 1:
+            problems.append(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if problems:
+            raise RolloutConfigError("; ".join(problems))
+        if self.timeout_s <= 0:
+            raise RolloutConfigError(f"rollout.timeout_s must be > 0 (seconds per request), got {self.timeout_s}")
+        if self.sync_every < 1:
+            raise RolloutConfigError(f"rollout.sync_every must be >= 1 (steps between weight syncs), got {self.sync_every}")
+        if self.engine != "sglang":
+            return
+        if not self.endpoints and endpoints_required:
+            raise RolloutConfigError(
+                "rollout.engine=sglang needs rollout.endpoints (the SGLang servers' base URLs), or rollout.engine=embedded"
+            )
+        for url in self.endpoints:
+            if not url.startswith(("http://", "https://")):
+                raise RolloutConfigError(f"rollout.endpoints: {url!r} is not an http(s) URL")
+        if self.server_ranks < 1:
+            raise RolloutConfigError(f"rollout.server_ranks={self.server_ranks}: each server holds at least one rank")
+        try:
+            check_key_source(self.api_key_env, self.api_key_file, prefix="rollout.")
+        except SecretError as e:
+            raise RolloutConfigError(str(e)) from None

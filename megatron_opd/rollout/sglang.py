@@ -63,10 +63,6 @@ def sample_seed(seed: int, sample_id: str) -> int:
 
 class SGLangRolloutEngine:
     def __init__(self, cfg: RolloutConfig, trainer, tokenizer: CharTokenizer, *, max_len: int, seed: int):
-        if not cfg.endpoints:
-            raise ValueError("rollout.engine=sglang needs rollout.endpoints (the SGLang servers' base URLs)")
-        if cfg.server_ranks < 1:
-            raise ValueError(f"rollout.server_ranks={cfg.server_ranks}: each server holds at least one rank")
         self.cfg, self.trainer, self.tokenizer, self.max_len, self.seed = cfg, trainer, tokenizer, max_len, seed
         self.group, self.src = replica_group_and_src()
         self.is_src = dist.get_rank() == self.src

@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000, help="0 picks a free port (printed in the ready line)")
     p.add_argument("--api-key", default="", help="require Authorization: Bearer <key> (not on /health*)")
+    p.add_argument("--api-key-env", default="", metavar="NAME", help="like --api-key, the key read from $NAME (kept out of ps)")
+    p.add_argument("--api-key-file", default="", metavar="PATH", help="like --api-key, the key read from a file")
     p.add_argument("--weight-version", default=DEFAULT_WEIGHT_VERSION)
     p.add_argument(
         "--hidden-states-layout", choices=["rows", "block"], default="rows",
@@ -67,8 +69,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def resolve_api_key(args: argparse.Namespace) -> str | None:
+    """Read --api-key-env / --api-key-file into `args.api_key`; why that failed, or None."""
+    from megatron_opd.runtime.secrets import SecretError, read_api_key
+
+    if sum(map(bool, (args.api_key, args.api_key_env, args.api_key_file))) > 1:
+        return "give one of --api-key, --api-key-env, --api-key-file"
+    if not args.api_key:
+        try:
+            args.api_key = read_api_key(args.api_key_env, args.api_key_file, prefix="")
+        except SecretError as e:
+            return str(e)
+    return None
+
+
 def check_arguments(args: argparse.Namespace) -> str | None:
-    """Why the server must not start with `args`, or None."""
+    """Why the server must not start with `args` (its key already resolved), or None."""
     if (args.weights_dir or args.weight_groups) and not is_loopback(args.host) and not args.api_key:
         return (
             f"--host {args.host} makes the server reachable beyond this machine, and its weight updates "
@@ -86,7 +102,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from megatron_opd.serving.backend import ModelBackend, ModelSource
     from megatron_opd.serving.weights import WeightUpdates
 
-    refusal = check_arguments(args)
+    refusal = resolve_api_key(args) or check_arguments(args)
     if refusal:
         print(f"serve: {refusal}", file=sys.stderr, flush=True)
         return 2
