@@ -173,7 +173,7 @@ def _opd_job(tmp_path: Path, **teacher) -> Path:
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("rollout.temperature=-0.5", "rollout.temperature must be >= 0 (0: greedy), got -0.5"),
+        ("rollout.temperature=-0.5", "rollout.temperature must be a finite number >= 0 (0: greedy), got -0.5"),
         ("rollout.top_p=0", "rollout.top_p must be in (0, 1] (1: no nucleus cut), got 0.0"),
         ("rollout.top_p=1.5", "rollout.top_p must be in (0, 1] (1: no nucleus cut), got 1.5"),
         ("rollout.top_k=-1", "rollout.top_k must be >= 0 (0: no limit), got -1"),
