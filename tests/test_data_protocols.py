@@ -170,3 +170,35 @@ def test_teacher_pool_is_a_scorer():
     from megatron_opd.teachers.scorer import Scorer
 
     assert issubclass(TeacherPool, Scorer)
+
+
+# -- where the protocols sit in the dependency order ----------------------------------------------
+
+
+def test_data_and_rewards_sit_below_rollout_teachers_and_stages():
+    from tests.test_serving_imports import module_imports, reaches
+
+    graph = module_imports()
+    above_data = ("megatron_opd.rewards", "megatron_opd.rollout", "megatron_opd.teachers", "megatron_opd.serving",
+                  "megatron_opd.losses", "megatron_opd.stages")  # fmt: skip
+    for m in (m for m in graph if m.startswith("megatron_opd.data")):
+        assert not reaches(graph, m, above_data), (m, reaches(graph, m, above_data))
+    for m in (m for m in graph if m.startswith("megatron_opd.rewards")):
+        assert not reaches(graph, m, above_data[1:]), m
+    assert "megatron_opd.rewards.registry" in graph["megatron_opd.stages.on_policy"]
+
+
+def test_prompts_and_tokenizers_import_without_torch():
+    """What a login node checks before launch (the run's tokenizer; prompts) needs no torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; import megatron_opd.data.prompts, megatron_opd.data.tokenizer, megatron_opd.rewards.types; "
+        "print(sorted(m for m in ('torch', 'megatron', 'numpy') if m in sys.modules))"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
