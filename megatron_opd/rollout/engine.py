@@ -42,7 +42,10 @@ class EmbeddedRolloutEngine:
         # run would have sampled at this step, without restoring any RNG state.
         replica = parallel_state.get_data_parallel_rank()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + replica)
-        batch = generate(self.model, prompts, self.tokenizer, self.cfg.sampling, max_len=self.max_len, generator=generator)
+        batch = generate(
+            self.model, prompts, self.tokenizer, self.cfg.sampling,
+            max_len=self.max_len, generator=generator, kv_cache=self.cfg.kv_cache,
+        )  # fmt: skip
         batch.weight_version = str(step)
         return batch
 
