@@ -3,8 +3,8 @@ path, and the kept sets it records for GRPO.
 
 Cached and uncached rollouts of the same real megatron model, prompts of different lengths, the
 same seeded generator: the same tokens, stops and finish reasons, log-probs within 1e-5 (fp32),
-greedy and sampled, at TP=1, at TP=2 (a spawned gloo world, also equal to TP=1) and for an MoE
-model at EP=2 (replicas with different prompts and lengths, in lockstep). The forward token count
+greedy and sampled, at TP=1 (also with multi-latent attention), at TP=2 (a spawned gloo world,
+also equal to TP=1) and for an MoE model at EP=2 (replicas with different prompts and lengths, in lockstep). The forward token count
 shows the cost: B*(P + L - 1) tokens with the cache, B*(L*P + L(L-1)/2) without.
 """
 
@@ -133,6 +133,20 @@ def test_cached_rollout_equals_uncached_greedy_and_sampled(dense):
     assert sampled["kept_ids"] is not None
     # A real sampled rollout: not the greedy chain.
     assert not torch.equal(greedy["tokens"], sampled["tokens"])
+
+
+def test_cached_rollout_equals_uncached_with_multi_latent_attention(dense):
+    """DeepSeek-style MLA with YaRN RoPE: megatron's static context caches its keys and values too."""
+    from megatron_opd.models.gpt import build_gpt_model
+    from megatron_opd.runtime.layout import ParallelLayout
+
+    cfg = _model_config()
+    cfg.num_query_groups = 0  # MLA has no query groups (megatron's core attention would repeat keys)
+    cfg.multi_latent_attention, cfg.kv_lora_rank, cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim = True, 8, 8, 4, 8
+    cfg.rope_scaling, cfg.rope_scaling_factor, cfg.yarn_original_max_position = "yarn", 4.0, 16
+    mla = build_gpt_model(cfg, ParallelLayout()).eval()  # the runtime `dense` initialised
+    for cached, uncached in _cache_vs_no_cache(mla, _prompts()):
+        _assert_same(cached, uncached)
 
 
 def test_forward_tokens_are_linear_in_length_with_the_cache(dense):

@@ -64,9 +64,9 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
-    # Embedded engine (and held-out evaluation, which samples with it): megatron-core's static KV
-    # cache, O(length) forward tokens per response instead of O(length^2); false re-runs every
-    # prefix (the reference path; both sample the same tokens under the same seed).
+    # Embedded engine: megatron-core's static KV cache, O(length) forward tokens per response
+    # instead of O(length^2); false re-runs every prefix (the reference path; both sample the same
+    # tokens under the same seed). Held-out evaluation calls the same `generate` with the cache.
     kv_cache: bool = True
     # SGLang engine: "disk" exports weights and calls /update_weights_from_disk; "distributed"
     # broadcasts them under their Hugging Face names from trainer rank 0 through a process group

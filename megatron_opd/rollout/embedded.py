@@ -26,7 +26,7 @@ Two ways to get the next-token logits, selected by `kv_cache` (`rollout.kv_cache
 - no cache (`_PrefixForward`): each new token re-runs every active row's prefix, right-padded.
   The reference the cache is tested against; also the fallback where the cache would not be
   exact (see `_cache_unsupported`: attention kernels that ignore an explicit mask after the first
-  step, such as Transformer Engine's, when prompt lengths differ; multi-latent attention).
+  step, such as Transformer Engine's, when prompt lengths differ).
 
 MoE students under expert parallelism: the experts' all-to-alls join the ranks of an EP group,
 which belong to different data-parallel replicas generating different prompts. Their generation
@@ -148,20 +148,20 @@ class _CachedForward:
 
 def _cache_unsupported(model: torch.nn.Module, prompt_lens: list[int]) -> str:
     """Why the KV cache would not reproduce the no-cache logits for this model and batch ("": it does)."""
-    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.attention import Attention
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+    if len(set(prompt_lens)) == 1:
+        return ""  # no padding: causal prefill and unmasked decode are exact with any kernel
     for module in model.modules():
-        if type(module).__name__.startswith("MLA"):
-            return "multi-latent attention under megatron's static inference context is not verified here"
-        if isinstance(module, SelfAttention) and not isinstance(module.core_attention, DotProductAttention):
-            # megatron switches the mask type to no_mask after the first step; only the local
-            # DotProductAttention still applies the explicit mask that hides left pads.
-            if len(set(prompt_lens)) > 1:
-                return (
-                    f"{type(module.core_attention).__name__} ignores the padding mask after the first "
-                    "step and the prompts differ in length"
-                )
+        # megatron switches the mask type to no_mask after the first step; only the local
+        # DotProductAttention (self- and multi-latent attention) still applies the explicit
+        # mask that hides the left pads.
+        if isinstance(module, Attention) and not isinstance(module.core_attention, DotProductAttention):
+            return (
+                f"{type(module.core_attention).__name__} ignores the padding mask after the first step "
+                "and the prompts differ in length"
+            )
     return ""
 
 
