@@ -102,7 +102,7 @@ class _CachedForward:
         self.width = max(prompt_lens)  # the column every prompt ends at
         self.pads = self.width - torch.tensor(prompt_lens)  # left pads of each row
         # The last sampled token is never fed back: width + budget - 1 columns are ever written.
-        self.context = StaticInferenceContext(len(prompt_lens), self.width + budget)
+        self.context = StaticInferenceContext(len(prompt_lens), self.width + budget - 1)
         self.slots = torch.arange(len(prompt_lens))  # the batch row each cache slot holds
 
     def logits(self, tokens: torch.Tensor, lengths: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -122,8 +122,6 @@ class _CachedForward:
             positions = (lengths[active] - 1)[:, None]
             keys = torch.arange(ctx.sequence_len_offset + 1)
             mask = (keys[None, :] < self.pads[active, None])[:, None, :]  # [n, 1, k]
-        if ctx.sequence_len_offset + inputs.shape[1] > ctx.max_sequence_length:
-            raise RuntimeError("KV cache overflow: more columns than the generation budget")  # a bug, not bad input
         logits = self.model(
             inputs.to(self.device),
             positions.to(self.device),
@@ -233,7 +231,7 @@ def generate(
         raise NotImplementedError(
             "the embedded rollout engine runs with parallel.pp=1; use the SGLang rollout engine for PP>1"
         )
-    if getattr(model.config, "sequence_parallel", False):
+    if getattr(getattr(model, "config", None), "sequence_parallel", False):
         raise NotImplementedError(
             "the embedded rollout engine runs with parallel.sequence_parallel=false (a one-token step "
             "cannot be split across TP ranks); use the SGLang rollout engine, or turn sequence parallelism off"

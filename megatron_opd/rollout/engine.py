@@ -30,7 +30,8 @@ class RolloutEngine(Protocol):
 
 
 class EmbeddedRolloutEngine:
-    """The student samples its own trajectories in-job (collective over its TP group)."""
+    """The student samples its own trajectories in-job (collective over its TP group), with the KV
+    cache unless rollout.kv_cache=false, recording kept sets when the sampling truncates."""
 
     def __init__(self, cfg: RolloutConfig, model: torch.nn.Module, tokenizer: CharTokenizer, *, max_len: int, seed: int):
         self.cfg, self.model, self.tokenizer, self.max_len, self.seed = cfg, model, tokenizer, max_len, seed
