@@ -11,9 +11,11 @@ from megatron_opd.cli import main as cli_main
 def test_quick_table_has_every_cell_and_exact_forward_token_counts(capsys):
     assert cli_main(["bench", "rollout", "--quick"]) == 0
     out = capsys.readouterr().out
-    for column in ("no-cache tok/s", "cache tok/s", "ratio", "no-cache fwd tokens", "cache fwd tokens", "same tokens"):
+    for column in ("no-cache tok/s", "cache tok/s", "ratio", "CPU ratio", "no-cache fwd tokens", "cache fwd tokens", "same tokens"):
         assert column in out
-    cell = re.compile(r"│\s*(\d+) │\s*(\d+) │\s*(\d+) │\s*([\d.]+) │\s*([\d.]+) │\s*([\d.]+)x │\s*(\d+) │\s*(\d+) │\s*(\w+) │")
+    cell = re.compile(
+        r"│\s*(\d+) │\s*(\d+) │\s*(\d+) │\s*([\d.]+) │\s*([\d.]+) │\s*([\d.]+)x │\s*[\d.]+x │\s*(\d+) │\s*(\d+) │\s*(\w+) │"
+    )
     rows = [tuple(m.groups()) for line in out.splitlines() if (m := cell.search(line))]
     assert {(int(r[0]), int(r[2])) for r in rows} == {(1, 2), (1, 4), (2, 2), (2, 4)} and len(rows) == 4
     prompt_lens = set()
