@@ -52,6 +52,14 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     return int(match.group(1))
 
 
+def read_common_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The common state a complete checkpoint was saved with (step, layout, what the trainer added),
+    read without a process group or a model."""
+    from megatron.core import dist_checkpointing
+
+    return dict(dist_checkpointing.load_common_state_dict(str(path))["common"])
+
+
 def _rng_state_object():
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.dist_checkpointing.mapping import ShardedObject
