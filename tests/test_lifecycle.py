@@ -103,11 +103,12 @@ def test_a_refused_or_failed_resume_leaves_the_run_as_it_was(run):
     before = _snapshot(run)
     out = _train(run.parent, "model.num_layers=4", "model.rope_theta=5e5", "train.optim.lr=1e-4")
     assert out.returncode != 0
+    assert _snapshot(run) == before, "a refused resume changed the run directory"
+    assert read_model_dir(run).model.num_layers == 2
+    # Refused before loading, naming every fixed key that changed with both values, and the way out.
     assert "model.num_layers: 2 -> 4" in out.stderr and "model.rope_theta: 10000.0 -> 500000.0" in out.stderr
     assert "train.restart=true" in out.stderr
     assert "train.optim.lr" not in out.stderr.split("cannot resume")[-1].split("these keys")[0]  # changeable
-    assert _snapshot(run) == before, "a refused resume changed the run directory"
-    assert read_model_dir(run).model.num_layers == 2
 
     # A checkpoint that fails to load (a truncated shard), with a config that passes the check.
     shard = max((run / "checkpoints/step_00000003").glob("*.distcp"), key=lambda p: p.stat().st_size)
@@ -123,18 +124,18 @@ def test_a_refused_or_failed_resume_leaves_the_run_as_it_was(run):
 
 def test_a_resume_applies_and_logs_changed_hyperparameters(run):
     out = _ok(_train(run.parent, "train.steps=6", "train.optim.lr=5e-4", "train.optim.adam_beta2=0.9"))
-    for line in (
-        "resume: train.optim.lr: 0.003 -> 0.0005 (applied)",
-        "resume: train.steps: 3 -> 6 (applied)",
-        "resume: train.optim.adam_beta2: 0.95 -> 0.9 (applied)",
-    ):
-        assert line in out.stdout, out.stdout[-3000:]
     # The LR after each resumed step is the new schedule's: linear from 5e-4 to 0 over 6 steps.
     lrs = dict(_train_rows(run, "train/lr"))
     for step in (4, 5, 6):
         assert lrs[step] == pytest.approx(5e-4 * (1 - step / 6), rel=1e-9, abs=1e-15), (step, lrs[step])
     # and the first attempt's, before it, was the old one's: linear from 3e-3 over 3 steps.
     assert lrs[1] == pytest.approx(3e-3 * (1 - 1 / 3), rel=1e-9)
+    for line in (
+        "resume: train.optim.lr: 0.003 -> 0.0005 (applied)",
+        "resume: train.steps: 3 -> 6 (applied)",
+        "resume: train.optim.adam_beta2: 0.95 -> 0.9 (applied)",
+    ):
+        assert line in out.stdout, out.stdout[-3000:]
     # The saved optimizer state carries the new Adam betas.
     from megatron_opd.runtime.checkpoint import latest_complete
 

@@ -108,10 +108,14 @@ class Launcher:
         finally:
             self._out.close()
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+    def kill(self, groups: set[int] = frozenset()) -> None:
+        """Clean up after a failed test: SIGKILL its session and `groups` (all of ours)."""
+        for group in {self.proc.pid, *groups}:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.proc.wait()
 
 
 def _alive_in(groups: set[int]) -> list[str]:
@@ -173,13 +177,15 @@ def test_sigint_to_the_train_launcher_saves_exits_75_and_resumes_exactly(tmp_pat
 
     run_dir = tmp_path / "stopped"
     launcher = Launcher(_cli("train", *SFT, f"run.output_dir={tmp_path}", "run.name=stopped"), tmp_path / "stopped.log")
+    groups: set[int] = set()
     try:
         groups = _signal_after_step(launcher, run_dir, 2, signal.SIGINT)
         t0 = time.monotonic()
         rc = launcher.wait(120)
         waited = time.monotonic() - t0
+        _assert_nothing_left(groups)
     finally:
-        launcher.kill()
+        launcher.kill(groups)
     log = launcher.log.read_text()
     assert rc == EXIT_STOPPED_EARLY, log[-4000:]
     assert waited < 60, f"the launcher took {waited:.0f} s to stop"
@@ -189,7 +195,6 @@ def test_sigint_to_the_train_launcher_saves_exits_75_and_resumes_exactly(tmp_pat
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["step"], summary["finished"], summary["stopped_early"]) == (step, False, 1.0)
     assert [e["step"] for e in _ledger(run_dir)] == list(range(1, step + 1))
-    _assert_nothing_left(groups)
 
     resumed = _run(_cli("train", *SFT, f"run.output_dir={tmp_path}", "run.name=stopped"), tmp_path / "resumed.log")
     assert resumed.returncode == 0, _tail(resumed)
@@ -262,12 +267,14 @@ def test_sigterm_to_the_run_launcher_saves_stops_its_servers_and_resumes_exactly
     args = _cli("run", str(config), f"run.output_dir={tmp_path / 'b'}", f"teachers.arith.model_dir={expert}")
     opd_dir = tmp_path / "b/tiny/opd"
     launcher = Launcher(args, tmp_path / "b-stopped.log")
+    groups: set[int] = set()
     try:
         groups = _signal_after_step(launcher, opd_dir, 2, signal.SIGTERM)
         urls = _server_urls(tmp_path / "b/tiny")
         rc = launcher.wait(180)
+        _assert_nothing_left(groups)
     finally:
-        launcher.kill()
+        launcher.kill(groups)
     log = launcher.log.read_text()
     assert rc == EXIT_STOPPED_EARLY, log[-4000:]
     assert "SFT:" not in log, "the finished expert was trained again"
@@ -276,7 +283,6 @@ def test_sigterm_to_the_run_launcher_saves_stops_its_servers_and_resumes_exactly
     assert f"OPD stopped at step {step} of 12" in log
     assert not (tmp_path / "b/tiny/summary.json").exists(), "a stopped pipeline reported"
     assert urls and all(_refuses_connections(u) for u in urls), f"a teacher server still listens: {urls}"
-    _assert_nothing_left(groups)
 
     resumed = _run(args, tmp_path / "b-resumed.log")
     assert resumed.returncode == 0, _tail(resumed)
