@@ -226,7 +226,7 @@ def test_every_config_key_has_a_resume_rule_and_no_secret_is_saved():
     from megatron_opd.stages.run_dir import RESUME_RULES, config_changes, flatten, rule_for, saved_config
 
     cfg = derive(load_config(REPO / "configs/tiny/opd.yaml"), ["teachers.arithmetic.api_key=secret", "rollout.api_key=s2"])
-    keys = flatten(to_dict(cfg))
+    keys = {**flatten(to_dict(cfg)), **flatten(to_dict(load_config(None)))}  # with teachers, and without
     for key in keys:
         kind, why = rule_for(key)  # raises for a key without a rule
         assert kind in ("fixed", "changeable") and why
@@ -241,3 +241,7 @@ def test_every_config_key_has_a_resume_rule_and_no_secret_is_saved():
     changed = {c.key: c for c in config_changes(saved_config(cfg), derive(cfg, ["model.num_layers=3", "train.steps=9"]))}
     assert set(changed) == {"model.num_layers", "train.steps"}
     assert (changed["model.num_layers"].kind, changed["train.steps"].kind) == ("fixed", "changeable")
+    # A teacher added to a run that had none is a fixed change, named by its keys.
+    sft = load_config(REPO / "configs/tiny/sft.yaml")
+    kinds = {c.key: c.kind for c in config_changes(saved_config(sft), derive(sft, teachers={"t": {"domains": ["add"]}}))}
+    assert kinds["teachers"] == kinds["teachers.t.domains"] == "fixed"

@@ -2,10 +2,11 @@
 
 Every launcher here is a real `megatron-opd` process in its own session, with its real spawned
 rank worlds and (for `run`) its real teacher server on 127.0.0.1:
-- SIGINT to `megatron-opd train` (two ranks): exit 75 at once, a complete checkpoint at the step
-  it stopped, no process of the job left (every process group it made is empty), and the resumed
-  run ends with the same per-step losses and samples as an uninterrupted one;
-- SIGTERM to `megatron-opd run` while it distils (two ranks, one teacher server): the same, plus
+- SIGTERM, or a Ctrl-C (SIGINT to its process group), to `megatron-opd train` (two ranks): exit 75
+  at once, a complete checkpoint at the step it stopped, no process of the job left (every
+  process group it made is empty), and the resumed run ends with the same per-step losses and
+  samples as an uninterrupted one;
+- a Ctrl-C on `megatron-opd run` while it distils (two ranks, one teacher server): the same, plus
   the server stopped (its port refuses connections), and the rerun skips the finished expert and
   resumes the distillation exactly;
 - a phase is done only when it reached its last step: a preempted student warm start and a
@@ -144,14 +145,19 @@ def _stopped_checkpoint(run_dir: Path) -> int:
     return checkpoint_step(latest)
 
 
-def _signal_after_step(launcher: Launcher, run_dir: Path, step: int, sig: signal.Signals) -> set[int]:
+def _signal_after_step(launcher: Launcher, run_dir: Path, step: int, sig: signal.Signals, *, to_group: bool) -> set[int]:
+    """Once `run_dir` logged `step`, send `sig` to the launcher (or to its process group, as a
+    Ctrl-C on its terminal does). Returns the process groups of its process tree just before."""
     def reached() -> bool:
         return any(r["step"] >= step and ("train/loss" in r or "train/kl" in r) for r in _rows(run_dir))
 
     _wait_for(reached, 600, f"step {step} of {run_dir}", launcher.log)
     groups = launcher.process_groups()
     assert len(groups) >= 3, f"expected the launcher and two ranks in their own groups, got {groups}"
-    os.kill(launcher.proc.pid, sig)
+    if to_group:
+        os.killpg(launcher.proc.pid, sig)
+    else:
+        os.kill(launcher.proc.pid, sig)
     return groups
 
 
@@ -163,7 +169,7 @@ SFT = [
     "parallel.tp=2",
     "run.progress=none",
     "run.log_every=1",
-    "train.steps=30",
+    "train.steps=50",
     "train.micro_batch_size=16",
     "train.global_batch_size=16",
     "train.eval_every=0",
@@ -171,15 +177,22 @@ SFT = [
 ]
 
 
-def test_sigint_to_the_train_launcher_saves_exits_75_and_resumes_exactly(tmp_path):
-    straight = _run(_cli("train", *SFT, f"run.output_dir={tmp_path}", "run.name=straight"), tmp_path / "straight.log")
-    assert straight.returncode == 0, _tail(straight)
+@pytest.fixture(scope="module")
+def straight_sft(tmp_path_factory) -> Path:
+    """The uninterrupted run the stopped ones must equal."""
+    out = tmp_path_factory.mktemp("straight")
+    done = _run(_cli("train", *SFT, f"run.output_dir={out}", "run.name=straight"), out / "straight.log")
+    assert done.returncode == 0, _tail(done)
+    return out / "straight"
 
+
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_to_the_train_launcher_saves_exits_75_and_resumes_exactly(straight_sft, tmp_path, sig, to_group):
     run_dir = tmp_path / "stopped"
     launcher = Launcher(_cli("train", *SFT, f"run.output_dir={tmp_path}", "run.name=stopped"), tmp_path / "stopped.log")
     groups: set[int] = set()
     try:
-        groups = _signal_after_step(launcher, run_dir, 2, signal.SIGINT)
+        groups = _signal_after_step(launcher, run_dir, 2, sig, to_group=to_group)
         t0 = time.monotonic()
         rc = launcher.wait(120)
         waited = time.monotonic() - t0
@@ -190,8 +203,8 @@ def test_sigint_to_the_train_launcher_saves_exits_75_and_resumes_exactly(tmp_pat
     assert rc == EXIT_STOPPED_EARLY, log[-4000:]
     assert waited < 60, f"the launcher took {waited:.0f} s to stop"
     step = _stopped_checkpoint(run_dir)
-    assert 2 <= step < 30, log[-3000:]
-    assert f"stopped by SIGTERM at step {step}" in log  # the launcher forwarded SIGINT as SIGTERM
+    assert 2 <= step < 50, log[-3000:]
+    assert f"stopped by SIGTERM at step {step}" in log  # what the launcher forwards, whatever it got
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["step"], summary["finished"], summary["stopped_early"]) == (step, False, 1.0)
     assert [e["step"] for e in _ledger(run_dir)] == list(range(1, step + 1))
@@ -199,10 +212,10 @@ def test_sigint_to_the_train_launcher_saves_exits_75_and_resumes_exactly(tmp_pat
     resumed = _run(_cli("train", *SFT, f"run.output_dir={tmp_path}", "run.name=stopped"), tmp_path / "resumed.log")
     assert resumed.returncode == 0, _tail(resumed)
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{step:08d}'}" in resumed.stdout
-    a, b = _per_step(tmp_path / "straight", "train/loss"), _per_step(run_dir, "train/loss")
-    assert sorted(a) == sorted(b) == list(range(1, 31))
+    a, b = _per_step(straight_sft, "train/loss"), _per_step(run_dir, "train/loss")
+    assert sorted(a) == sorted(b) == list(range(1, 51))
     assert a == b, "the resumed run's losses differ from the uninterrupted run's"
-    assert _ledger(tmp_path / "straight") == _ledger(run_dir)
+    assert _ledger(straight_sft) == _ledger(run_dir)
 
 
 # -- `megatron-opd run`: one expert, a teacher server, two OPD ranks --------------------------------
@@ -257,7 +270,7 @@ def _refuses_connections(url: str) -> bool:
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_run_launcher_saves_stops_its_servers_and_resumes_exactly(tmp_path):
+def test_ctrl_c_on_the_run_launcher_saves_stops_its_servers_and_resumes_exactly(tmp_path):
     config = _pipeline_config(tmp_path / "job.yaml", opd_steps=12)
     straight = _run(_cli("run", str(config), f"run.output_dir={tmp_path / 'a'}"), tmp_path / "a.log")
     assert straight.returncode == 0, _tail(straight)
@@ -269,7 +282,9 @@ def test_sigterm_to_the_run_launcher_saves_stops_its_servers_and_resumes_exactly
     launcher = Launcher(args, tmp_path / "b-stopped.log")
     groups: set[int] = set()
     try:
-        groups = _signal_after_step(launcher, opd_dir, 2, signal.SIGTERM)
+        # SIGINT to the launcher's process group, as a Ctrl-C on its terminal: the servers (in
+        # their own sessions) must keep serving until the ranks have saved.
+        groups = _signal_after_step(launcher, opd_dir, 2, signal.SIGINT, to_group=True)
         urls = _server_urls(tmp_path / "b/tiny")
         rc = launcher.wait(180)
         _assert_nothing_left(groups)

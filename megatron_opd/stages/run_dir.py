@@ -51,6 +51,7 @@ RESUME_RULES: list[tuple[str, Kind, str]] = [
     ("train.use_distributed_optimizer", "fixed", "the optimizer state's layout"),
     ("train.optim.*", "changeable", "applied: the LR schedule is rebuilt from the new values at the checkpoint's step"),
     ("train.*", "changeable", "steps, micro-batch size, eval/checkpoint cadence, resume/restart/init_from"),
+    ("teachers", "fixed", "the set of teachers (an empty section; a named teacher has the keys below)"),
     ("teachers.*.domains", "fixed", "which teacher supervises which samples"),
     ("teachers.*.signal", "fixed", "the distillation objective"),
     ("teachers.*.topk", "fixed", "the distillation objective"),
