@@ -5,7 +5,9 @@ rank r of the tensor-parallel group owns columns [r*Vp/tp, (r+1)*Vp/tp) of the p
 Vp, and columns at or beyond the real `vocab_size` are padding, excluded from every softmax.
 Nothing here gathers the vocabulary. A token's statistics are computed on each shard in float32
 row chunks (so bf16 inputs never turn into a full fp32 copy), then combined across the group with
-two all-reduces per call: one MAX and one SUM.
+two all-reduces per call: one MAX and one SUM. Log-probabilities renormalised over the sampler's
+kept sets (`vocab_parallel_logprobs(..., kept_ids=...)`) read only the kept columns and need a
+single SUM all-reduce.
 
 The math (notes/opd-math.md, section 1), per token with a = z/T and b = u/T:
     log Z_z = logsumexp(a),  log Z_u = logsumexp(b),  log p = a - log Z_z,  log q = b - log Z_u
@@ -338,6 +340,101 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+class _KeptSetLogprobs(torch.autograd.Function):
+    """log softmax over each row's kept set S: z_id/T - logsumexp_{a in S} z_a/T.
+
+    A custom function rather than autograd through gather + logsumexp because the shards' sums
+    meet in an all-reduce autograd cannot see through; it saves only O(tokens x K) besides the
+    logits (no [tokens, V/TP] intermediate), and its backward writes the gradient on the kept
+    columns alone."""
+
+    @staticmethod
+    def forward(ctx, z, ids, kept, temperature, shard, group):
+        cdtype = compute_dtype(z)
+        valid = shard.valid
+        local_kept = kept - shard.start
+        kept_here = (kept >= 0) & (local_kept >= 0) & (local_kept < valid)
+        local_kept = local_kept.clamp(0, max(valid - 1, 0))
+        kept_logits = torch.where(kept_here, z.gather(-1, local_kept).to(cdtype) / temperature, -math.inf)
+        local_ids = ids - shard.start
+        on_shard = (local_ids >= 0) & (local_ids < valid)
+        local_ids = local_ids.clamp(0, max(valid - 1, 0))
+        picked = torch.where(on_shard, z.gather(-1, local_ids).to(cdtype) / temperature, 0.0)
+        # One SUM all-reduce of [rows, tp + k]: column r carries rank r's log-sum-exp over its kept
+        # ids (the other ranks add 0, so it arrives exact, -inf included), then the target logits
+        # (each read on the rank that owns it). Every rank then combines the tp partial sums itself.
+        packed = torch.zeros(z.shape[0], shard.world_size + ids.shape[1], dtype=cdtype, device=z.device)
+        packed[:, shard.rank] = torch.logsumexp(kept_logits, dim=-1)
+        packed[:, shard.world_size:] = picked
+        all_reduce_(packed, dist.ReduceOp.SUM, group)
+        log_norm = torch.logsumexp(packed[:, : shard.world_size], dim=-1)
+        # Which kept slot each target is (the wrapper checked that each target is in its set).
+        target_slot = (kept[:, :, None] == ids[:, None, :]).to(cdtype)  # [rows, K, k]
+        ctx.save_for_backward(z, local_kept, kept_here, target_slot, log_norm)
+        ctx.temperature = temperature
+        return packed[:, shard.world_size:] - log_norm[:, None]
+
+    @staticmethod
+    def backward(ctx, grad_logprobs):
+        # d log p~_j / dz_v = (1[v = id_j] - p~_v 1[v in S]) / T, nonzero on kept columns only.
+        z, local_kept, kept_here, target_slot, log_norm = ctx.saved_tensors
+        temperature = ctx.temperature
+        g = grad_logprobs.to(log_norm.dtype) / temperature
+        p_kept = (z.gather(-1, local_kept).to(log_norm.dtype) / temperature - log_norm[:, None]).exp_()
+        slot_grad = (target_slot @ g[:, :, None]).squeeze(-1) - g.sum(dim=-1, keepdim=True) * p_kept
+        # Off-shard slots (clamped onto some column) add 0; rows without a distribution get 0.
+        slot_grad = torch.where(kept_here, slot_grad.nan_to_num_(nan=0.0), 0.0)
+        grad = torch.zeros_like(z)
+        grad.scatter_add_(-1, local_kept, slot_grad.to(z.dtype))
+        return grad, None, None, None, None, None
+
+
+def _position(flat_row: int, leading: torch.Size) -> tuple[int, ...]:
+    if not leading:
+        return ()
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_row), tuple(leading)))
+
+
+def check_kept_ids(kept_ids: torch.Tensor, ids: torch.Tensor, shard: VocabShard) -> None:
+    """Kept sets must be real vocabulary ids (or -1 for an unused slot), distinct within a
+    position, and contain the position's target ids; each error names the id or position."""
+    leading = kept_ids.shape[:-1]
+    padded = shard.width * shard.world_size
+    kept = _flatten_rows(kept_ids)
+    outside = (kept < -1) | (kept >= padded)
+    if outside.any():
+        row, slot = outside.nonzero()[0].tolist()
+        raise ValueError(
+            f"kept id {int(kept[row, slot])} at position {_position(row, leading)} is outside the padded "
+            f"vocabulary [0, {padded}); kept_ids holds token ids, -1 for an unused slot"
+        )
+    padding = kept >= shard.vocab_size
+    if padding.any():
+        row, slot = padding.nonzero()[0].tolist()
+        raise ValueError(
+            f"kept id {int(kept[row, slot])} at position {_position(row, leading)} is in megatron's vocabulary "
+            f"padding [vocab_size={shard.vocab_size}, {padded}), which no sampler can keep: the kept sets "
+            f"or vocab_size are wrong"
+        )
+    ordered = kept.sort(dim=-1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if repeated.any():
+        row, slot = repeated.nonzero()[0].tolist()
+        raise ValueError(
+            f"kept id {int(ordered[row, slot + 1])} appears twice in the kept set at position "
+            f"{_position(row, leading)}; a kept set lists distinct ids"
+        )
+    targets = _flatten_rows(ids)
+    missing = ~(targets[:, :, None] == kept[:, None, :]).any(dim=-1)
+    if missing.any():
+        row, j = missing.nonzero()[0].tolist()
+        raise ValueError(
+            f"target id {int(targets[row, j])} at position {_position(row, leading)} is not in that "
+            f"position's kept set: the sampler keeps every token it samples, so the kept sets and the "
+            f"tokens are misaligned (or the position is not a response position)"
+        )
+
+
 def vocab_parallel_logprobs(
     logits: torch.Tensor,
     ids: torch.Tensor,
@@ -345,17 +442,29 @@ def vocab_parallel_logprobs(
     temperature: float = 1.0,
     vocab_size: int | None = None,
     group: dist.ProcessGroup | None = None,
+    kept_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log softmax(z/T)[ids] over the full, vocab-parallel vocabulary, differentiable in the logits.
 
     Args:
         logits: [..., V/TP], this rank's shard of the logits.
         ids: [..., k] (long) global token ids, each in [0, vocab_size); the same on every rank.
+        kept_ids: optional [..., K] (long) global ids of the tokens the sampler kept at each
+            position (top-p / top-k), -1 for unused slots; the same on every rank. The
+            log-probability is then renormalised over that set (keep sampling mask, V3.2):
+            log p~(a) = z_a/T - logsumexp_{a' in S} z_{a'}/T. Each rank takes the log-sum-exp over
+            the kept ids in its shard and one SUM all-reduce of (TP + k) numbers per position
+            combines them; nothing [tokens, V] is formed or sent. Every kept id must be a real
+            token (in [0, vocab_size): an id in megatron's padding is an error), distinct within a
+            position, and every target must be in its position's kept set (pass response
+            positions only).
 
     Returns:
         [..., k] log-probabilities, float32 (float64 for float64 logits), identical on every rank.
-        Memory beyond the logits' own gradient is O(tokens x k). The student's log-probability of
-        its sampled tokens (for `sampled_reverse_kl`) is this with k = 1.
+        Memory beyond the logits' own gradient is O(tokens x k) (O(tokens x K) with kept sets).
+        The student's log-probability of its sampled tokens (for `sampled_reverse_kl`) is this
+        with k = 1. The -inf conventions are the full softmax's: a -inf logit has probability 0 in
+        its set; a position whose kept logits are all -inf has no distribution (NaN, gradient 0).
     """
     check_temperature(temperature)
     if ids.dtype != torch.long:
@@ -371,7 +480,20 @@ def vocab_parallel_logprobs(
             f"token ids must lie in [0, vocab_size={shard.vocab_size}), got ids in "
             f"[{int(ids.min())}, {int(ids.max())}]"
         )
-    logprobs = _VocabParallelLogprobs.apply(
-        _flatten_rows(logits), _flatten_rows(ids), temperature, shard, group
+    if kept_ids is None:
+        logprobs = _VocabParallelLogprobs.apply(
+            _flatten_rows(logits), _flatten_rows(ids), temperature, shard, group
+        )
+        return logprobs.reshape(ids.shape)
+    if kept_ids.dtype != torch.long:
+        raise ValueError(f"kept_ids must be int64 token ids (-1 for unused slots), got {kept_ids.dtype}")
+    if kept_ids.dim() != logits.dim() or kept_ids.shape[:-1] != logits.shape[:-1] or kept_ids.shape[-1] < 1:
+        raise ValueError(
+            f"kept_ids {tuple(kept_ids.shape)} must be [..., K] (K >= 1) with the leading shape of the "
+            f"logits {tuple(logits.shape)}: padded id lists, never a dense [..., V] mask"
+        )
+    check_kept_ids(kept_ids, ids, shard)
+    logprobs = _KeptSetLogprobs.apply(
+        _flatten_rows(logits), _flatten_rows(ids), _flatten_rows(kept_ids), temperature, shard, group
     )
     return logprobs.reshape(ids.shape)
