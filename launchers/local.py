@@ -83,7 +83,7 @@ def run_sft_jobs(jobs: dict[str, JobConfig], parallel: int) -> list[str]:
     """Run the jobs that have not reached their last step (resuming those a stop interrupted),
     `parallel` at a time, longest first. Once one stops early, or the launcher was asked to stop,
     no further job starts. Returns the names of the jobs still unfinished."""
-    todo = [n for n, job in jobs.items() if not is_finished(job.run_dir, job.train.steps)]
+    todo = [n for n, job in jobs.items() if not is_finished(job.run_dir, job.train.steps) and not _foreign(job.run_dir)]
     if todo:
         todo.sort(key=lambda n: -jobs[n].train.steps)  # longest first: the pool then packs the rest
         concurrent = max(1, min(parallel, len(todo)))
@@ -106,14 +106,29 @@ def run_sft_jobs(jobs: dict[str, JobConfig], parallel: int) -> list[str]:
             except BaseException:  # a failed job: stop the worlds of the others
                 terminate_all()
                 raise
-    return [n for n, job in jobs.items() if not is_finished(job.run_dir, job.train.steps)]
+    return [n for n, job in jobs.items() if not is_finished(job.run_dir, job.train.steps) and not _foreign(job.run_dir)]
+
+
+def _foreign(run_dir: Path) -> bool:
+    """A model directory with checkpoints that no `megatron-opd train` run left (a converted or
+    copied teacher): it is served as it is, never trained on."""
+    from megatron_opd.runtime.checkpoint import latest_complete
+
+    return latest_complete(run_dir / "checkpoints") is not None and not any(
+        (run_dir / name).exists() for name in ("summary.json", "config.yaml")
+    )
 
 
 def expert_accuracy(cfg: JobConfig, experts: dict[str, JobConfig]) -> dict[str, dict[str, float]]:
     """Each expert's final held-out accuracy per domain, from its run's summary.json."""
     accuracy = {}
     for name, job in experts.items():
-        summary = read_summary(job.run_dir) or {}
+        summary = read_summary(job.run_dir)
+        if summary is None:
+            raise ValueError(
+                f"expert {name!r} ({job.run_dir}) has no summary.json, so its accuracy is unknown: it was "
+                f"not trained by `megatron-opd train`; unset teachers.{name}.model_dir to train it here"
+            )
         missing = [d for d in cfg.teachers[name].domains if f"acc/{d}" not in summary]
         if missing:
             raise ValueError(
