@@ -27,33 +27,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
-import warnings
 from pathlib import Path
 
 from checkpoints_tools.errors import add_output_flags, run_tool
-
-DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def torch_dtype(name: str | None):
-    import torch
-
-    return None if name is None else getattr(torch, DTYPE_NAMES[name])
-
-
-def _check_output_dir(path: Path, overwrite: bool) -> None:
-    import shutil
-
-    from checkpoints_tools.errors import CheckpointToolError
-
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise CheckpointToolError(f"{path} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-
+from megatron_opd.models.hf.export import DTYPE_NAMES, torch_dtype
 
 def resolve_naming(naming: str) -> str:
     if naming != "auto":
@@ -61,48 +39,6 @@ def resolve_naming(naming: str) -> str:
     from megatron_opd.models.gpt import transformer_engine_available
 
     return "te" if transformer_engine_available() else "local"
-
-
-def check_hf_tensors(hf, bindings, arch, cfg) -> None:
-    """Every HF tensor the model needs is there with the right shape, and nothing else is."""
-    from checkpoints_tools.errors import MissingTensors, ShapeMismatch, UnexpectedTensors, name_list
-
-    required = {n: s for b in bindings for n, s in zip(b.hf_names, b.hf_shapes)}
-    present = set(hf.names())
-    missing = sorted(set(required) - present)
-    if missing:
-        raise MissingTensors(
-            f"{hf.path} lacks tensors that a {arch.name} model with this config.json has: {name_list(missing)}"
-        )
-    skipped = {n for n in present - set(required) if any(re.fullmatch(p, n) for p in arch.ignore)}
-    if cfg.tie_embeddings and "lm_head.weight" in present:
-        skipped.add("lm_head.weight")  # tied: the embedding is the output layer
-    extra_layers = {
-        n
-        for n in present - set(required)
-        if (m := re.match(r"model\.layers\.(\d+)\.", n)) and int(m.group(1)) >= cfg.num_layers
-    }
-    if extra_layers and hf.config.get("num_nextn_predict_layers"):
-        warnings.warn(
-            f"skipping {len(extra_layers)} tensors of the multi-token-prediction layers "
-            f"(model.layers.{cfg.num_layers}+): the megatron model is built without MTP"
-        )
-        skipped |= extra_layers
-    unexpected = sorted(present - set(required) - skipped)
-    if unexpected:
-        hint = ""
-        if any(n.endswith("weight_scale_inv") for n in unexpected):
-            hint = " (FP8 block-quantized weights: dequantize the checkpoint to bf16 first)"
-        raise UnexpectedTensors(
-            f"{hf.path} has tensors a {arch.name} model with this config.json does not: {name_list(unexpected)}{hint}"
-        )
-    wrong = [
-        f"{n}: file has {list(hf.info(n).shape)}, the megatron model needs {list(s)}"
-        for n, s in required.items()
-        if tuple(hf.info(n).shape) != tuple(s)
-    ]
-    if wrong:
-        raise ShapeMismatch(f"{hf.path}: shape mismatch for " + "; ".join(wrong[:12]))
 
 
 def hf_to_megatron(
@@ -119,30 +55,27 @@ def hf_to_megatron(
     progress: bool = True,
 ) -> Path:
     """Convert a Hugging Face model directory into a megatron model directory; returns the step dir."""
-    from checkpoints_tools.architectures import (
-        architecture_of_hf_config,
-        get_architecture,
-        model_config_from_hf,
-    )
-    from checkpoints_tools.hf_io import HFCheckpoint, copy_side_files
-    from checkpoints_tools.manifest import write_manifest
-    from checkpoints_tools.mapping import bind
-    from checkpoints_tools.megatron_io import (
+    from checkpoints_tools.progress import bytes_on_disk, counting
+    from checkpoints_tools.staging import Arena
+    from megatron_opd.models.hf.hf_dir import copy_side_files
+    from megatron_opd.models.hf.load import check_hf_tensors, open_hf_model
+    from megatron_opd.models.hf.manifest import check_manifest, write_manifest
+    from megatron_opd.models.hf.mapping import bind
+    from megatron_opd.models.hf.megatron_io import (
         HF_SIDE_DIR,
         model_structure,
         sharded_pieces,
         write_checkpoint,
         write_model_yaml,
     )
-    from checkpoints_tools.progress import bytes_on_disk, counting
-    from checkpoints_tools.staging import Arena
+    from megatron_opd.models.hf.output import claim_output
     from megatron_opd.runtime.checkpoint import step_dir
     from megatron_opd.runtime.layout import ParallelLayout
 
-    hf = HFCheckpoint(input_dir)
-    architecture = get_architecture(arch) if arch else architecture_of_hf_config(hf.config)
-    cfg = model_config_from_hf(architecture, hf.config)
-    cfg = dataclasses.replace(cfg, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    output = claim_output(output_dir, [input_dir], overwrite)
+    check_manifest(Path(input_dir))
+    source = open_hf_model(input_dir, arch=arch, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    hf, architecture, cfg = source.checkpoint, source.architecture, source.cfg
     ParallelLayout(tp=tp, sequence_parallel=cfg.is_moe).check_model(
         num_layers=cfg.num_layers,
         num_attention_heads=cfg.num_attention_heads,
@@ -155,8 +88,6 @@ def hf_to_megatron(
     bindings = bind(architecture.name, architecture.rules, {n: s.shape for n, s in slots.items()}, cfg)
     check_hf_tensors(hf, bindings, architecture, cfg)
 
-    out = Path(output_dir)
-    _check_output_dir(out, overwrite)
     want = torch_dtype(dtype)
     staged = [
         (slots[b.megatron_name].shape, want or hf.info(b.hf_names[0]).dtype)
@@ -164,45 +95,46 @@ def hf_to_megatron(
         if not _direct(hf, b, want)
     ]
     sharded, total = [], 0
-    with Arena(out / ".staging", Arena.bytes_for(staged)) as arena:
-        with counting(progress, "mapping tensors", len(bindings)) as advance:
-            for b in bindings:
-                pieces = _pieces(hf, b, slots[b.megatron_name], want, arena)
-                sharded += sharded_pieces(
-                    dataclasses.replace(slots[b.megatron_name], dtype=pieces[0].dtype), pieces
+    with output.writing() as out:
+        with Arena(out / ".staging", Arena.bytes_for(staged)) as arena:
+            with counting(progress, "mapping tensors", len(bindings)) as advance:
+                for b in bindings:
+                    pieces = _pieces(hf, b, slots[b.megatron_name], want, arena)
+                    sharded += sharded_pieces(
+                        dataclasses.replace(slots[b.megatron_name], dtype=pieces[0].dtype), pieces
+                    )
+                    total += sum(p.numel() * p.element_size() for p in pieces)
+                    advance()
+            root = out / "checkpoints"
+            with bytes_on_disk(progress, "writing megatron checkpoint", step_dir(root, step), total):
+                write_checkpoint(
+                    root,
+                    step,
+                    sharded,
+                    structure.objects,
+                    common={
+                        "converted_from": str(Path(input_dir).resolve()),
+                        "hf_architecture": architecture.name,
+                    },
                 )
-                total += sum(p.numel() * p.element_size() for p in pieces)
-                advance()
-        root = out / "checkpoints"
-        with bytes_on_disk(progress, "writing megatron checkpoint", step_dir(root, step), total):
-            path = write_checkpoint(
-                root,
-                step,
-                sharded,
-                structure.objects,
-                common={
-                    "converted_from": str(Path(input_dir).resolve()),
-                    "hf_architecture": architecture.name,
-                },
-            )
-    del sharded
-    write_model_yaml(out, cfg)
-    copy_side_files(hf.side_files(), out / HF_SIDE_DIR)
-    _keep_char_tokenizer(hf.path, out)
-    write_manifest(
-        out,
-        "checkpoints_tools.convert",
-        {
-            "source": "hf",
-            "target": "megatron",
-            "input": str(Path(input_dir).resolve()),
-            "architecture": architecture.name,
-            "vocab_padding_tp": tp,
-            "naming": naming,
-            "dtype": dtype or "as stored",
-        },
-    )
-    return path
+        del sharded
+        write_model_yaml(out, cfg)
+        copy_side_files(hf.side_files(), out / HF_SIDE_DIR)
+        _keep_char_tokenizer(hf.path, out)
+        write_manifest(
+            out,
+            "checkpoints_tools.convert",
+            {
+                "source": "hf",
+                "target": "megatron",
+                "input": str(Path(input_dir).resolve()),
+                "architecture": architecture.name,
+                "vocab_padding_tp": tp,
+                "naming": naming,
+                "dtype": dtype or "as stored",
+            },
+        )
+    return step_dir(output.path / "checkpoints", step)
 
 
 def _direct(hf, binding, want) -> bool:
@@ -268,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _convert(args: argparse.Namespace) -> Path:
-    from checkpoints_tools.errors import CheckpointToolError
+    from megatron_opd.models.hf.errors import CheckpointError
 
     if (args.source, args.target) == ("hf", "megatron"):
         return hf_to_megatron(
@@ -286,7 +218,7 @@ def _convert(args: argparse.Namespace) -> Path:
         from checkpoints_tools.export import export_from_args
 
         return export_from_args(args)
-    raise CheckpointToolError(f"--source {args.source} --target {args.target}: nothing to convert")
+    raise CheckpointError(f"--source {args.source} --target {args.target}: nothing to convert")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ def compare_model_with_checkpoint(model, step_dir: Path, vocab_size: int) -> dic
     """Max abs difference per checkpoint key between a megatron model (TP=PP=EP=1) and a checkpoint."""
     import torch
 
-    from checkpoints_tools.megatron_io import Region, read_regions, stored_tensors, tensor_shards
+    from megatron_opd.models.hf.megatron_io import Region, read_regions, stored_tensors, tensor_shards
 
     stored = stored_tensors(step_dir)
     diffs: dict[str, float] = {}
@@ -57,9 +57,9 @@ def bridge_model(hf_dir: Path):
     try:
         from megatron.bridge import AutoBridge
     except Exception as e:  # noqa: BLE001 - Bridge raises whatever TE raises when broken
-        from checkpoints_tools.errors import CheckpointToolError
+        from megatron_opd.models.hf.errors import CheckpointError
 
-        raise CheckpointToolError(
+        raise CheckpointError(
             f"Megatron-Bridge is not importable here ({type(e).__name__}: {e}); it needs Python >= 3.12 and "
             f"Transformer Engine (GPU images)"
         ) from None
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         "--megatron", required=True, help="our conversion of it (model directory or step_* directory)"
     )
     args = p.parse_args(argv)
-    from checkpoints_tools.errors import CheckpointToolError
-    from checkpoints_tools.megatron_io import open_megatron
+    from megatron_opd.models.hf.errors import CheckpointError
+    from megatron_opd.models.hf.megatron_io import open_megatron
     from megatron_opd.runtime.distributed import init_runtime
     from megatron_opd.runtime.layout import ParallelLayout
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = open_megatron(args.megatron)
         init_runtime(ParallelLayout(), seed=0)
         diffs = compare_model_with_checkpoint(bridge_model(Path(args.hf)), ours.step_dir, ours.cfg.vocab_size)
-    except CheckpointToolError as e:
+    except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     bad = {k: v for k, v in diffs.items() if v != 0.0}

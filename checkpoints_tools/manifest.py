@@ -1,70 +1,15 @@
-"""manifest.json: what a tool wrote, with a sha256 and size per file, and how (tool, arguments, inputs).
+"""Re-check a directory against its manifest.json: `python -m checkpoints_tools.manifest DIR`.
 
-Every output directory of checkpoints_tools gets one. `python -m checkpoints_tools.manifest DIR`
-re-hashes the files and reports any that are missing, changed or not listed.
+Reports every file that is missing, changed (size or sha256) or not listed; exit status 0 when
+there is none, 1 otherwise. The manifests themselves: megatron_opd.models.hf.manifest.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
-import json
 import sys
-from pathlib import Path
-from typing import Any
 
-MANIFEST = "manifest.json"
-
-
-def sha256(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def write_manifest(directory: str | Path, tool: str, details: dict[str, Any] | None = None) -> Path:
-    directory = Path(directory)
-    files = {
-        str(p.relative_to(directory)): {"sha256": sha256(p), "bytes": p.stat().st_size}
-        for p in _files(directory)
-    }
-    manifest = {
-        "tool": tool,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **(details or {}),
-        "files": files,
-    }
-    path = directory / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    return path
-
-
-def verify_manifest(directory: str | Path) -> list[str]:
-    """Problems found (empty: every listed file is present and unchanged, and nothing is unlisted)."""
-    directory = Path(directory)
-    path = directory / MANIFEST
-    if not path.is_file():
-        return [f"{path} does not exist"]
-    listed = json.loads(path.read_text())["files"]
-    problems = []
-    for rel, meta in listed.items():
-        p = directory / rel
-        if not p.is_file():
-            problems.append(f"missing: {rel}")
-        elif p.stat().st_size != meta["bytes"] or sha256(p) != meta["sha256"]:
-            problems.append(f"changed: {rel}")
-    for p in _files(directory):
-        rel = str(p.relative_to(directory))
-        if rel not in listed:
-            problems.append(f"not in manifest: {rel}")
-    return problems
+from megatron_opd.models.hf.manifest import verify_manifest
 
 
 def main(argv: list[str] | None = None) -> int:

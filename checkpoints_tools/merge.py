@@ -20,17 +20,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from checkpoints_tools.errors import add_output_flags, run_tool
-from typing import Sequence
+from typing import Callable, Sequence
 
-from checkpoints_tools.convert import _check_output_dir
-from checkpoints_tools.errors import (
-    CheckpointToolError,
+from checkpoints_tools.errors import add_output_flags, run_tool
+from megatron_opd.models.hf.errors import (
+    CheckpointError,
     MissingTensors,
     ShapeMismatch,
     UnexpectedTensors,
     name_list,
 )
+from megatron_opd.models.hf.hf_dir import is_hf_model_dir
 
 BLOCK_BYTES = 1 << 28
 
@@ -38,22 +38,22 @@ BLOCK_BYTES = 1 << 28
 def coefficients(method: str, n: int, weights: Sequence[float] | None, scale: float | None) -> list[float]:
     if method == "uniform":
         if weights is not None or scale is not None:
-            raise CheckpointToolError(
+            raise CheckpointError(
                 "uniform averages the experts equally; --weights/--scale are for task_arithmetic"
             )
         return [1.0 / n] * n
     if method == "task_arithmetic":
         if weights is None and scale is None:
-            raise CheckpointToolError(
+            raise CheckpointError(
                 "task_arithmetic needs --weights (one per expert) or --scale (the same for all)"
             )
         if weights is not None and scale is not None:
-            raise CheckpointToolError("pass --weights or --scale, not both")
+            raise CheckpointError("pass --weights or --scale, not both")
         w = list(weights) if weights is not None else [scale] * n
         if len(w) != n:
-            raise CheckpointToolError(f"--weights has {len(w)} values for {n} experts")
+            raise CheckpointError(f"--weights has {len(w)} values for {n} experts")
         return w
-    raise CheckpointToolError(f"unknown merge method {method!r}; choose uniform or task_arithmetic")
+    raise CheckpointError(f"unknown merge method {method!r}; choose uniform or task_arithmetic")
 
 
 def combine(method: str, experts, base, w: list[float]):
@@ -70,10 +70,6 @@ def combine(method: str, experts, base, w: list[float]):
     return out
 
 
-def _is_hf(path: Path) -> bool:
-    return (path / "config.json").is_file() and not (path / "model.yaml").is_file()
-
-
 def merge(
     method: str,
     experts: Sequence[str | Path],
@@ -88,43 +84,49 @@ def merge(
 ) -> Path:
     experts = [Path(e) for e in experts]
     if not experts:
-        raise CheckpointToolError("no experts to merge")
+        raise CheckpointError("no experts to merge")
     if method == "task_arithmetic" and base is None:
-        raise CheckpointToolError("task_arithmetic needs --base (the model the experts were fine-tuned from)")
+        raise CheckpointError("task_arithmetic needs --base (the model the experts were fine-tuned from)")
     if method == "uniform" and base is not None:
-        raise CheckpointToolError("uniform does not use --base")
+        raise CheckpointError("uniform does not use --base")
     w = coefficients(method, len(experts), weights, scale)
     inputs = ([Path(base)] if base else []) + experts
-    kinds = {_is_hf(p) for p in inputs}
+    kinds = {is_hf_model_dir(p) for p in inputs}
     if len(kinds) > 1:
-        raise CheckpointToolError(
+        raise CheckpointError(
             "inputs mix Hugging Face and megatron directories; convert them to one format first"
         )
-    out = Path(output_dir)
-    # The inputs are checked before the output is touched: a refused merge keeps an old output.
+    from megatron_opd.models.hf.manifest import write_manifest
+    from megatron_opd.models.hf.output import claim_output
+
     if kinds.pop():
-        _merge_hf(method, experts, Path(base) if base else None, w, out, overwrite, progress, max_shard_bytes)
+        read, write = _merge_hf(method, experts, Path(base) if base else None, w, progress, max_shard_bytes)
     else:
-        _merge_megatron(method, experts, Path(base) if base else None, w, out, overwrite, progress)
-    from checkpoints_tools.manifest import write_manifest
+        read, write = _merge_megatron(method, experts, Path(base) if base else None, w, progress)
+    output = claim_output(output_dir, [*inputs, *read], overwrite)
+    with output.writing() as out:
+        write(out)
+        write_manifest(
+            out,
+            "checkpoints_tools.merge",
+            {
+                "method": method,
+                "weights": w,
+                "base": str(Path(base).resolve()) if base else None,
+                "experts": [str(e.resolve()) for e in experts],
+            },
+        )
+    return output.path
 
-    write_manifest(
-        out,
-        "checkpoints_tools.merge",
-        {
-            "method": method,
-            "weights": w,
-            "base": str(Path(base).resolve()) if base else None,
-            "experts": [str(e.resolve()) for e in experts],
-        },
-    )
-    return out
 
-
-def _merge_megatron(method, experts, base, w, out: Path, overwrite: bool, progress: bool) -> None:
+def _merge_megatron(method, experts, base, w, progress: bool) -> tuple[list[Path], Callable[[Path], None]]:
+    """Check the inputs; returns the paths it reads and write(out), which merges into `out`."""
     import torch
 
-    from checkpoints_tools.megatron_io import (
+    from checkpoints_tools.progress import bytes_on_disk, counting
+    from checkpoints_tools.reshard import copy_model_files
+    from checkpoints_tools.staging import Arena
+    from megatron_opd.models.hf.megatron_io import (
         block_region,
         init_single_process,
         model_structure,
@@ -136,9 +138,6 @@ def _merge_megatron(method, experts, base, w, out: Path, overwrite: bool, progre
         stored_tensors,
         write_checkpoint,
     )
-    from checkpoints_tools.progress import bytes_on_disk, counting
-    from checkpoints_tools.reshard import copy_model_files
-    from checkpoints_tools.staging import Arena
     from megatron_opd.runtime.checkpoint import step_dir
 
     models = [open_megatron(p) for p in ([base] if base else []) + experts]
@@ -146,7 +145,7 @@ def _merge_megatron(method, experts, base, w, out: Path, overwrite: bool, progre
     for m in models[1:]:
         if m.cfg != cfg:
             diff = [f for f in vars(cfg) if getattr(cfg, f) != getattr(m.cfg, f)]
-            raise CheckpointToolError(
+            raise CheckpointError(
                 f"{m.step_dir} has another model config than {models[0].step_dir}: {', '.join(diff)}"
             )
     init_single_process()
@@ -160,36 +159,43 @@ def _merge_megatron(method, experts, base, w, out: Path, overwrite: bool, progre
                     f"tensor {slot.key}: {list(slot.shape)} in {models[0].step_dir} "
                     f"but {list(s[name].shape)} in {m.step_dir}"
                 )
-    _check_output_dir(out, overwrite)
-    batches = row_batches(first, BLOCK_BYTES)
-    with Arena(out / ".staging", Arena.bytes_for((s.shape, s.dtype) for s in first.values())) as arena:
-        dests = {name: arena.empty(slot.shape, slot.dtype) for name, slot in first.items()}
-        with counting(progress, f"merging ({method})", sum(map(len, batches))) as advance:
-            for batch in batches:
-                read = []  # per input: {(name, row): tensor}
-                for m, s in zip(models, slots):
-                    got = {
-                        (n, r): torch.empty((rows, *s[n].shape[1:]), dtype=s[n].dtype) for n, r, rows in batch
-                    }
-                    read_regions(m.step_dir, [block_region(s[n], r, got[(n, r)]) for n, r, _ in batch])
-                    read.append(got)
-                for name, r, rows in batch:
-                    tensors = [got[(name, r)] for got in read]
-                    b, ex = (tensors[0], tensors[1:]) if base else (None, tensors)
-                    dests[name][r : r + rows].copy_(combine(method, ex, b, w))
-                advance(len(batch))
-        sharded = [t for name, slot in first.items() for t in sharded_pieces(slot, [dests[name]])]
-        total = sum(slot.nbytes for slot in first.values())
-        root = out / "checkpoints"
-        with bytes_on_disk(progress, "writing megatron checkpoint", step_dir(root, 0), total):
-            write_checkpoint(root, 0, sharded, structure.objects, common={"merged": method, "weights": w})
-    del sharded
-    copy_model_files(models[0].model_dir, out)
+
+    def write(out: Path) -> None:
+        for m in models:
+            m.check_manifest()
+        batches = row_batches(first, BLOCK_BYTES)
+        with Arena(out / ".staging", Arena.bytes_for((s.shape, s.dtype) for s in first.values())) as arena:
+            dests = {name: arena.empty(slot.shape, slot.dtype) for name, slot in first.items()}
+            with counting(progress, f"merging ({method})", sum(map(len, batches))) as advance:
+                for batch in batches:
+                    read = []  # per input: {(name, row): tensor}
+                    for m, s in zip(models, slots):
+                        got = {
+                            (n, r): torch.empty((rows, *s[n].shape[1:]), dtype=s[n].dtype) for n, r, rows in batch
+                        }
+                        read_regions(m.step_dir, [block_region(s[n], r, got[(n, r)]) for n, r, _ in batch])
+                        read.append(got)
+                    for name, r, rows in batch:
+                        tensors = [got[(name, r)] for got in read]
+                        b, ex = (tensors[0], tensors[1:]) if base else (None, tensors)
+                        dests[name][r : r + rows].copy_(combine(method, ex, b, w))
+                    advance(len(batch))
+            sharded = [t for name, slot in first.items() for t in sharded_pieces(slot, [dests[name]])]
+            total = sum(slot.nbytes for slot in first.values())
+            root = out / "checkpoints"
+            with bytes_on_disk(progress, "writing megatron checkpoint", step_dir(root, 0), total):
+                write_checkpoint(root, 0, sharded, structure.objects, common={"merged": method, "weights": w})
+        del sharded
+        copy_model_files(models[0].model_dir, out)
+
+    return [p for m in models for p in m.read_paths], write
 
 
-def _merge_hf(method, experts, base, w, out: Path, overwrite: bool, progress: bool, max_shard_bytes: int) -> None:
-    from checkpoints_tools.hf_io import HFCheckpoint, copy_side_files, plan_shards, write_shards
+def _merge_hf(method, experts, base, w, progress: bool, max_shard_bytes: int) -> tuple[list[Path], Callable[[Path], None]]:
+    """Check the inputs; returns the paths it reads and write(out), which merges into `out`."""
     from checkpoints_tools.progress import counting
+    from megatron_opd.models.hf.hf_dir import HFCheckpoint, copy_side_files, plan_shards, write_shards
+    from megatron_opd.models.hf.manifest import check_manifest
 
     hfs = [HFCheckpoint(p) for p in ([base] if base else []) + experts]
     ref = hfs[0]
@@ -205,7 +211,6 @@ def _merge_hf(method, experts, base, w, out: Path, overwrite: bool, progress: bo
             raise ShapeMismatch(
                 f"tensor {n}: {list(ref.info(n).shape)} in {ref.path} but {list(h.info(n).shape)} in {h.path}"
             )
-    _check_output_dir(out, overwrite)
     shards = plan_shards([(n, ref.info(n).nbytes) for n in ref.names()], max_shard_bytes)
 
     def load_shard(names):
@@ -220,9 +225,14 @@ def _merge_hf(method, experts, base, w, out: Path, overwrite: bool, progress: bo
             )
         return merged
 
-    with counting(progress, f"merging ({method})", len(ref.names())) as advance:
-        write_shards(out, shards, load_shard, on_shard=advance)
-    copy_side_files(ref.side_files(), out)
+    def write(out: Path) -> None:
+        for h in hfs:
+            check_manifest(h.path)
+        with counting(progress, f"merging ({method})", len(ref.names())) as advance:
+            write_shards(out, shards, load_shard, on_shard=advance)
+        copy_side_files(ref.side_files(), out)
+
+    return [h.path for h in hfs], write
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from checkpoints_tools.hf_io import parse_size
+    from megatron_opd.models.hf.hf_dir import parse_size
 
     args = build_parser().parse_args(argv)
     return run_tool(

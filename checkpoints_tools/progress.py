@@ -38,6 +38,25 @@ def counting(enabled: bool, description: str, total: int) -> Iterator[Callable[.
 
 
 @contextlib.contextmanager
+def reporting(enabled: bool, description: str) -> Iterator[Callable[[int, int], None]]:
+    """Yields update(done, total) for a bar over items whose total the library reports as it goes
+    (a no-op when disabled)."""
+    if not enabled:
+        yield lambda done, total: None
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns) as progress:
+        task = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+@contextlib.contextmanager
 def bytes_on_disk(
     enabled: bool, description: str, directory: Path, total: int, pattern: str = "*.distcp"
 ) -> Iterator[None]:

@@ -34,14 +34,14 @@ from pathlib import Path
 
 from checkpoints_tools.errors import add_output_flags, run_tool
 
-from checkpoints_tools.convert import _check_output_dir, resolve_naming
+from checkpoints_tools.convert import resolve_naming
 
 READ_BATCH_BYTES = 1 << 28  # one region read covers at most ~256 MB of tensors
 
 
 def copy_model_files(model_dir: Path | None, out: Path) -> None:
     """model.yaml, tokenizer.json and hf/ travel with the weights."""
-    from checkpoints_tools.megatron_io import HF_SIDE_DIR
+    from megatron_opd.models.hf.megatron_io import HF_SIDE_DIR
 
     if model_dir is None:
         return
@@ -54,7 +54,7 @@ def copy_model_files(model_dir: Path | None, out: Path) -> None:
 
 def target_layout(cfg, tp: int, pp: int, ep: int):
     """The ParallelLayout for (tp, pp, ep) on the smallest world that has it, checked against the model."""
-    from checkpoints_tools.errors import UnsupportedConfig
+    from megatron_opd.models.hf.errors import UnsupportedConfig
     from megatron_opd.runtime.layout import LayoutError, ParallelLayout
 
     layout = ParallelLayout(tp=tp, pp=pp, ep=ep, sequence_parallel=cfg.is_moe and tp > 1)
@@ -81,12 +81,15 @@ def reshard(
     """Write a checkpoint of `input_path`'s model for the target layout; returns the new step dir."""
     from megatron.core import dist_checkpointing
 
-    from checkpoints_tools.manifest import write_manifest
-    from checkpoints_tools.megatron_io import (
+    from checkpoints_tools.progress import bytes_on_disk, counting
+    from checkpoints_tools.staging import Arena
+    from megatron_opd.models.hf.manifest import write_manifest
+    from megatron_opd.models.hf.megatron_io import (
         block_region,
         init_single_process,
         model_slots,
         model_structure,
+        naming_corruption,
         open_megatron,
         read_regions,
         resolve_keys,
@@ -95,11 +98,12 @@ def reshard(
         stored_tensors,
         write_checkpoint,
     )
-    from checkpoints_tools.progress import bytes_on_disk, counting
-    from checkpoints_tools.staging import Arena
+    from megatron_opd.models.hf.output import claim_output
     from megatron_opd.runtime.checkpoint import checkpoint_step, step_dir
 
     model = open_megatron(input_path, model_config)
+    output = claim_output(output_dir, [input_path, *model.read_paths], overwrite)
+    model.check_manifest()
     cfg = model.cfg
     target_layout(cfg, tp, pp, ep)
     init_single_process()
@@ -110,49 +114,49 @@ def reshard(
         name: dataclasses.replace(slot, dtype=source[name].dtype) for name, slot in target.slots.items()
     }
 
-    out = Path(output_dir)
-    _check_output_dir(out, overwrite)
-    common = dict(dist_checkpointing.load_common_state_dict(str(model.step_dir)).get("common") or {})
+    with naming_corruption(model.step_dir):
+        common = dict(dist_checkpointing.load_common_state_dict(str(model.step_dir)).get("common") or {})
     common.pop("layout", None)
     common.pop("step", None)
     common["resharded_from"] = str(model.step_dir.resolve())
     step = checkpoint_step(model.step_dir)
-    with Arena(
-        out / ".staging", Arena.bytes_for((dst.shape, dst.dtype) for dst in target_slots.values())
-    ) as arena:
-        dests = {name: arena.zeros(dst.shape, dst.dtype) for name, dst in target_slots.items()}
-        # Vocabulary rows past vocab_size are padding: kept while they fit, zero when new.
-        readable = {
-            name: dataclasses.replace(
-                source[name], shape=(min(source[name].shape[0], dst.shape[0]), *dst.shape[1:])
-            )
-            for name, dst in target_slots.items()
-        }
-        batches = row_batches(readable, READ_BATCH_BYTES)
-        with counting(progress, "reading tensors", sum(map(len, batches))) as advance:
-            for batch in batches:
-                read_regions(
-                    model.step_dir,
-                    [block_region(source[n], r, dests[n][r : r + rows]) for n, r, rows in batch],
+    with output.writing() as out:
+        with Arena(
+            out / ".staging", Arena.bytes_for((dst.shape, dst.dtype) for dst in target_slots.values())
+        ) as arena:
+            dests = {name: arena.zeros(dst.shape, dst.dtype) for name, dst in target_slots.items()}
+            # Vocabulary rows past vocab_size are padding: kept while they fit, zero when new.
+            readable = {
+                name: dataclasses.replace(
+                    source[name], shape=(min(source[name].shape[0], dst.shape[0]), *dst.shape[1:])
                 )
-                advance(len(batch))
-        sharded = [t for name, dst in target_slots.items() for t in sharded_pieces(dst, [dests[name]])]
-        total = sum(dst.nbytes for dst in target_slots.values())
-        root = out / "checkpoints"
-        with bytes_on_disk(progress, "writing megatron checkpoint", step_dir(root, step), total):
-            path = write_checkpoint(root, step, sharded, target.objects, common=common)
-    del sharded
-    copy_model_files(model.model_dir, out)
-    if model.model_dir is None:
-        from checkpoints_tools.megatron_io import write_model_yaml
+                for name, dst in target_slots.items()
+            }
+            batches = row_batches(readable, READ_BATCH_BYTES)
+            with counting(progress, "reading tensors", sum(map(len, batches))) as advance:
+                for batch in batches:
+                    read_regions(
+                        model.step_dir,
+                        [block_region(source[n], r, dests[n][r : r + rows]) for n, r, rows in batch],
+                    )
+                    advance(len(batch))
+            sharded = [t for name, dst in target_slots.items() for t in sharded_pieces(dst, [dests[name]])]
+            total = sum(dst.nbytes for dst in target_slots.values())
+            root = out / "checkpoints"
+            with bytes_on_disk(progress, "writing megatron checkpoint", step_dir(root, step), total):
+                write_checkpoint(root, step, sharded, target.objects, common=common)
+        del sharded
+        copy_model_files(model.model_dir, out)
+        if model.model_dir is None:
+            from megatron_opd.models.hf.megatron_io import write_model_yaml
 
-        write_model_yaml(out, cfg)
-    write_manifest(
-        out,
-        "checkpoints_tools.reshard",
-        {"input": str(model.step_dir.resolve()), "layout": {"tp": tp, "pp": pp, "ep": ep}, "naming": naming},
-    )
-    return path
+            write_model_yaml(out, cfg)
+        write_manifest(
+            out,
+            "checkpoints_tools.reshard",
+            {"input": str(model.step_dir.resolve()), "layout": {"tp": tp, "pp": pp, "ep": ep}, "naming": naming},
+        )
+    return step_dir(output.path / "checkpoints", step)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if status == 0 and args.verify:
         from checkpoints_tools.verify import verify_in_world
 
-        from checkpoints_tools.megatron_io import open_megatron
+        from megatron_opd.models.hf.megatron_io import open_megatron
 
         layout = target_layout(open_megatron(args.output).cfg, args.tp, args.pp, args.ep)
         world = args.tp * args.pp * args.ep

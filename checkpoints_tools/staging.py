@@ -5,8 +5,9 @@ writer clones every CPU tensor whose storage is larger than the tensor ("a view"
 tensor we give it must (a) own its storage and (b) not live in anonymous memory if the model
 is to exceed RAM. Both hold for tensors made with `torch.frombuffer` over an `mmap`:
 
-- `mapped_tensor` reads a byte range of an existing file (a safetensors shard) with a private,
-  copy-on-write mapping: pages are read on demand and are clean, so the kernel can drop them.
+- `mapped_tensor` (megatron_opd.models.hf.hf_dir) reads a byte range of an existing file (a
+  safetensors shard) with a private, copy-on-write mapping: pages are read on demand and are
+  clean, so the kernel can drop them.
 - `Arena` is a scratch file in the output directory for tensors that must be computed (a
   re-padded vocabulary, a dtype cast, a merged weight): a shared mapping whose dirty pages the
   kernel writes back to the file under memory pressure instead of keeping them resident.
@@ -23,19 +24,13 @@ from pathlib import Path
 
 import torch
 
+from megatron_opd.models.hf.hf_dir import mapped_tensor
+
 _ALIGN = 64
 
 
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def mapped_tensor(mm: mmap.mmap, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A tensor over bytes [offset, offset + numel * itemsize) of a mapping; it owns that storage."""
-    numel = math.prod(shape)
-    if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(mm, dtype=dtype, count=numel, offset=offset).view(shape)
 
 
 class Arena:

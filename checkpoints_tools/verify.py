@@ -15,8 +15,8 @@ def load_and_forward(path: str, layout: dict, tokens: list[list[int]], seed: int
     """Worker: returns (logits [b, s, vocab_size] float32 on rank 0 else None, the layout it ran)."""
     import torch
 
-    from checkpoints_tools.megatron_io import open_megatron
     from megatron_opd.models.gpt import build_gpt_model
+    from megatron_opd.models.hf.megatron_io import open_megatron
     from megatron_opd.runtime.checkpoint import load_checkpoint
     from megatron_opd.runtime.distributed import init_runtime
     from megatron_opd.runtime.layout import ParallelLayout

@@ -56,12 +56,6 @@ def _expert_dir(cfg: JobConfig, name: str) -> Path:
 
 def sft_jobs(cfg: JobConfig) -> tuple[dict[str, JobConfig], JobConfig | None]:
     """The SFT jobs the distillation needs: one per expert, and the student's warm start (or None)."""
-    unknown = set(cfg.pipeline.expert_overrides_by_teacher) - set(cfg.teachers)
-    if unknown:
-        raise ValueError(
-            f"pipeline.expert_overrides_by_teacher names {sorted(unknown)}, which are not teachers "
-            f"(teachers: {sorted(cfg.teachers)})"
-        )
     sft = {"stage": "sft", "teachers": {}, "train.init_from": ""}
     experts = {}
     for name in sorted(cfg.teachers):
@@ -292,6 +286,8 @@ def run_command(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.stage != "opd":
         raise SystemExit(f"megatron-opd run expects a distillation config (stage: opd), {args.config} has stage={cfg.stage!r}")
+    # Before anything starts; this pipeline trains the experts and starts their servers itself.
+    cfg.check(cfg.run.nproc, by_pipeline=True)
     from megatron_opd.stages.launch import EXIT_STOPPED_EARLY
 
     with forward_stop_signals():

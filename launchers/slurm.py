@@ -3,10 +3,12 @@
     python -m launchers.slurm CONFIG [key=value ...] [--dry-run]
 
 CONFIG is a job YAML with a `cluster:` section (`megatron_opd.runtime.cluster.ClusterConfig`).
-`check` validates the combination (node counts, the trainer's parallel layout against its GPUs,
-every teacher has servers, ...) before anything is written or submitted; `render` turns it into
-a readable bash script with one section per role; `submit` writes the script and a snapshot of
-the job config next to the logs and calls `sbatch --parsable`. `--dry-run` prints the script.
+`check` runs the job's own `JobConfig.problems()` on the trainer's world (layout, batch,
+teachers, stage keys) and then the cluster's (node counts, ranks against GPUs, every teacher has
+servers, ...) before anything is written or submitted; `render` turns it into a readable bash
+script with one section per role, the shell functions inlined from launchers/slurm_runtime.sh;
+`submit` writes the script and a snapshot of the job config next to the logs and calls
+`sbatch --parsable`. `--dry-run` prints the script. Torch-free: it runs on a login node.
 
 What the rendered script does, in order (docs/launching.md has the full walk-through):
   1. node groups: which hosts each role owns (split layout: slices of SLURM_JOB_NODELIST;
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.resources
 import os
 import re
 import shlex
@@ -32,9 +35,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-
+from megatron_opd.config import ConfigError, JobConfig, dump_config, load_config
 from megatron_opd.runtime.cluster import ClusterConfig, ServerPoolConfig
 
 # Exit status of the batch script when the trainer stopped early and no requeue is left
@@ -44,7 +46,7 @@ EXIT_STOPPED = 75
 _FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 
-class ClusterConfigError(ValueError):
+class ClusterConfigError(ConfigError):
     """The job cannot run as configured on the cluster; the message lists every problem and its fix."""
 
 
@@ -52,10 +54,8 @@ class ClusterConfigError(ValueError):
 # Loading
 
 
-def load_job(path: str | os.PathLike, overrides: list[str] = ()) -> tuple[Any, ClusterConfig]:
+def load_job(path: str | os.PathLike, overrides: list[str] = ()) -> tuple[JobConfig, ClusterConfig]:
     """The job config and its cluster section from one YAML file plus dotted overrides."""
-    from megatron_opd.config import load_config
-
     job = load_config(path, overrides)
     return job, job.cluster
 
@@ -117,7 +117,7 @@ class Pool:
 
 @dataclass
 class JobPlan:
-    job: Any  # JobConfig
+    job: JobConfig
     cluster: ClusterConfig
     snapshot: Path  # the job config the trainer reads (written at submission)
     log_dir: Path
@@ -257,7 +257,9 @@ def _server_argv(cfg: ServerPoolConfig, cluster: ClusterConfig, server: Server, 
         if cfg.context_length:
             argv += ["--context-length", str(cfg.context_length)]
     argv += ["--host", "0.0.0.0", "--port", str(server.port)]
-    if cluster.api_key_env:
+    if cluster.api_key_env and cfg.backend == "embedded":
+        argv += ["--api-key-env", cluster.api_key_env]  # read in the server: the key stays out of ps
+    elif cluster.api_key_env:  # stock SGLang takes the key itself
         argv += ["--api-key", f"${cluster.api_key_env}"]
     return argv + list(cfg.extra_args)
 
@@ -288,9 +290,14 @@ def _seconds(time_limit: str) -> int:
 
 
 def check(p: JobPlan) -> None:
-    """Raise `ClusterConfigError` listing every problem of the plan; nothing is submitted then."""
+    """Raise `ClusterConfigError` listing every problem of the plan; nothing is submitted then.
+
+    The job's own checks (`JobConfig.problems`: layout against the trainer's ranks, batch,
+    teachers, stage keys) come first; then what only the cluster section can get wrong.
+    """
     job, c = p.job, p.cluster
-    errors: list[str] = []
+    # The batch script starts the servers and passes their URLs to the trainer as overrides.
+    errors: list[str] = job.problems(p.world_size, endpoints_from_launcher=True)
 
     # -- node counts ----------------------------------------------------------------------------
     if c.trainer.nodes < 1:
@@ -311,23 +318,6 @@ def check(p: JobPlan) -> None:
             f"cluster.trainer.procs_per_node={p.procs_per_node} exceeds cluster.gpus_per_node={c.gpus_per_node}; "
             f"one rank per GPU at most"
         )
-    world = p.world_size
-    from megatron_opd.runtime.layout import LayoutError
-
-    try:
-        layout = job.parallel.resolve(world)
-    except LayoutError as e:
-        errors.append(
-            f"the parallel layout does not fit the trainer's {world} ranks "
-            f"({c.trainer.nodes} nodes x {p.procs_per_node}): {e}"
-        )
-    else:
-        per_step = layout.dp * job.train.micro_batch_size
-        if job.train.global_batch_size % per_step:
-            errors.append(
-                f"train.global_batch_size={job.train.global_batch_size} is not divisible by dp * "
-                f"train.micro_batch_size = {layout.dp} * {job.train.micro_batch_size} on {world} ranks"
-            )
 
     # -- teachers: every one has servers, every pool belongs to a teacher ---------------------
     for name in sorted(job.teachers):
@@ -343,17 +333,15 @@ def check(p: JobPlan) -> None:
                 f"teacher {name!r} has both teachers.{name}.endpoints {teacher.endpoints} and servers in "
                 f"cluster.teachers.{name}; keep one"
             )
-        if teacher.signal == "hidden" and not teacher.model_dir:
+        if teacher.signal == "logits" and pool is not None and pool.backend == "sglang":
             errors.append(
-                f"teachers.{name}.signal is 'hidden' but teachers.{name}.model_dir is empty: the trainer "
-                f"needs the teacher's output layer from it"
+                f"teachers.{name}.signal is 'logits', which only our embedded server sends; set "
+                f"cluster.teachers.{name}.backend=embedded or use signal hidden, topk or sampled"
             )
     for name in sorted(set(c.teachers) - set(job.teachers)):
         close = difflib.get_close_matches(name, list(job.teachers), n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"the job's teachers are {sorted(job.teachers)}"
         errors.append(f"cluster.teachers.{name} starts servers for a teacher the job does not have; {hint}")
-    if job.stage == "opd" and not job.teachers:
-        errors.append("stage opd needs teachers: the teachers: section of the job is empty")
 
     # -- rollout --------------------------------------------------------------------------------
     if c.rollout.replicas > 0 and job.rollout.engine != "sglang":
@@ -518,105 +506,14 @@ def _task_words(argv: list[str]) -> list[str]:
     return ["bash", "-c", '"exec ' + " ".join(inner) + '"']
 
 
-_HELPERS = r"""
-log() { echo "[$(date +%H:%M:%S)] $*"; }
+# The batch script's functions (log, slice_hosts, wait_healthy, supervise, cleanup, on_stop,
+# requeue_or_exit, not_ready) live in a real shell file, inlined into every rendered script.
+RUNTIME_SH = "slurm_runtime.sh"
 
-# slice_hosts HOSTLIST START COUNT: COUNT host names of a SLURM host list from START, comma-separated.
-slice_hosts() {
-    local -a hosts
-    mapfile -t hosts < <(scontrol show hostnames "$1")
-    local IFS=,
-    echo "${hosts[*]:$2:$3}"
-}
 
-# wait_healthy PATH URL...: poll URL/PATH until every URL answers 200, or give up after
-# HEALTH_TIMEOUT seconds (then the job fails before any training step).
-wait_healthy() {
-    local path=$1 url
-    shift
-    local deadline=$((SECONDS + HEALTH_TIMEOUT))
-    for url in "$@"; do
-        until curl -sf -o /dev/null --max-time 5 ${AUTH_HEADER:+-H "$AUTH_HEADER"} "$url$path"; do
-            if ((SECONDS > deadline)); then
-                log "$url$path did not answer within ${HEALTH_TIMEOUT}s; see the server logs in $LOGS"
-                return 1
-            fi
-            if [[ -n ${STOP_REQUESTED:-} ]]; then return 1; fi
-            sleep 2
-        done
-        log "ready: $url$path"
-    done
-}
-
-# supervise NAME MAX_RESTARTS DELAY COMMAND...: run a server step; when it exits, start it again
-# after DELAY seconds (a dead replica comes back; meanwhile clients and routers send its requests
-# to the other replicas). SIGTERM stops the supervisor and its step (cleanup, when the script ends).
-SUPERVISORS=()
-supervise() {
-    local name=$1 max=$2 delay=$3 restarts=0 rc child=""
-    shift 3
-    trap '' USR1  # the warning signal is for the trainer, not for servers
-    trap 'if [[ -n $child ]]; then kill -TERM "$child" 2>/dev/null; wait "$child"; fi; exit 0' TERM
-    while true; do
-        "$@" &
-        child=$!
-        wait "$child"
-        rc=$?
-        child=""
-        if ((restarts >= max)); then
-            log "$name exited with status $rc after $restarts restarts; giving up on it"
-            return "$rc"
-        fi
-        restarts=$((restarts + 1))
-        log "$name exited with status $rc; restart $restarts of $max in $delay s"
-        sleep "$delay"
-    done
-}
-
-# On exit (or requeue) stop the servers first, so that no supervisor restarts one meanwhile.
-cleanup() {
-    if ((${#SUPERVISORS[@]})); then
-        kill -TERM "${SUPERVISORS[@]}" 2>/dev/null
-        wait "${SUPERVISORS[@]}" 2>/dev/null
-    fi
-}
-trap cleanup EXIT
-
-# A stop signal (SLURM's warning signal USR1, or TERM) is passed on to the trainer step, whose
-# ranks save a checkpoint and stop; before the trainer runs, it just ends the job (requeued below).
-STOP_REQUESTED=""
-TRAINER_PID=""
-on_stop() {
-    STOP_REQUESTED=$1
-    log "received SIG$1"
-    if [[ -n $TRAINER_PID ]]; then
-        log "asking the trainer to save a checkpoint and stop"
-        kill -USR1 "$TRAINER_PID" 2>/dev/null || true
-    fi
-}
-trap 'on_stop USR1' USR1
-trap 'on_stop TERM' TERM
-
-requeue_or_exit() {
-    if [[ $REQUEUE == 1 ]] && ((ATTEMPT < MAX_REQUEUES)); then
-        log "requeueing job $SLURM_JOB_ID (requeue $((ATTEMPT + 1)) of at most $MAX_REQUEUES); it resumes from the newest complete checkpoint"
-        cleanup
-        if scontrol requeue "$SLURM_JOB_ID"; then
-            exit 0  # SLURM ends this attempt and starts the script again
-        fi
-        log "scontrol requeue failed"
-    fi
-    log "stopped early and not requeued: resubmit the same script to resume"
-    exit "$EXIT_STOPPED"
-}
-
-# A server or router did not come up: fail before training (or requeue if we were told to stop).
-not_ready() {
-    if [[ -n $STOP_REQUESTED ]]; then requeue_or_exit; fi
-    log "not every server is ready; the job fails before any training step"
-    exit 1
-}
-""".strip("\n")
+def runtime_bash() -> str:
+    """The text of launchers/slurm_runtime.sh (package data, found in an installed package too)."""
+    return importlib.resources.files("launchers").joinpath(RUNTIME_SH).read_text()
 
 
 def render(p: JobPlan) -> str:
@@ -628,8 +525,8 @@ def render(p: JobPlan) -> str:
     out.append("")
     out.append("set -uo pipefail")
     out.append("")
-    out.append("# -- helpers " + "-" * 84)
-    out.append(_HELPERS)
+    out.append(f"# -- helpers: launchers/{RUNTIME_SH} " + "-" * 66)
+    out.append(runtime_bash().rstrip("\n"))
     out.append("")
     out.append("# -- environment " + "-" * 80)
     out += list(c.setup)
@@ -821,10 +718,10 @@ def _trainer_command(p: JobPlan) -> list[list[str]]:
             continue
         name = pool.key.removeprefix("cluster.teachers.")
         overrides.append(f"teachers.{name}.endpoints=[{','.join(pool.endpoints)}]")
-        if c.api_key_env:
-            overrides.append(f"teachers.{name}.api_key='${c.api_key_env}'")
+        if c.api_key_env:  # the variable's name: the key stays in the environment, out of every file
+            overrides.append(f"teachers.{name}.api_key_env={c.api_key_env}")
     if c.api_key_env and any(pool.key == "cluster.rollout" for pool in p.pools):
-        overrides.append(f"rollout.api_key='${c.api_key_env}'")
+        overrides.append(f"rollout.api_key_env={c.api_key_env}")
     words = lambda argv: [_word(a) for a in argv]  # noqa: E731
     parts = [_env_prefix({**env, **t.env}), words(launcher + list(t.launcher_args))]
     parts.append(words(["-m", "megatron_opd.cli", "train", "$JOB_CONFIG"]))
@@ -881,8 +778,6 @@ def prepare(config: str | os.PathLike, overrides: list[str] = (), *, workdir: st
 
 def submit(p: JobPlan, *, sbatch: str = "sbatch", extra_args: list[str] = ()) -> Submission:
     """Write the script and job snapshot under the log dir, `sbatch --parsable` it; return the job id."""
-    from megatron_opd.config import dump_config
-
     check(p)  # never submit an unchecked plan
     p.log_dir.mkdir(parents=True, exist_ok=True)
     dump_config(p.job, p.snapshot)
@@ -905,12 +800,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def submit_command(args) -> int:
-    """`megatron-opd submit CONFIG [overrides] [--dry-run]`."""
-    try:
-        p = prepare(args.config, args.overrides)
-    except ClusterConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """`megatron-opd submit CONFIG [overrides] [--dry-run]`; a `ConfigError` means nothing was submitted."""
+    p = prepare(args.config, args.overrides)
     if args.dry_run:
         sys.stdout.write(render(p))
         return 0
@@ -923,7 +814,11 @@ def submit_command(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launchers.slurm", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    return submit_command(parser.parse_args(argv))
+    try:
+        return submit_command(parser.parse_args(argv))
+    except ConfigError as e:  # as `megatron-opd submit` does: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

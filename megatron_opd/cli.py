@@ -1,8 +1,13 @@
 """The `megatron-opd` command: run the pipeline, train a stage, serve a teacher, benchmarks.
 
 Every subcommand's arguments are declared here, in one place; the code that runs it is imported
-only when it runs (`module:function`, called with the parsed arguments), so `--help` is fast
-and a CPU machine never imports GPU-only code.
+only when it runs (`module:function`, called with the parsed arguments), and only the chosen
+subcommand's arguments are built, so `--help` is fast, a CPU machine never imports GPU-only
+code, and `submit` on a login node imports neither torch nor megatron.
+
+A config error (`ConfigError`: a bad key or value, a YAML syntax error, a failed
+`JobConfig.check()`) is printed as one line, `error: ...`, and the command exits 2 without a
+traceback; `train`, `run` and `submit` check the whole config before anything starts.
 """
 
 from __future__ import annotations
@@ -12,6 +17,12 @@ import importlib
 import sys
 import warnings
 from typing import Callable
+
+from megatron_opd.config import ConfigError
+from megatron_opd.config.stages import implemented as implemented_stages
+
+# Exit status of a command refused for its config (argparse's status for bad arguments).
+EXIT_CONFIG_ERROR = 2
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -65,7 +76,7 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]]
         "launchers.slurm:submit_command",
     ),
     "train": (
-        "train one stage (stage: sft | opd) from a config",
+        f"train one stage (stage: {' | '.join(implemented_stages())}) from a config",
         _config_args,
         "megatron_opd.stages.launch:train_command",
     ),
@@ -106,7 +117,8 @@ def _quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=f".*{pattern}.*")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s arguments are declared (None: every subcommand's)."""
     parser = argparse.ArgumentParser(
         prog="megatron-opd",
         description="Multi-teacher on-policy distillation and expert post-training on megatron-core.",
@@ -114,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_arguments, target) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments(p)
+        if command is None or command == name:
+            add_arguments(p)
         p.set_defaults(_target=target)
     return parser
 
@@ -124,9 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in _CHECKPOINT_TOOLS:  # the tool parses its own flags, --help included
         return int(importlib.import_module(f"checkpoints_tools.{argv[0]}").main(argv[1:]) or 0)
-    args = build_parser().parse_args(argv)
+    # The first word that names a subcommand (options before it are the top level's own).
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(command if command in _COMMANDS else "").parse_args(argv)
     module, _, function = args._target.partition(":")
-    return int(getattr(importlib.import_module(module), function)(args) or 0)
+    try:
+        return int(getattr(importlib.import_module(module), function)(args) or 0)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def _world(root: str) -> dict:
 
     warnings.filterwarnings("ignore")
     from checkpoints_tools.convert import hf_to_megatron
-    from checkpoints_tools.manifest import verify_manifest
+    from megatron_opd.models.hf.manifest import verify_manifest
     from checkpoints_tools.merge import main as merge_main
     from checkpoints_tools.verify import load_and_forward
 
@@ -84,7 +84,7 @@ def _world(root: str) -> dict:
             root / "bad2",
         ),
     }
-    from checkpoints_tools.errors import CheckpointToolError
+    from megatron_opd.models.hf.errors import CheckpointError
     from checkpoints_tools.merge import merge
 
     # Refused over an existing output with overwrite: the old output must survive.
@@ -92,7 +92,7 @@ def _world(root: str) -> dict:
     try:
         merge("uniform", [root / "a_mg", root / "other_mg"], root / "uniform_mg", overwrite=True)
         mismatch_message = "no error"
-    except CheckpointToolError as e:
+    except CheckpointError as e:
         mismatch_message = str(e)
     kept = before == sorted(p.relative_to(root) for p in (root / "uniform_mg").rglob("*"))
     tensors = {name: _all_tensors(root / f"{name}_mg") for name in ("base", "a", "b", "uniform", "task")}

@@ -144,8 +144,8 @@ def _round_trip(arch: str, root: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from checkpoints_tools.convert import hf_to_megatron
-    from checkpoints_tools.export import megatron_to_hf
-    from checkpoints_tools.manifest import verify_manifest
+    from megatron_opd.models.hf.export import megatron_to_hf
+    from megatron_opd.models.hf.manifest import verify_manifest
     from checkpoints_tools.verify import load_and_forward
 
     hf = tiny_hf_model(arch)
@@ -156,12 +156,12 @@ def _round_trip(arch: str, root: Path) -> dict:
     hf_to_megatron(root / "hf", root / "mg", progress=False)
     logits, _ = load_and_forward(str(root / "mg"), {}, TOKENS)
     reference = hf_logits(hf, TOKENS)
-    megatron_to_hf(root / "mg", root / "back", max_shard_bytes=50_000, progress=False)
+    megatron_to_hf(root / "mg", root / "back", max_shard_bytes=50_000)
     a, b = read_safetensors_dir(root / "hf"), read_safetensors_dir(root / "back")
     reloaded = AutoModelForCausalLM.from_pretrained(root / "back", attn_implementation="eager").eval()
     rope = {}
     if arch == "llama":  # short test sequences barely feel RoPE scaling: compare the frequencies themselves
-        from checkpoints_tools.megatron_io import open_megatron
+        from megatron_opd.models.hf.megatron_io import open_megatron
         from megatron_opd.models.gpt import build_gpt_model
         from megatron_opd.runtime.layout import ParallelLayout
 
@@ -194,7 +194,7 @@ def _student_export(root: Path, cfg_kwargs: dict) -> dict:
     """A model of ours (megatron init, char tokenizer, no HF origin) exported and reloaded by transformers."""
     from transformers import AutoModelForCausalLM
 
-    from checkpoints_tools.export import megatron_to_hf
+    from megatron_opd.models.hf.export import megatron_to_hf
     from checkpoints_tools.verify import load_and_forward
     from megatron_opd.data.tokenizer import CharTokenizer
     from megatron_opd.models.config import ModelConfig
@@ -216,7 +216,7 @@ def _student_export(root: Path, cfg_kwargs: dict) -> dict:
     save_checkpoint(root / "student" / "checkpoints", 5, [net])
     ids = [tok.encode("12+34=46"), tok.encode("abc|cba;")]
     logits, _ = load_and_forward(str(root / "student"), {}, ids)
-    megatron_to_hf(root / "student", root / "student_hf", progress=False)
+    megatron_to_hf(root / "student", root / "student_hf")
     reloaded = AutoModelForCausalLM.from_pretrained(root / "student_hf", attn_implementation="eager").eval()
     config = json.loads((root / "student_hf" / "config.json").read_text())
     return {
@@ -231,9 +231,9 @@ def _errors(root: Path) -> dict:
     from safetensors.torch import save_file
 
     from checkpoints_tools.convert import hf_to_megatron
-    from checkpoints_tools.errors import CheckpointToolError
-    from checkpoints_tools.export import megatron_to_hf
-    from checkpoints_tools.megatron_io import write_model_yaml, read_model_yaml
+    from megatron_opd.models.hf.errors import CheckpointError
+    from megatron_opd.models.hf.export import megatron_to_hf
+    from megatron_opd.models.hf.megatron_io import write_model_yaml, read_model_yaml
 
     tiny_hf_model("qwen2").save_pretrained(root / "ok")
     tensors = read_safetensors_dir(root / "ok")
@@ -247,7 +247,7 @@ def _errors(root: Path) -> dict:
         save_file(t, str(d / "model.safetensors"))
         try:
             hf_to_megatron(d, root / f"{name}_out", progress=False)
-        except CheckpointToolError as e:
+        except CheckpointError as e:
             return f"{type(e).__name__}: {e}"
         return "no error"
 
@@ -266,10 +266,11 @@ def _errors(root: Path) -> dict:
     write_model_yaml(
         root / "ok_mg", dataclasses.replace(read_model_yaml(root / "ok_mg" / "model.yaml"), qk_layernorm=True)
     )
+    (root / "ok_mg" / "manifest.json").unlink()  # else the manifest refuses the edited model.yaml first
     try:
-        megatron_to_hf(root / "ok_mg", root / "ok_back", progress=False)
+        megatron_to_hf(root / "ok_mg", root / "ok_back")
         messages["yaml"] = "no error"
-    except CheckpointToolError as e:
+    except CheckpointError as e:
         messages["yaml"] = f"{type(e).__name__}: {e}"
     return messages
 
@@ -278,7 +279,7 @@ def _dtype_and_cli(root: Path) -> dict:
     """The CLI entry point end to end, casting to bf16 on import and back to fp32 on export."""
     from checkpoints_tools.convert import main as convert_main
     from checkpoints_tools.crosscheck import compare_model_with_checkpoint
-    from checkpoints_tools.megatron_io import open_megatron
+    from megatron_opd.models.hf.megatron_io import open_megatron
     from megatron_opd.models.gpt import build_gpt_model
     from megatron_opd.runtime.checkpoint import load_checkpoint
     from megatron_opd.runtime.distributed import init_runtime
@@ -374,9 +375,9 @@ def _memory(root: Path) -> dict:
     from safetensors.torch import save_file
 
     from checkpoints_tools.convert import hf_to_megatron
-    from checkpoints_tools.export import megatron_to_hf
-    from checkpoints_tools.megatron_io import model_slots
-    from checkpoints_tools.architectures import get_architecture, model_config_from_hf
+    from megatron_opd.models.hf.export import megatron_to_hf
+    from megatron_opd.models.hf.megatron_io import model_slots
+    from megatron_opd.models.hf.architectures import get_architecture, model_config_from_hf
 
     hidden, ffn, layers = 512, 2048, 16
     config = LlamaConfig(
@@ -426,7 +427,7 @@ def _memory(root: Path) -> dict:
     model_slots(model_config_from_hf(get_architecture("llama"), config.to_dict()))  # warm megatron's imports
     to_megatron = _peak_anon_growth(lambda: hf_to_megatron(d, root / "big_mg", progress=False))
     to_hf = _peak_anon_growth(
-        lambda: megatron_to_hf(root / "big_mg", root / "big_back", max_shard_bytes=8_000_000, progress=False)
+        lambda: megatron_to_hf(root / "big_mg", root / "big_back", max_shard_bytes=8_000_000)
     )
     a, b = read_safetensors_dir(d), read_safetensors_dir(root / "big_back")
     return {

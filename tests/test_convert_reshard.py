@@ -26,7 +26,7 @@ from test_convert_models import TOKENS, hf_logits, tiny_hf_model
 
 
 def _all_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from checkpoints_tools.megatron_io import (
+    from megatron_opd.models.hf.megatron_io import (
         model_slots,
         open_megatron,
         read_slot,
@@ -44,8 +44,8 @@ def _prepare(root: str) -> dict:
 
     warnings.filterwarnings("ignore")
     from checkpoints_tools.convert import hf_to_megatron
-    from checkpoints_tools.errors import CheckpointToolError
-    from checkpoints_tools.megatron_io import stored_tensors
+    from megatron_opd.models.hf.errors import CheckpointError
+    from megatron_opd.models.hf.megatron_io import stored_tensors
     from checkpoints_tools.reshard import reshard
 
     root = Path(root)
@@ -77,7 +77,7 @@ def _prepare(root: str) -> dict:
     try:
         reshard(root / "qwen3" / "tp1", root / "qwen3" / "tp3", tp=3, progress=False)
         out["tp3"] = "no error"
-    except CheckpointToolError as e:
+    except CheckpointError as e:
         out["tp3"] = str(e)
     return out
 

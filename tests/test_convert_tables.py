@@ -1,4 +1,5 @@
-"""checkpoints_tools without megatron running: name tables, row layouts, config translation, file errors.
+"""HF <-> megatron conversion (megatron_opd.models.hf) without megatron running: name tables, row
+layouts, config translation, file errors.
 
 No process group is started here; everything that builds a megatron model runs in spawned worlds
 (test_convert_models.py, test_convert_reshard.py, test_convert_merge.py).
@@ -17,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints_tools.architectures import (
+from checkpoints_tools.staging import Arena
+from megatron_opd.models.config import ModelConfig
+from megatron_opd.models.hf.architectures import (
     ARCHITECTURES,
     architecture_of_hf_config,
     get_architecture,
@@ -25,12 +28,10 @@ from checkpoints_tools.architectures import (
     infer_architecture,
     model_config_from_hf,
 )
-from checkpoints_tools.errors import CorruptCheckpoint, UnknownArchitecture, UnsupportedConfig
-from checkpoints_tools.hf_io import HFCheckpoint
-from checkpoints_tools.mapping import LAYOUTS, _pattern
-from checkpoints_tools.megatron_io import Slot, te_key
-from checkpoints_tools.staging import Arena
-from megatron_opd.models.config import ModelConfig
+from megatron_opd.models.hf.errors import CorruptCheckpoint, UnknownArchitecture, UnsupportedConfig
+from megatron_opd.models.hf.hf_dir import HFCheckpoint
+from megatron_opd.models.hf.mapping import LAYOUTS, _pattern
+from megatron_opd.models.hf.megatron_io import Slot, te_key
 
 ROOT = Path(__file__).resolve().parents[1]
 

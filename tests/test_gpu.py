@@ -108,7 +108,7 @@ def _hf_vs_megatron_on_cuda(arch: str, root: str) -> dict:
     import torch.distributed as dist
 
     from checkpoints_tools.convert import hf_to_megatron
-    from checkpoints_tools.megatron_io import open_megatron
+    from megatron_opd.models.hf.megatron_io import open_megatron
     from checkpoints_tools.verify import load_and_forward
     from megatron_opd.models.gpt import build_gpt_model
     from megatron_opd.runtime.checkpoint import load_checkpoint

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 
+from megatron_opd.config import ConfigError
 from megatron_opd.runtime.cluster import ClusterConfig
-from launchers.slurm import ClusterConfigError, check, load_job, plan, prepare, render, submit
+from launchers.slurm import RUNTIME_SH, ClusterConfigError, check, load_job, plan, prepare, render, submit
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "configs/cluster/opd-4node.yaml"
@@ -40,11 +43,50 @@ def _srun_blocks(script: str) -> dict[str, str]:
     return blocks
 
 
+SHELLCHECK = shutil.which("shellcheck")
+
+
+def _shell_ok(path: Path, *shellcheck_args: str) -> None:
+    """`bash -n`, and shellcheck where it is installed (every severity, style included)."""
+    result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    if SHELLCHECK:
+        result = subprocess.run([SHELLCHECK, *shellcheck_args, str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 def _bash_syntax_ok(script: str, tmp_path: Path) -> None:
     path = tmp_path / "job.sh"
     path.write_text(script)
-    result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    # SC2317 ("unreachable"): the runtime's functions run from traps, and a job without servers
+    # never calls wait_healthy.
+    _shell_ok(path, "--exclude=SC2317")
+
+
+def test_runtime_is_a_checked_shell_file_inlined_into_the_script(tmp_path):
+    runtime = REPO / "launchers" / RUNTIME_SH
+    _shell_ok(runtime)
+    _, script = _render()
+    assert runtime.read_text().rstrip("\n") in script  # inlined verbatim: compute nodes need no source tree
+    # Inlined after `set -uo pipefail` and before the environment that its functions read.
+    assert script.index("set -uo pipefail") < script.index("supervise() {") < script.index("HEALTH_TIMEOUT=")
+
+
+def test_built_package_carries_the_runtime(tmp_path):
+    """An installed package renders scripts too: the .sh is package data of the wheel."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for package in ("megatron_opd", "launchers", "checkpoints_tools"):
+        shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert f"launchers/{RUNTIME_SH}" in z.namelist()
+        assert z.read(f"launchers/{RUNTIME_SH}") == (REPO / "launchers" / RUNTIME_SH).read_bytes()
 
 
 def test_four_node_dry_run_trainer_and_two_teachers(tmp_path):
@@ -76,7 +118,8 @@ def test_four_node_dry_run_trainer_and_two_teachers(tmp_path):
     # The trainer reaches each teacher through that teacher's router.
     assert '"teachers.code.endpoints=[http://${ROUTER_CODE_NODES%%,*}:30001]"' in trainer
     assert '"teachers.math.endpoints=[http://${ROUTER_MATH_NODES%%,*}:30003]"' in trainer
-    assert "\"teachers.math.api_key='$OPD_TEACHER_KEY'\"" in trainer
+    # The trainer gets the key's variable name, not its value: no key in its argv or its config.yaml.
+    assert "teachers.math.api_key_env=OPD_TEACHER_KEY" in trainer and "$OPD_TEACHER_KEY" not in trainer
 
     math, code = blocks["teacher-math-0"], blocks["teacher-code-0"]
     for server, port, ep in ((math, 30002, 1), (code, 30000, 8)):
@@ -184,7 +227,9 @@ def _write(tmp_path: Path, overrides: dict) -> Path:
     "changes, message",
     [
         ({"cluster.nodes": 3}, r"cluster\.nodes=3 does not match the roles: trainer 2 \+ teachers\.code 1x1 \+ teachers\.math 1x1 nodes.*: 4"),
-        ({"parallel.tp": 3}, r"the parallel layout does not fit the trainer's 16 ranks \(2 nodes x 8\).*not divisible by tp\*pp\*cp"),
+        ({"parallel.tp": 3}, r"world size 16 is not divisible by tp\*pp\*cp = 3\*1\*1 = 3"),
+        ({"train.global_batch_size": 100}, r"train\.global_batch_size=100 is not divisible by dp \* train\.micro_batch_size = 2 \* 4"),
+        ({"teachers.code.signal": "logits", "teachers.code.topk": None}, r"teachers\.code\.signal is 'logits', which only our embedded server sends"),
         ({"cluster.trainer.procs_per_node": 16}, r"procs_per_node=16 exceeds cluster\.gpus_per_node=8"),
         ({"cluster.teachers.code": None}, r"teacher 'code' has no servers: add cluster\.teachers\.code"),
         ({"cluster.teachers.mathh": {"model_path": "/m"}}, r"cluster\.teachers\.mathh .* did you mean 'math'\?"),
@@ -215,7 +260,24 @@ def test_every_problem_is_listed_at_once(tmp_path):
     path = _write(tmp_path, {"cluster.nodes": 9, "parallel.tp": 3, "cluster.teachers.code": None})
     with pytest.raises(ClusterConfigError) as info:
         prepare(path)
-    assert str(info.value).startswith("3 problem(s)")
+    # The job's own checks (world and model against the layout) and the cluster's, each once.
+    message = str(info.value)
+    assert message.startswith("4 problem(s)"), message
+    for part in ("world size 16 is not divisible by tp*pp*cp = 3", "model.num_attention_heads=32 is not divisible by parallel.tp=3",
+                 "cluster.nodes=9 does not match the roles", "teacher 'code' has no servers"):  # fmt: skip
+        assert message.count(part) == 1, (part, message)
+
+
+def test_unimplemented_stage_is_refused_at_load(tmp_path, fake_sbatch):
+    exe, calls = fake_sbatch
+    path = _write(tmp_path, {"stage": "grpo"})
+    with pytest.raises(ConfigError, match=r"stage: 'grpo' is not implemented yet; the stages that run are: sft, opd"):
+        load_job(path)
+    result = subprocess.run([sys.executable, "-m", "megatron_opd.cli", "submit", str(path), "--sbatch", str(exe)],
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == ["error: stage: 'grpo' is not implemented yet; the stages that run are: sft, opd"]
+    assert not calls.exists()
 
 
 def test_cli_refuses_bad_config_without_calling_sbatch(tmp_path, fake_sbatch):
@@ -254,8 +316,6 @@ def test_dry_run_prints_and_writes_nothing(tmp_path, fake_sbatch):
 
 
 def test_cluster_keys_are_checked(tmp_path):
-    from megatron_opd.config import ConfigError
-
     path = _write(tmp_path, {})
     with pytest.raises(ConfigError, match=r"unknown config key 'cluster.trainer.node'; did you mean 'cluster.trainer.nodes'\?"):
         load_job(path, ["cluster.trainer.node=3"])

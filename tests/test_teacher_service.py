@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 import urllib.error
@@ -43,6 +44,9 @@ from megatron_opd.teachers.pool import RoutingError, TeacherIncompatible, Teache
 from megatron_opd.teachers.sglang_contract import load_contract
 
 KEY = "s3cret"
+# Clients read the key from the environment (teachers.<name>.api_key_env), never from a config value.
+KEY_ENV = "MEGATRON_OPD_TEST_TEACHER_KEY"
+os.environ[KEY_ENV] = KEY
 TOK = CharTokenizer()
 V = TOK.vocab_size
 MODEL = ModelConfig(vocab_size=V, hidden_size=32, num_layers=2, num_attention_heads=4, max_seq_len=64, init_std=0.2)
@@ -123,7 +127,7 @@ def http(method: str, url: str, body=None, key: str | None = KEY) -> tuple[int, 
 
 
 def teacher(url, signal="sampled", **kw) -> TeacherConfig:
-    kw.setdefault("api_key", KEY)
+    kw.setdefault("api_key_env", KEY_ENV)
     return TeacherConfig(endpoints=[url] if isinstance(url, str) else list(url), domains=["add"], signal=signal, **kw)
 
 
@@ -421,8 +425,8 @@ def batch(items: list[P.ScoreItem], domains: list[str]) -> Trajectories:
 def test_pool_routes_by_domain_and_aligns_signals(servers, world):
     url = servers["main"].url
     pool = TeacherPool(
-        {"math": TeacherConfig(endpoints=[url], domains=["add", "sort"], signal="topk", topk=3, api_key=KEY),
-         "text": TeacherConfig(endpoints=[url], domains=["reverse"], signal="hidden", api_key=KEY, model_dir=str(world.dir_a))},
+        {"math": TeacherConfig(endpoints=[url], domains=["add", "sort"], signal="topk", topk=3, api_key_env=KEY_ENV),
+         "text": TeacherConfig(endpoints=[url], domains=["reverse"], signal="hidden", api_key_env=KEY_ENV, model_dir=str(world.dir_a))},
         student_vocab_size=V, student_fingerprint=TOK.fingerprint,
     )  # fmt: skip
     with pool:
@@ -513,14 +517,14 @@ def test_update_weights_from_distributed_protocol(servers, world, tmp_path):
 
     from safetensors.torch import load_file
 
-    from checkpoints_tools.export import megatron_to_hf
+    from megatron_opd.models.hf.export import megatron_to_hf
     from megatron_opd.rollout.sglang import distributed_update_body, init_group_bodies
     from megatron_opd.runtime.distributed import broadcast_from, standalone_group
     from megatron_opd.runtime.spawn import free_port
 
     url = servers["main"].url
     tensors = {}
-    for f in sorted(megatron_to_hf(world.dir_b, tmp_path / "b_hf", progress=False).glob("*.safetensors")):
+    for f in sorted(megatron_to_hf(world.dir_b, tmp_path / "b_hf").glob("*.safetensors")):
         tensors.update(load_file(str(f)))
     pool = ThreadPoolExecutor(2)
 
@@ -612,12 +616,12 @@ def test_through_the_real_sglang_router_with_a_worker_killed(servers, world):
     try:
         items = sequences(60, seed=22)
         # The router drops unknown top-level keys: asked for flat base64 top-k, it comes back nested.
-        topk_cfg = teacher(router.url, "topk", topk=4, topk_format="b64", api_key="")
+        topk_cfg = teacher(router.url, "topk", topk=4, topk_format="b64", api_key_env="")
         topk, client = run_client(topk_cfg, items[:4], trace=True)
         assert all(b"input_top_logprobs_val_flat_b64" not in e.body and b'"input_top_logprobs"' in e.body for e in client.trace)
         lp, _ = world.ref_a(items[0].tokens)
         np.testing.assert_allclose(topk[0].topk_logprobs, -np.sort(-lp, 1)[items[0].prompt_len - 1 : items[0].length - 1, :4], atol=1e-5)
-        cfg = teacher(router.url, "sampled", batch_size=3, max_concurrency=4, max_retries=6, retry_backoff_s=0.2, api_key="")
+        cfg = teacher(router.url, "sampled", batch_size=3, max_concurrency=4, max_retries=6, retry_backoff_s=0.2, api_key_env="")
         sigs, client = score_while_killing(cfg, items, servers["b"])
         assert not servers["b"].alive() and all(s is not None for s in sigs)
         check_sampled(world, items, sigs)

@@ -42,7 +42,7 @@ class ModelConfig:
     moe_router_expert_bias: bool = False
     moe_topk_scaling_factor: float = 0.0  # 0: none
     moe_aux_loss_coeff: float = 0.0
-    # --- Architectures imported from Hugging Face checkpoints (checkpoints_tools) ---
+    # --- Architectures imported from Hugging Face checkpoints (models/hf) ---
     # RoPE scaling. "llama3": Llama 3.1+ (megatron fixes the low/high frequency factors at 1 and 4
     # and the original context at 8192). "yarn": DeepSeek-V3 (megatron has it for MLA only).
     rope_scaling: Literal["none", "llama3", "yarn"] = "none"
@@ -85,6 +85,15 @@ class ModelConfig:
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
     def check(self, layout: ParallelLayout) -> None:
+        """Raise `ValueError` (or `LayoutError`) naming the first key that cannot work under `layout`."""
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "max_seq_len"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("num_query_groups", "ffn_hidden_size", "kv_channels", "num_experts", "moe_ffn_hidden_size"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"model.{key} must be >= 0 (0: its default), got {getattr(self, key)}")
+        if self.is_moe and not 1 <= self.moe_topk <= self.num_experts:
+            raise ValueError(f"model.moe_topk={self.moe_topk} must be between 1 and model.num_experts={self.num_experts}")
         if self.num_attention_heads % self.query_groups:
             raise ValueError(
                 f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "

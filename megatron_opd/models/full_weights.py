@@ -1,8 +1,10 @@
-"""A tensor-parallel model's parameters gathered into full (TP=1) tensors, in memory.
+"""A tensor-parallel model's parameters as full (TP=1) tensors and back, in memory.
 
-What the rollout engine's distributed weight sync sends: every TP rank contributes its shard and
-each gets the full tensors, named as in the model's state_dict. Megatron's fused SwiGLU fc1
-holds [gate_r; up_r] on rank r, so its halves are gathered separately ([gate; up] at TP=1).
+`full_state_dict` is what the rollout engine's distributed weight sync sends: every TP rank
+contributes its shard and each gets the full tensors, named as in the model's state_dict.
+`tp_shard` is the inverse, one parameter at a time (loading Hugging Face weights under TP).
+Megatron's fused SwiGLU fc1 holds [gate_r; up_r] on rank r, so its halves are split and gathered
+separately ([gate; up] at TP=1).
 """
 
 from __future__ import annotations
@@ -15,6 +17,22 @@ def _gather(shard: torch.Tensor, dim: int, group) -> torch.Tensor:
     parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, shard.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
+
+
+def _swiglu_fc1(name: str) -> bool:
+    return name.endswith(("linear_fc1.weight", "linear_fc1.bias"))
+
+
+def tp_shard(name: str, param: torch.nn.Parameter, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank`'s part of parameter `name` of a model under TP size `size`, from its full tensor
+    (a view of `full`); the inverse of full_state_dict's gather."""
+    if size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    if ".experts." in name:
+        raise NotImplementedError(f"{name}: expert weights under tensor parallelism are not split")
+    if _swiglu_fc1(name):  # [gate; up] -> [gate_r; up_r]
+        return torch.cat([half.chunk(size, dim=0)[rank] for half in full.chunk(2, dim=0)], dim=0)
+    return full.chunk(size, dim=param.partition_dim)[rank]
 
 
 def full_state_dict(module: torch.nn.Module, group=None) -> dict[str, torch.Tensor]:
@@ -34,7 +52,7 @@ def full_state_dict(module: torch.nn.Module, group=None) -> dict[str, torch.Tens
         if split and getattr(param, "tensor_model_parallel", False):
             if ".experts." in name:
                 raise NotImplementedError(f"{name}: expert weights under tensor parallelism are not gathered")
-            if name.endswith(("linear_fc1.weight", "linear_fc1.bias")):  # SwiGLU: [gate_r; up_r]
+            if _swiglu_fc1(name):  # SwiGLU: [gate_r; up_r]
                 tensor = torch.cat([_gather(half, 0, group) for half in tensor.chunk(2, dim=0)], dim=0)
             else:
                 tensor = _gather(tensor, param.partition_dim, group)

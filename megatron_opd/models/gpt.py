@@ -123,7 +123,7 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout, dtype: torch.dt
     )
 
 
-# --- Multi-latent attention with the local spec (checkpoints_tools: DeepSeek-V3 on CPU) ---
+# --- Multi-latent attention with the local spec (models/hf: DeepSeek-V3 on CPU) ---
 
 
 def _adapt_local_mla_spec(spec) -> None:
@@ -199,7 +199,7 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_base=int(cfg.rope_theta),
         parallel_output=True,
-        # Llama 3.1-style scaling (checkpoints_tools); the defaults leave RoPE as it was.
+        # Llama 3.1-style scaling (models/hf); the defaults leave RoPE as it was.
         rope_scaling=cfg.rope_scaling == "llama3",
         rope_scaling_factor=cfg.rope_scaling_factor if cfg.rope_scaling == "llama3" else 8.0,
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_opd.config import load_config, to_dict
 from megatron_opd.data.tokenizer import CharTokenizer, load_tokenizer
 from megatron_opd.models.config import ModelConfig
 from megatron_opd.runtime.checkpoint import latest_complete
@@ -42,8 +43,6 @@ class ModelDir:
 
 
 def write_model_dir(directory: str | os.PathLike, model: ModelConfig, tokenizer: CharTokenizer) -> ModelDir:
-    from megatron_opd.config import to_dict
-
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     (path / "model.yaml").write_text(yaml.safe_dump(to_dict(model), sort_keys=False))
@@ -52,8 +51,6 @@ def write_model_dir(directory: str | os.PathLike, model: ModelConfig, tokenizer:
 
 
 def read_model_dir(directory: str | os.PathLike) -> ModelDir:
-    from megatron_opd.config import load_config
-
     path = Path(directory)
     if not (path / "model.yaml").is_file():
         raise FileNotFoundError(f"{path} is not a model directory: model.yaml is missing")

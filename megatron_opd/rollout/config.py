@@ -6,7 +6,13 @@ Torch-free on purpose: the config tree imports it (a SLURM login node renders jo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
+
+from megatron_opd.runtime.secrets import LITERAL_KEY_REFUSED, SecretError, check_key_source, read_api_key
+
+
+class RolloutConfigError(ValueError):
+    """A rollout or sampling key is out of range; the message names the dotted key."""
 
 
 @dataclass(frozen=True)
@@ -16,13 +22,26 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: no limit
 
+    def check(self, prefix: str = "rollout.") -> None:
+        """Refuse values a sampler cannot use (they used to fail deep inside it, or do nothing)."""
+        if self.max_new_tokens < 1:
+            raise RolloutConfigError(f"{prefix}max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise RolloutConfigError(f"{prefix}temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise RolloutConfigError(f"{prefix}top_p must be in (0, 1] (1: no nucleus cut), got {self.top_p}")
+        if self.top_k < 0:
+            raise RolloutConfigError(f"{prefix}top_k must be >= 0 (0: no limit), got {self.top_k}")
+
 
 @dataclass
 class RolloutConfig:
     engine: Literal["embedded", "sglang"] = "embedded"
     # SGLang engine: server base URLs (a router's URL, or several servers used round-robin).
     endpoints: list[str] = field(default_factory=list)
-    api_key: str = ""
+    # The servers' key: an environment variable's name, or a file, holding it (never the key).
+    api_key_env: str = ""
+    api_key_file: str = ""
     max_new_tokens: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
@@ -41,6 +60,35 @@ class RolloutConfig:
     weight_format: Literal["megatron", "hf"] = "megatron"
     sync_every: int = 1
 
+    REFUSED_KEYS: ClassVar[dict[str, str]] = {"api_key": LITERAL_KEY_REFUSED}
+
     @property
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
+
+    @property
+    def api_key(self) -> str:
+        """The key, read now from $api_key_env or api_key_file ("" when neither is set)."""
+        return read_api_key(self.api_key_env, self.api_key_file, prefix="rollout.")
+
+    def check(self, *, endpoints_required: bool = True) -> None:
+        """Raise `RolloutConfigError` for the first bad key. `endpoints_required=False`: a launcher
+        starts the rollout servers and fills in `endpoints` itself."""
+        self.sampling.check()
+        if self.sync_every < 1:
+            raise RolloutConfigError(f"rollout.sync_every must be >= 1 (steps between weight syncs), got {self.sync_every}")
+        if self.engine != "sglang":
+            return
+        if not self.endpoints and endpoints_required:
+            raise RolloutConfigError(
+                "rollout.engine=sglang needs rollout.endpoints (the SGLang servers' base URLs), or rollout.engine=embedded"
+            )
+        for url in self.endpoints:
+            if not url.startswith(("http://", "https://")):
+                raise RolloutConfigError(f"rollout.endpoints: {url!r} is not an http(s) URL")
+        if self.server_ranks < 1:
+            raise RolloutConfigError(f"rollout.server_ranks={self.server_ranks}: each server holds at least one rank")
+        try:
+            check_key_source(self.api_key_env, self.api_key_file, prefix="rollout.")
+        except SecretError as e:
+            raise RolloutConfigError(str(e)) from None

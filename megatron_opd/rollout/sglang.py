@@ -9,7 +9,7 @@ Weight sync (`rollout.weight_sync`):
   Hugging Face format too when `rollout.weight_format=hf`, for stock SGLang), then each server
   gets `/update_weights_from_disk {model_path, weight_version, flush_cache}`;
 - "distributed": the TP ranks gather full tensors, trainer rank 0 maps them to Hugging Face names
-  (checkpoints_tools.live) and broadcasts them through SGLang's weight-update group: once
+  (megatron_opd.models.hf.live) and broadcasts them through SGLang's weight-update group: once
   `/init_weights_update_group` (rank 0 is the trainer, server i holds ranks 1 + i *
   rollout.server_ranks ...), then per sync `/begin_weight_update`,
   `/update_weights_from_distributed {names, dtypes, shapes, group_name, weight_version}` while
@@ -80,10 +80,6 @@ def sample_seed(seed: int, sample_id: str) -> int:
 
 class SGLangRolloutEngine:
     def __init__(self, cfg: RolloutConfig, trainer, tokenizer: CharTokenizer, *, max_len: int, seed: int):
-        if not cfg.endpoints:
-            raise ValueError("rollout.engine=sglang needs rollout.endpoints (the SGLang servers' base URLs)")
-        if cfg.server_ranks < 1:
-            raise ValueError(f"rollout.server_ranks={cfg.server_ranks}: each server holds at least one rank")
         self.cfg, self.trainer, self.tokenizer, self.max_len, self.seed = cfg, trainer, tokenizer, max_len, seed
         self.group, self.src = replica_group_and_src()
         self.is_src = dist.get_rank() == self.src
@@ -100,7 +96,8 @@ class SGLangRolloutEngine:
             self._loop = _LoopThread()
             self.client = TeacherClient(
                 "rollout",
-                TeacherConfig(endpoints=list(cfg.endpoints), domains=["*"], signal="sampled", api_key=cfg.api_key),
+                TeacherConfig(endpoints=list(cfg.endpoints), domains=["*"], signal="sampled",
+                              api_key_env=cfg.api_key_env, api_key_file=cfg.api_key_file),  # fmt: skip
                 vocab_size=tokenizer.vocab_size,
             )
             self._loop.run(self.client.start())
@@ -199,15 +196,13 @@ class SGLangRolloutEngine:
         """What the servers load: the checkpoint itself, or its Hugging Face export."""
         if self.cfg.weight_format != "hf":
             return str(checkpoint)
-        from checkpoints_tools.export import main as export
+        from megatron_opd.models.hf.export import megatron_to_hf
 
         for old in root.glob("hf_step_*"):  # the servers hold the previous export already
             shutil.rmtree(old, ignore_errors=True)
         out = root / f"hf_step_{step:08d}"
-        argv = ["--input", str(checkpoint), "--model-config", str(Path(self.trainer.run_dir) / "model.yaml")]
-        if export(argv + ["--output", str(out), "--overwrite", "--no-progress"]):
-            raise RolloutServerError(f"exporting {checkpoint} to Hugging Face format failed")
-        return str(out)
+        model_yaml = Path(self.trainer.run_dir) / "model.yaml"
+        return str(megatron_to_hf(checkpoint, out, model_config=model_yaml, overwrite=True))
 
     # -- distributed sync (SGLang's weight-update group; trainer rank 0 is the group's rank 0) --
 
@@ -251,7 +246,7 @@ class SGLangRolloutEngine:
         self._check_replies("/init_weights_update_group", futures)
 
     def _broadcast_weights(self, full: dict[str, torch.Tensor], version: str) -> None:
-        from checkpoints_tools.live import hf_from_megatron
+        from megatron_opd.models.hf.live import hf_from_megatron
         from megatron_opd.runtime.distributed import broadcast_from
 
         tensors = hf_from_megatron(self.trainer.cfg.model, full)

@@ -9,15 +9,22 @@ skipped with a warning otherwise.
 Completion is explicit: the last act of a save is an atomic rename that writes
 `<dir>/COMPLETE` after every rank has finished, and `latest_complete` only ever returns
 directories that carry it, so an interrupted save is never mistaken for a checkpoint.
+
+A load that fails on a damaged file (truncated, garbled, missing) raises CorruptCheckpointError
+naming the file and the newest earlier complete checkpoint to fall back to. The files are only
+examined after a load has failed (`find_corruption`), so an intact load costs nothing extra.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import random
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,7 +64,109 @@ def read_common_state(path: str | os.PathLike) -> dict[str, Any]:
     read without a process group or a model."""
     from megatron.core import dist_checkpointing
 
-    return dict(dist_checkpointing.load_common_state_dict(str(path))["common"])
+    try:
+        return dict(dist_checkpointing.load_common_state_dict(str(path))["common"])
+    except Exception as e:
+        corruption = find_corruption(path)
+        if corruption is None:
+            raise
+        raise CorruptCheckpointError(corruption.describe(RESUME_FALLBACK)) from e
+
+
+def previous_complete(path: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint beside `path` with an earlier step, or None."""
+    path = Path(path)
+    if not _STEP_DIR.match(path.name) or not path.parent.is_dir():
+        return None
+    root, step = path.parent, checkpoint_step(path)
+    done = [
+        p
+        for p in root.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and int(m.group(1)) < step and (p / COMPLETE).is_file()
+    ]
+    return max(done, key=lambda p: p.name, default=None)
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A file of a checkpoint is missing, truncated or unreadable; the message names it and what to
+    fall back to."""
+
+
+@dataclass(frozen=True)
+class Corruption:
+    step_dir: Path
+    file: Path
+    reason: str
+    fallback: Path | None  # the newest complete checkpoint before step_dir
+
+    def describe(self, fall_back_how: str) -> str:
+        """`fall_back_how` says how the caller's user switches to the fallback, e.g. 'pass it as
+        --input'; it is formatted with {fallback} and {step_dir}."""
+        head = f"{self.file} is corrupt ({self.reason})"
+        if self.fallback is None:
+            return (
+                f"{head}; there is no earlier complete checkpoint under {self.step_dir.parent}: "
+                f"restore the file from a copy, or delete {self.step_dir} and start over"
+            )
+        how = fall_back_how.format(fallback=self.fallback, step_dir=self.step_dir)
+        return f"{head}; fall back to {self.fallback}: {how}"
+
+
+# How a training job falls back (the tools say it their way).
+RESUME_FALLBACK = "delete {step_dir} (resume then starts from it), or start from its weights with train.init_from={fallback}"
+
+
+def find_corruption(path: str | os.PathLike) -> Corruption | None:
+    """The first file of a checkpoint that is missing, truncated or unreadable, or None if every file
+    reads. Meant for after a failed load: it reads the whole checkpoint once."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    path = Path(path)
+
+    def corrupt(file: Path, reason: str) -> Corruption:
+        return Corruption(path, file, reason, previous_complete(path))
+
+    marker = path / "metadata.json"
+    try:
+        json.loads(marker.read_text())
+    except FileNotFoundError:
+        return corrupt(marker, "missing")
+    except (ValueError, UnicodeDecodeError) as e:
+        return corrupt(marker, f"not valid JSON: {e}")
+    try:
+        dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as e:  # noqa: BLE001 - whatever the unpickler raises on damaged bytes
+        return corrupt(path / "common.pt", f"unreadable: {type(e).__name__}: {e}")
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001
+        return corrupt(path / ".metadata", f"unreadable: {type(e).__name__}: {e}")
+    by_file: dict[str, list] = {}
+    for index, info in metadata.storage_data.items():
+        by_file.setdefault(info.relative_path, []).append((index, info))
+    for name, items in sorted(by_file.items()):  # sizes first: cheap, and the usual damage
+        file = path / name
+        if not file.is_file():
+            return corrupt(file, "missing")
+        size, needed = file.stat().st_size, max(info.offset + info.length for _, info in items)
+        if size < needed:
+            return corrupt(file, f"truncated: {size} bytes on disk, the checkpoint's index needs {needed}")
+    for name, items in sorted(by_file.items()):
+        with open(path / name, "rb") as f:
+            for index, info in sorted(items, key=lambda item: item[1].offset):
+                stored = metadata.state_dict_metadata.get(index.fqn)
+                if isinstance(stored, BytesStorageMetadata) or getattr(info, "transform_descriptors", None):
+                    continue  # pickled objects and transformed streams: their size was checked above
+                f.seek(info.offset)
+                try:
+                    torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=True)
+                except Exception as e:  # noqa: BLE001
+                    return corrupt(
+                        path / name, f"tensor {index.fqn} at byte {info.offset} unreadable: {type(e).__name__}: {e}"
+                    )
+    return None
 
 
 def _rng_state_object():
@@ -170,17 +279,25 @@ def load_checkpoint(
             f"{path} is not a complete checkpoint (no {COMPLETE} marker); "
             f"pass a directory returned by latest_complete() or written by save_checkpoint()"
         )
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
     chunks = [_unwrap(c) for c in model_chunks]
-    saved_layout = tuple(dist_checkpointing.load_common_state_dict(str(path))["common"]["layout"])
-    want_rng = load_rng and saved_layout == _layout_shape()
-    if load_rng and not want_rng:
-        warnings.warn(
-            f"{path} was saved under (pp, tp, dp) = {saved_layout}, this run is {_layout_shape()}; "
-            f"RNG states are not restored"
-        )
-    state = _sharded_state(chunks, optimizer, True, want_rng)
-    state["common"] = None  # loaded from the common file
-    loaded = dist_checkpointing.load(state, str(path))
+    try:
+        saved_layout = tuple(dist_checkpointing.load_common_state_dict(str(path))["common"]["layout"])
+        want_rng = load_rng and saved_layout == _layout_shape()
+        if load_rng and not want_rng:
+            warnings.warn(
+                f"{path} was saved under (pp, tp, dp) = {saved_layout}, this run is {_layout_shape()}; "
+                f"RNG states are not restored"
+            )
+        state = _sharded_state(chunks, optimizer, True, want_rng)
+        state["common"] = None  # loaded from the common file
+        loaded = dist_checkpointing.load(state, str(path))
+    except (Exception, CheckpointException) as e:
+        corruption = find_corruption(path)  # None: the files are fine and the error is another one
+        if corruption is None:
+            raise
+        raise CorruptCheckpointError(corruption.describe(RESUME_FALLBACK)) from e
     if len(chunks) == 1:
         chunks[0].load_state_dict(loaded["model"])
     else:

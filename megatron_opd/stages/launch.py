@@ -1,48 +1,69 @@
 """Start a stage on this process's ranks: under torchrun/SLURM as launched, or spawn `run.nproc` local ranks.
 
-`megatron-opd train CONFIG [overrides]` lands here. Every rank builds the runtime, the trainer
-and the stage, runs the shared loop, and rank 0 prints a summary and writes `summary.json`.
-The command exits 0 when the run reached train.steps, and EXIT_STOPPED_EARLY (75) when a stop
-signal ended it earlier with a checkpoint (a rerun resumes it). Spawning the ranks itself, it
-forwards SIGTERM/SIGINT/SIGUSR1 to them (runtime/spawn.py, forward_stop_signals).
+`megatron-opd train CONFIG [overrides]` lands here. The config is checked (`JobConfig.check`,
+against the world it will run on) before any rank starts, and again on every rank before it
+builds anything; then every rank builds the runtime, the trainer and the stage (found through
+the stage registry, config/stages.py), runs the shared loop, and rank 0 prints a summary and
+writes `summary.json`. The command exits 0 when the run reached train.steps, and
+EXIT_STOPPED_EARLY (75) when a stop signal ended it earlier with a checkpoint (a rerun resumes
+it). Spawning the ranks itself, it forwards SIGTERM/SIGINT/SIGUSR1 to them (runtime/spawn.py,
+forward_stop_signals).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
-from megatron_opd.config import JobConfig, load_config, to_dict, build
+from megatron_opd.config import ConfigError, JobConfig, build, load_config, stage_spec, to_dict
 from megatron_opd.data.tokenizer import CharTokenizer
 from megatron_opd.runtime.spawn import forward_stop_signals, spawn_world
 
 
 def make_stage(cfg: JobConfig, trainer, tokenizer):
-    if cfg.stage == "sft":
-        from megatron_opd.stages.sft import SFTStage
+    """The stage named by `cfg.stage`, from the registry's "module:Class"."""
+    module, _, name = stage_spec(cfg.stage).target.partition(":")
+    return getattr(importlib.import_module(module), name)(cfg, trainer, tokenizer)
 
-        return SFTStage(cfg, trainer, tokenizer)
-    if cfg.stage == "opd":
-        from megatron_opd.stages.opd import OPDStage
 
-        return OPDStage(cfg, trainer, tokenizer)
-    raise ValueError(f"stage={cfg.stage!r} is not available yet; use stage=sft or stage=opd")
+def _launched() -> bool:
+    """Whether torchrun or SLURM started this process as one rank of a world."""
+    return "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def world_size(cfg: JobConfig) -> int:
+    """The ranks `cfg` runs on: the launcher's world, else `run.nproc` ranks spawned here."""
+    if _launched():
+        # Imported here: a config error is reported before torch is imported (a fast `error:`).
+        from megatron_opd.runtime.distributed import process_env
+
+        return process_env().world_size
+    return cfg.run.nproc
+
+
+def job_tokenizer(cfg: JobConfig) -> CharTokenizer:
+    """The job's tokenizer, checked against `model.vocab_size` (a rank-free check that needs it)."""
+    tokenizer = CharTokenizer()
+    if cfg.model.vocab_size != tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} tokens; "
+            f"set model.vocab_size={tokenizer.vocab_size}"
+        )
+    return tokenizer
 
 
 def run_stage(cfg: JobConfig) -> dict[str, Any]:
     """Run `cfg` on this rank (collective); returns the final metrics (on every rank)."""
-    from megatron_opd.runtime.distributed import init_runtime, shutdown
+    from megatron_opd.runtime.distributed import init_runtime, process_env, shutdown
     from megatron_opd.runtime.resiliency import hold_stop_signals
     from megatron_opd.stages.run_dir import write_summary
     from megatron_opd.stages.trainer import Trainer
 
     hold_stop_signals()  # a stop during set-up is acted on after the first step, not fatal
-    tokenizer = CharTokenizer()
-    if cfg.model.vocab_size != tokenizer.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} tokens; "
-            f"set model.vocab_size={tokenizer.vocab_size}"
-        )
+    # Every rank checks again: a launcher (megatron-opd run, a test) may start it with a derived config.
+    cfg.check(process_env().world_size)
+    tokenizer = job_tokenizer(cfg)
     layout = init_runtime(cfg.parallel, cfg.run.seed)
     try:
         trainer = Trainer(cfg, layout, tokenizer)
@@ -79,8 +100,7 @@ def _rank_entry(cfg_tree: dict) -> dict[str, Any]:
 
 def launch(cfg: JobConfig) -> dict[str, Any]:
     """Run under an existing launcher (torchrun/SLURM env present), else spawn `run.nproc` ranks."""
-    launched = "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    if launched or cfg.run.nproc == 1:
+    if _launched() or cfg.run.nproc == 1:
         return run_stage(cfg)
     with forward_stop_signals():
         return spawn_world(_rank_entry, cfg.run.nproc, (to_dict(cfg),), timeout_s=24 * 3600)[0]
@@ -92,5 +112,8 @@ EXIT_STOPPED_EARLY = 75
 
 def train_command(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    # Before any rank starts (a ConfigError: the CLI prints it as one line and exits 2).
+    cfg.check(world_size(cfg))
+    job_tokenizer(cfg)
     final = launch(cfg)
     return 0 if final.get("finished") else EXIT_STOPPED_EARLY

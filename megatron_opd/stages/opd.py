@@ -82,28 +82,8 @@ class OPDStage:
         from megatron.core import parallel_state
 
         self.cfg, self.trainer, self.tokenizer = cfg, trainer, tokenizer
-        if not cfg.teachers:
-            raise ValueError("stage=opd needs teachers: the teachers section of the config is empty")
         self.source = PromptSource(cfg.data.domains, cfg.data.seed, cfg.data.eval_size)
-        for domain in cfg.data.domains:
-            if not any(domain in t.domains for t in cfg.teachers.values()):
-                raise ValueError(
-                    f"domain {domain!r} (data.domains) has no teacher; add it to the domains of one "
-                    f"of teachers {sorted(cfg.teachers)}"
-                )
         self.teacher_names = sorted(cfg.teachers)
-        if cfg.opd.fused_output_layer and cfg.parallel.sequence_parallel:
-            raise ValueError(
-                "opd.fused_output_layer needs parallel.sequence_parallel=false (the fused loss takes the "
-                "full hidden states on every TP rank)"
-            )
-        for name, t in cfg.teachers.items():
-            if t.signal in ("topk", "sampled") and t.temperature != 1.0:
-                raise ValueError(
-                    f"teachers.{name}.temperature={t.temperature} needs the full distribution; with "
-                    f"signal={t.signal!r} servers return raw (T=1) log-probs and the tempered teacher "
-                    f"cannot be rebuilt: use signal=hidden or temperature=1.0"
-                )
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.mp_group, self.mp_src = replica_group_and_src()
         self.pool = self._start_pool()
@@ -149,8 +129,6 @@ class OPDStage:
             teacher = self.cfg.teachers[name]
             if teacher.signal != "hidden":
                 continue
-            if not teacher.model_dir:
-                raise ValueError(f"teachers.{name}.signal is 'hidden' but teachers.{name}.model_dir is empty")
             model_dir = read_model_dir(teacher.model_dir)
             heads[name] = load_output_layer_shard(
                 model_dir.latest_checkpoint(),

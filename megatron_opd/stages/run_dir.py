@@ -66,8 +66,6 @@ RESUME_RULES: list[tuple[str, Kind, str]] = [
     ("cluster.*", "changeable", "read by the SLURM launcher, not by the trainer"),
 ]
 
-# Secrets are never written into checkpoints (nor compared): keys come from the environment.
-_SECRET = ("*api_key*",)
 _ABSENT = "<absent>"
 
 
@@ -93,17 +91,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def saved_config(cfg: JobConfig) -> dict[str, Any]:
-    """The config as a checkpoint keeps it: a plain tree without secrets."""
-    def clean(tree: Any, prefix: str = "") -> Any:
-        if isinstance(tree, dict):
-            return {
-                k: clean(v, f"{prefix}{k}.")
-                for k, v in tree.items()
-                if not any(fnmatch.fnmatchcase(f"{prefix}{k}", p) for p in _SECRET)
-            }
-        return tree
-
-    return clean(to_dict(cfg))
+    """The config as a checkpoint keeps it: a plain tree (it holds no API key: keys are read
+    from the environment or a file, config/job.py)."""
+    return to_dict(cfg)
 
 
 @dataclass(frozen=True)
@@ -126,8 +116,6 @@ def config_changes(saved: dict[str, Any], new: JobConfig) -> list[Change]:
     old, now = flatten(saved), flatten(saved_config(new))
     changes = []
     for key in sorted(set(old) | set(now)):
-        if any(fnmatch.fnmatchcase(key, p) for p in _SECRET):
-            continue
         a, b = old.get(key, _ABSENT), now.get(key, _ABSENT)
         if a != b:
             changes.append(Change(key, a, b, rule_for(key)[0]))

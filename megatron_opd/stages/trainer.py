@@ -128,11 +128,6 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         t = cfg.train
-        if t.global_batch_size % (self.dp_size * t.micro_batch_size):
-            raise ValueError(
-                f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                f"dp * train.micro_batch_size = {self.dp_size} * {t.micro_batch_size}"
-            )
         self.dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
         model = build_gpt_model(cfg.model, layout, dtype=self.dtype)
         ddp_config = DistributedDataParallelConfig(
@@ -286,7 +281,7 @@ class Trainer:
                 "wall_time_s": self.wall_time_s,
             },
             "stage": stage.state_dict() if stage is not None else {},
-            "config": saved_config(self.cfg),  # what resume compares (no secrets)
+            "config": saved_config(self.cfg),  # what resume compares
             "tokenizer": self.tokenizer.fingerprint if self.tokenizer else None,
         }
         return ckpt.save_checkpoint(

@@ -14,7 +14,9 @@ teacher name to one of these; `megatron_opd.config.build` checks every key and t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
+
+from megatron_opd.runtime.secrets import LITERAL_KEY_REFUSED, check_key_source, read_api_key
 
 SIGNAL_KINDS = ("hidden", "topk", "sampled", "logits")
 
@@ -35,7 +37,10 @@ class TeacherConfig:
     # Distillation temperature. Servers return log_softmax of the raw logits (SGLang never applies
     # sampling temperature to input positions), so the trainer applies it, not the server.
     temperature: float = 1.0
-    api_key: str = ""  # sent as `Authorization: Bearer <key>` when set
+    # The key sent as `Authorization: Bearer <key>`: the name of an environment variable holding
+    # it, or a file holding it (never the key itself: configs are written back into every run).
+    api_key_env: str = ""
+    api_key_file: str = ""
     timeout_s: float = 120.0  # per HTTP request
     max_retries: int = 3  # further attempts after the first, spread over the replicas
     retry_backoff_s: float = 0.5  # first back-off after every replica failed once; doubles, capped
@@ -56,9 +61,18 @@ class TeacherConfig:
     tokenizer_fingerprint: str = ""
     vocab_size: int = 0
 
-    def check(self, name: str) -> None:
+    REFUSED_KEYS: ClassVar[dict[str, str]] = {"api_key": LITERAL_KEY_REFUSED}
+
+    @property
+    def api_key(self) -> str:
+        """The key, read now from $api_key_env or api_key_file ("" when neither is set)."""
+        return read_api_key(self.api_key_env, self.api_key_file, prefix="a teacher's ")
+
+    def check(self, name: str, *, endpoints_required: bool = True) -> None:
+        """Raise `TeacherConfigError` for the first inconsistent key. `endpoints_required=False`:
+        a launcher starts this teacher's servers and fills in `endpoints` itself."""
         where = f"teachers.{name}"
-        if not self.endpoints:
+        if not self.endpoints and endpoints_required:
             raise TeacherConfigError(f"{where}.endpoints is empty; give at least one base URL")
         for url in self.endpoints:
             if not url.startswith(("http://", "https://")):
@@ -80,15 +94,21 @@ class TeacherConfig:
                 raise TeacherConfigError(f"{where}.{key} must be > 0, got {getattr(self, key)}")
         if self.max_retries < 0 or self.retry_backoff_s < 0:
             raise TeacherConfigError(f"{where}.max_retries and retry_backoff_s must be >= 0")
+        if self.vocab_size < 0:
+            raise TeacherConfigError(f"{where}.vocab_size must be >= 0 (0: not declared), got {self.vocab_size}")
+        try:
+            check_key_source(self.api_key_env, self.api_key_file, prefix=f"{where}.")
+        except ValueError as e:
+            raise TeacherConfigError(str(e)) from None
 
 
-def check_teachers(teachers: dict[str, TeacherConfig]) -> dict[str, str]:
+def check_teachers(teachers: dict[str, TeacherConfig], *, endpoints_required: bool = True) -> dict[str, str]:
     """Check every teacher and return domain -> teacher name (a domain claimed twice is an error)."""
     if not teachers:
         raise TeacherConfigError("no teachers configured (the teachers: section is empty)")
     owner: dict[str, str] = {}
     for name, cfg in teachers.items():
-        cfg.check(name)
+        cfg.check(name, endpoints_required=endpoints_required)
         for domain in cfg.domains:
             if domain in owner:
                 raise TeacherConfigError(

@@ -134,12 +134,14 @@ def start_teacher_server(
         cmd += ["--model-config", str(model_config)]
     if tokenizer:
         cmd += ["--tokenizer", str(tokenizer)]
-    if api_key:
-        cmd += ["--api-key", api_key]
+    env = subprocess_env()
+    if api_key:  # through the environment: a command line is readable by every user (ps)
+        env["MEGATRON_OPD_SERVER_API_KEY"] = api_key
+        cmd += ["--api-key-env", "MEGATRON_OPD_SERVER_API_KEY"]
     if threads:
         cmd += ["--threads", str(threads)]
     cmd += list(extra_args)
-    handle = _spawn(cmd, "teacher-server", log_path, subprocess_env())
+    handle = _spawn(cmd, "teacher-server", log_path, env)
     if wait:
         wait_ready([handle], startup_timeout_s)
     return handle

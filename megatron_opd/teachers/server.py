@@ -44,6 +44,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from megatron_opd.runtime.secrets import SecretError, read_api_key
 from megatron_opd.teachers import protocol as P
 from megatron_opd.teachers.launch import LAUNCH_ENV
 
@@ -467,7 +468,7 @@ class ModelBackend:
 
     def receive_weights(self, body: dict) -> str:
         """Receive `names` (Hugging Face names) broadcast from rank 0 in order, then load them."""
-        from checkpoints_tools.live import megatron_from_hf
+        from megatron_opd.models.hf.live import megatron_from_hf
         from megatron_opd.runtime.distributed import broadcast_from
 
         torch = self.torch
@@ -767,6 +768,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000, help="0 picks a free port (printed in the ready line)")
     p.add_argument("--api-key", default="", help="require Authorization: Bearer <key> (not on /health*)")
+    p.add_argument("--api-key-env", default="", metavar="NAME", help="like --api-key, the key read from $NAME (kept out of ps)")
+    p.add_argument("--api-key-file", default="", metavar="PATH", help="like --api-key, the key read from a file")
     p.add_argument("--weight-version", default=DEFAULT_WEIGHT_VERSION)
     p.add_argument(
         "--hidden-states-layout", choices=["rows", "block"], default="rows",
@@ -777,6 +780,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    if sum(map(bool, (args.api_key, args.api_key_env, args.api_key_file))) > 1:
+        print("serve-teacher: give one of --api-key, --api-key-env, --api-key-file", file=sys.stderr)
+        return 2
+    if not args.api_key:
+        try:
+            args.api_key = read_api_key(args.api_key_env, args.api_key_file, prefix="")
+        except SecretError as e:
+            print(f"serve-teacher: {e}", file=sys.stderr)
+            return 2
     if args.threads:
         import torch
 

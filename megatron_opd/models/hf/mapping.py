@@ -23,8 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from checkpoints_tools.errors import CheckpointToolError, UnsupportedConfig, name_list
 from megatron_opd.models.config import ModelConfig
+from megatron_opd.models.hf.errors import CheckpointError, UnsupportedConfig, name_list
 
 Shape = tuple[int, ...]
 
@@ -89,7 +89,7 @@ def _copy(shape: Shape, n: int, cfg: ModelConfig):
 
 def _cat(shape: Shape, n: int, cfg: ModelConfig):
     if shape[0] % n:
-        raise CheckpointToolError(f"internal: cannot split {shape[0]} rows into {n} equal parts")
+        raise CheckpointError(f"internal: cannot split {shape[0]} rows into {n} equal parts")
     rows = shape[0] // n
     return [(rows, *shape[1:])] * n, [Block(i, 0, rows) for i in range(n)]
 
@@ -97,7 +97,7 @@ def _cat(shape: Shape, n: int, cfg: ModelConfig):
 def _qkv(shape: Shape, n: int, cfg: ModelConfig):
     heads, groups, d = cfg.num_attention_heads, cfg.query_groups, cfg.head_dim
     if shape[0] != (heads + 2 * groups) * d:
-        raise CheckpointToolError(
+        raise CheckpointError(
             f"internal: fused QKV has {shape[0]} rows, expected (heads {heads} + 2 * groups {groups}) * head_dim {d}"
         )
     per_group = heads // groups
@@ -111,7 +111,7 @@ def _qkv(shape: Shape, n: int, cfg: ModelConfig):
 
 def _vocab(shape: Shape, n: int, cfg: ModelConfig):
     if shape[0] < cfg.vocab_size:
-        raise CheckpointToolError(f"internal: {shape[0]} vocabulary rows < vocab_size {cfg.vocab_size}")
+        raise CheckpointError(f"internal: {shape[0]} vocabulary rows < vocab_size {cfg.vocab_size}")
     blocks = [Block(0, 0, cfg.vocab_size)]
     if shape[0] > cfg.vocab_size:
         blocks.append(Block(None, 0, shape[0] - cfg.vocab_size))
@@ -130,15 +130,15 @@ def check_rules(arch_name: str, rules: tuple[Rule, ...]) -> None:
     """Table sanity: known layouts, the right number of HF names, placeholders on both sides."""
     for r in rules:
         if r.layout not in LAYOUTS:
-            raise CheckpointToolError(f"table {arch_name}: unknown layout {r.layout!r} for {r.megatron}")
+            raise CheckpointError(f"table {arch_name}: unknown layout {r.layout!r} for {r.megatron}")
         if _ARITY.get(r.layout, len(r.hf)) != len(r.hf) or not r.hf:
-            raise CheckpointToolError(
+            raise CheckpointError(
                 f"table {arch_name}: layout {r.layout} takes other than {len(r.hf)} HF names"
             )
         for h in r.hf:
             for ph in ("{L}", "{E}"):
                 if (ph in h) != (ph in r.megatron):
-                    raise CheckpointToolError(
+                    raise CheckpointError(
                         f"table {arch_name}: {ph} appears on one side only in {r.megatron} <-> {h}"
                     )
 
@@ -155,7 +155,7 @@ def bind(
             unmatched.append(name)
             continue
         if len(hits) > 1:
-            raise CheckpointToolError(f"table {arch_name}: {name} matches {len(hits)} rules")
+            raise CheckpointError(f"table {arch_name}: {name} matches {len(hits)} rules")
         match, r = hits[0]
         hf_names = tuple(h.format(**match.groupdict()) for h in r.hf)
         hf_shapes, blocks = LAYOUTS[r.layout](tuple(shape), len(hf_names), cfg)

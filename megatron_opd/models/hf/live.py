@@ -1,19 +1,20 @@
-"""HF <-> megatron weights of a live model, in memory: the same mapping tables as the file tools.
+"""HF <-> megatron weights of a live model, in memory: the same mapping tables as the file conversions.
 
 The rollout engine's distributed weight sync sends a trainer's weights under their Hugging Face
 names (what SGLang's `/update_weights_from_distributed` loads), and our embedded server maps them
-back onto its own megatron parameters. Megatron tensors here are full (TP=PP=EP=1) tensors named
-as in the model's `state_dict()`; the vocabulary padding of each side is its own.
+back onto its own megatron parameters; load.py builds a model's weights from an HF directory.
+Megatron tensors here are full (TP=PP=EP=1) tensors named as in the model's `state_dict()`; the
+vocabulary padding of each side is its own.
 """
 
 from __future__ import annotations
 
 import torch
 
-from checkpoints_tools.architectures import infer_architecture
-from checkpoints_tools.errors import MissingTensors, ShapeMismatch, name_list
-from checkpoints_tools.mapping import Binding, bind
 from megatron_opd.models.config import ModelConfig
+from megatron_opd.models.hf.architectures import infer_architecture
+from megatron_opd.models.hf.errors import MissingTensors, ShapeMismatch, name_list
+from megatron_opd.models.hf.mapping import Binding, bind
 
 
 def bindings_for(cfg: ModelConfig, megatron_shapes: dict[str, tuple[int, ...]]) -> list[Binding]:
@@ -47,9 +48,15 @@ def megatron_from_hf(
         for name, shape in zip(b.hf_names, b.hf_shapes):
             if tuple(hf[name].shape) != tuple(shape):
                 raise ShapeMismatch(f"{name}: the update has shape {tuple(hf[name].shape)}, the model needs {shape}")
-        first = hf[b.hf_names[0]]
-        target = torch.zeros(b.megatron_shape, dtype=first.dtype, device=first.device)
-        for row, block in b.row_blocks():
-            target[row : row + block.rows] = hf[b.hf_names[block.src]][block.start : block.stop]
-        out[b.megatron_name] = target
+        out[b.megatron_name] = assemble(b, [hf[n] for n in b.hf_names])
     return out
+
+
+def assemble(binding: Binding, hf_tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One full megatron tensor from its HF tensors (in binding.hf_names order; padding rows zero),
+    on the device and in the dtype of the first."""
+    first = hf_tensors[0]
+    target = torch.zeros(binding.megatron_shape, dtype=first.dtype, device=first.device)
+    for row, block in binding.row_blocks():
+        target[row : row + block.rows] = hf_tensors[block.src][block.start : block.stop]
+    return target

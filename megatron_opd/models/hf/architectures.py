@@ -20,9 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from checkpoints_tools.errors import UnknownArchitecture, UnsupportedConfig
-from checkpoints_tools.mapping import Rule, check_rules, rule
 from megatron_opd.models.config import ModelConfig
+from megatron_opd.models.hf.errors import UnknownArchitecture, UnsupportedConfig
+from megatron_opd.models.hf.mapping import Rule, check_rules, rule
 
 L = "decoder.layers.{L}."
 H = "model.layers.{L}."

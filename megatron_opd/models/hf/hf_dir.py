@@ -3,7 +3,8 @@
 Reading parses each shard's safetensors header ourselves (8-byte length, JSON) so that a
 truncated or inconsistent file fails with its name and the tensors it cuts off, and maps the
 data with `mmap`: `HFCheckpoint.rows(name, a, b)` is a tensor over exactly those bytes of the
-file, read on demand (see staging.py for why that matters to megatron's writer).
+file, read on demand, that owns its storage (checkpoints_tools/staging.py says why that matters
+to megatron's writer). The pages are clean and file-backed, so the kernel can drop them.
 
 Writing groups tensors into shards of at most `max_shard_bytes`, saves one shard at a time and
 writes `model.safetensors.index.json`, the layout transformers and SGLang load.
@@ -22,8 +23,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from checkpoints_tools.errors import CheckpointToolError, CorruptCheckpoint, name_list
-from checkpoints_tools.staging import mapped_tensor
+from megatron_opd.models.hf.errors import CheckpointError, CorruptCheckpoint, name_list
 
 INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
@@ -42,6 +42,20 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+def mapped_tensor(mm: mmap.mmap, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over bytes [offset, offset + numel * itemsize) of a mapping; it owns that storage."""
+    numel = math.prod(shape)
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(mm, dtype=dtype, count=numel, offset=offset).view(shape)
+
+
+def is_hf_model_dir(path: str | Path) -> bool:
+    """A Hugging Face model directory (config.json), as opposed to a megatron one (model.yaml)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / "model.yaml").is_file()
 
 
 @dataclass(frozen=True)
@@ -107,7 +121,7 @@ class HFCheckpoint:
         self.path = Path(directory)
         config_path = self.path / "config.json"
         if not config_path.is_file():
-            raise CheckpointToolError(
+            raise CheckpointError(
                 f"{self.path} is not a Hugging Face model directory: config.json is missing"
             )
         self.config: dict = json.loads(config_path.read_text())
@@ -121,7 +135,7 @@ class HFCheckpoint:
             if not files:
                 legacy = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
                 hint = f" (found {name_list(legacy)}: re-save with safe_serialization=True)" if legacy else ""
-                raise CheckpointToolError(f"{self.path} holds no safetensors weights{hint}")
+                raise CheckpointError(f"{self.path} holds no safetensors weights{hint}")
         self._infos: dict[str, TensorInfo] = {}
         for file in files:
             if not (self.path / file).is_file():
@@ -222,7 +236,7 @@ def write_shards(
         tensors = load_shard(names)
         missing = set(names) - set(tensors)
         if missing:
-            raise CheckpointToolError(f"internal: shard {file} lacks {name_list(missing)}")
+            raise CheckpointError(f"internal: shard {file} lacks {name_list(missing)}")
         save_file({n: tensors[n].contiguous() for n in names}, str(out_dir / file), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update({n: file for n in names})

@@ -11,7 +11,8 @@ these: `model_slots` builds the model on the meta device (no memory) and reads m
 
 Writing hands megatron's `dist_checkpointing.save` (through runtime.checkpoint.save_checkpoint,
 so COMPLETE, common state and RNG are exactly what `load_checkpoint` expects) ShardedTensors
-whose data are file-backed (staging.py): HF pieces placed directly, one per grid cell.
+whose data are file-backed (hf_dir.mapped_tensor, checkpoints_tools/staging.py): HF pieces placed
+directly, one per grid cell.
 Reading uses torch.distributed.checkpoint with a planner that copies arbitrary regions of
 any key straight into caller-provided tensors, in a single process (megatron's own load
 requires every cell of a tensor's grid to be requested in a world of one).
@@ -23,23 +24,25 @@ either; writing uses the one asked for.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from checkpoints_tools.errors import (
-    CheckpointToolError,
+from megatron_opd.models.config import ModelConfig
+from megatron_opd.models.hf.errors import (
+    CheckpointError,
+    CorruptCheckpoint,
     MissingTensors,
     ShapeMismatch,
     UnexpectedTensors,
     name_list,
 )
-from megatron_opd.models.config import ModelConfig
 from megatron_opd.runtime.layout import ParallelLayout
 
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -150,7 +153,7 @@ def model_structure(cfg: ModelConfig, *, vocab_tp: int = 1, naming: str = "local
     from megatron_opd.models.gpt import build_gpt_model
 
     if naming not in ("local", "te"):
-        raise CheckpointToolError(f"unknown checkpoint naming {naming!r}; choose local or te")
+        raise CheckpointError(f"unknown checkpoint naming {naming!r}; choose local or te")
     init_single_process()
     padded = dataclasses.replace(
         cfg, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by * vocab_tp
@@ -166,7 +169,7 @@ def model_structure(cfg: ModelConfig, *, vocab_tp: int = 1, naming: str = "local
             continue
         shards = tensor_shards(obj)
         if shards is None:
-            raise CheckpointToolError(
+            raise CheckpointError(
                 f"internal: unexpected {type(obj).__name__} for {name} in megatron's sharded state dict"
             )
         first = shards[0]
@@ -174,7 +177,7 @@ def model_structure(cfg: ModelConfig, *, vocab_tp: int = 1, naming: str = "local
         prepend = tuple((first.global_offset[i], first.global_shape[i]) for i in range(p))
         shape = tuple(params[name].shape)
         if tuple(first.global_shape[p:]) != shape:
-            raise CheckpointToolError(
+            raise CheckpointError(
                 f"internal: {name} has global shape {first.global_shape} at TP=1, param {shape}"
             )
         slot = Slot(name, first.key, prepend, shape, params[name].dtype)
@@ -189,6 +192,28 @@ def model_slots(cfg: ModelConfig, *, vocab_tp: int = 1, naming: str = "local") -
 # ---------------------------------------------------------------------------------------------
 # Checkpoint metadata and region reads
 
+# How a tool's user falls back from a corrupt checkpoint (runtime.checkpoint.Corruption.describe).
+TOOL_FALLBACK = "pass it as --input, or delete {step_dir}"
+
+
+@contextlib.contextmanager
+def naming_corruption(step_dir: Path) -> Iterator[None]:
+    """A failed read of the checkpoint becomes CorruptCheckpoint naming the damaged file and the
+    checkpoint to fall back to; other errors (the files are fine) pass through unchanged."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    from megatron_opd.runtime.checkpoint import find_corruption
+
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:
+        corruption = find_corruption(step_dir)
+        if corruption is None:
+            raise
+        raise CorruptCheckpoint(corruption.describe(TOOL_FALLBACK)) from e
+
 
 @dataclass(frozen=True)
 class StoredTensor:
@@ -201,8 +226,9 @@ def stored_tensors(step_dir: Path) -> dict[str, StoredTensor]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if not (step_dir / ".metadata").is_file():
-        raise CheckpointToolError(f"{step_dir} is not a torch_dist checkpoint (.metadata is missing)")
-    md = _reader(step_dir).read_metadata()  # parsed once, shared with read_regions
+        raise CheckpointError(f"{step_dir} is not a torch_dist checkpoint (.metadata is missing)")
+    with naming_corruption(step_dir):
+        md = _reader(step_dir).read_metadata()  # parsed once, shared with read_regions
     return {
         k: StoredTensor(tuple(v.size), v.properties.dtype)
         for k, v in md.state_dict_metadata.items()
@@ -300,7 +326,7 @@ def _region_planner_class():
             return central_plan
 
         def load_bytes(self, read_item, value):
-            raise CheckpointToolError("internal: region reads request tensors only")
+            raise CheckpointError("internal: region reads request tensors only")
 
         def resolve_tensor(self, read_item):
             dest = self.regions[int(read_item.dest_index.fqn)].dest
@@ -321,7 +347,8 @@ def read_regions(step_dir: Path, regions: Sequence[Region]) -> None:
 
     if regions:
         planner = _region_planner_class()(step_dir, regions)
-        dcp_load({}, storage_reader=_reader(step_dir), planner=planner, no_dist=True)
+        with naming_corruption(step_dir):
+            dcp_load({}, storage_reader=_reader(step_dir), planner=planner, no_dist=True)
 
 
 def read_slot(
@@ -458,11 +485,27 @@ class MegatronModel:
     step_dir: Path
     model_dir: Path | None
     cfg: ModelConfig
+    model_yaml: Path
 
     @property
     def hf_side_dir(self) -> Path | None:
         d = self.model_dir / HF_SIDE_DIR if self.model_dir else None
         return d if d is not None and d.is_dir() else None
+
+    @property
+    def read_paths(self) -> list[Path]:
+        """Everything a tool reads of this model (an output must not overlap any of it)."""
+        paths = [self.step_dir, self.model_yaml]
+        if self.model_dir is not None:
+            paths += [self.model_dir / "tokenizer.json", self.model_dir / HF_SIDE_DIR]
+        return paths
+
+    def check_manifest(self) -> None:
+        """The files read that the model directory's manifest.json lists must match it."""
+        from megatron_opd.models.hf.manifest import check_manifest
+
+        if self.model_dir is not None:
+            check_manifest(self.model_dir, scope=self.read_paths)
 
 
 def read_model_yaml(path: Path) -> ModelConfig:
@@ -490,21 +533,21 @@ def open_megatron(path: str | Path, model_config: str | Path | None = None) -> M
     if (path / "model.yaml").is_file():
         model_dir, step_dir = path, latest_complete(path / "checkpoints")
         if step_dir is None:
-            raise CheckpointToolError(
+            raise CheckpointError(
                 f"{path} is a model directory without a complete checkpoint under checkpoints/"
             )
     elif (path / ".metadata").is_file():
         step_dir = path
         if not (path / COMPLETE).is_file():
-            raise CheckpointToolError(
+            raise CheckpointError(
                 f"{path} is an incomplete checkpoint (no {COMPLETE} marker): its save did not finish"
             )
         model_dir = path.parent.parent if (path.parent.parent / "model.yaml").is_file() else None
     else:
-        raise CheckpointToolError(
+        raise CheckpointError(
             f"{path} is neither a model directory (model.yaml + checkpoints/) nor a checkpoint directory (step_*)"
         )
     yaml_path = Path(model_config) if model_config else (model_dir / "model.yaml" if model_dir else None)
     if yaml_path is None:
-        raise CheckpointToolError(f"{path}: no model.yaml found next to the checkpoint; pass --model-config")
-    return MegatronModel(step_dir, model_dir, read_model_yaml(yaml_path))
+        raise CheckpointError(f"{path}: no model.yaml found next to the checkpoint; pass --model-config")
+    return MegatronModel(step_dir, model_dir, read_model_yaml(yaml_path), yaml_path)

@@ -1,0 +1,239 @@
+"""`JobConfig`: the typed tree of one job, its own sections, and `check()`, run before anything launches.
+
+The tree gathers the sections each package owns (`ParallelLayout`, `ModelConfig`,
+`TeacherConfig`, `RolloutConfig`, `ClusterConfig`, all torch-free) with the sections of the
+training loop and the stages, which live here. `check()` runs every check that needs no ranks:
+ranges of single values, the layout against the world and the model, the batch against the
+data-parallel size, and the stage's own keys through the stage registry (config/stages.py). The
+CLI runs it before a rank starts (`train`, `run`, and `submit` on a login node), and every rank
+runs it again before it builds anything, so no path reaches a constructor with a config that a
+check could have refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+from megatron_opd.config.stages import CheckContext, stage_spec
+from megatron_opd.config.typed import ConfigError
+from megatron_opd.models.config import ModelConfig
+from megatron_opd.rollout.config import RolloutConfig
+from megatron_opd.runtime.cluster import ClusterConfig
+from megatron_opd.runtime.layout import ParallelLayout
+from megatron_opd.teachers.config import TeacherConfig
+
+# ---------------------------------------------------------------------------------------------
+# Sections of the loop and the stages
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 1234
+    # Ranks to start on this machine when not launched by torchrun/SLURM (1: this process only).
+    nproc: int = 1
+    log_every: int = 10
+    # Progress display: "bar" (rich, on a terminal), "lines" (periodic log lines), "none".
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"
+
+    def check(self) -> None:
+        if not self.name:
+            raise ConfigError("run.name is empty; name the run (its directory is run.output_dir/run.name)")
+        _at_least(self, "run", nproc=1, log_every=1)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+    def check(self) -> None:
+        _at_least(self, "train.optim", lr=0, min_lr=0, warmup_steps=0, weight_decay=0, clip_grad=0)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.optim.min_lr={self.min_lr} is above train.optim.lr={self.lr}")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"train.optim.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"train.optim.adam_eps must be > 0, got {self.adam_eps}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 8
+    # Sequences per optimizer step over all data-parallel replicas.
+    global_batch_size: int = 32
+    precision: Literal["fp32", "bf16"] = "fp32"
+    use_distributed_optimizer: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # Checkpoint every N steps (0: only at the end); resume from the newest complete one.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2  # 0: keep every checkpoint
+    # Continue from the newest complete checkpoint of the run. false refuses a run directory that
+    # holds checkpoints; restart=true moves the old run aside and starts at step 0, on every
+    # attempt it is given to (megatron_opd/stages/run_dir.py, docs/architecture.md "Resume").
+    resume: bool = True
+    restart: bool = False
+    # Initialise the model from this checkpoint directory (a step_* dir or a root holding them).
+    init_from: str = ""
+    eval_every: int = 0
+    # Evaluate before the first step too (the "before" of a distillation report).
+    eval_at_start: bool = True
+
+    def check(self, dp: int | None) -> None:
+        """`dp`: the data-parallel size of the world the job runs on (None: not known)."""
+        _at_least(self, "train", steps=1, micro_batch_size=1, global_batch_size=1)
+        _at_least(self, "train", checkpoint_every=0, keep_checkpoints=0, eval_every=0)
+        self.optim.check()
+        per_step = (dp or 1) * self.micro_batch_size
+        if self.global_batch_size % per_step:
+            fits = max(per_step, self.global_batch_size // per_step * per_step)
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by dp * "
+                f"train.micro_batch_size = {dp or 1} * {self.micro_batch_size} = {per_step}; "
+                f"set train.global_batch_size to a multiple of {per_step} (e.g. {fits})"
+            )
+
+
+@dataclass
+class DataConfig:
+    # Tiny verifiable domains used for training (see megatron_opd.data.domains).
+    domains: list[str] = field(default_factory=lambda: ["add", "reverse", "sort"])
+    eval_size: int = 200
+    seed: int = 0
+
+    def check(self) -> None:
+        if not self.domains:
+            raise ConfigError("data.domains is empty; list the domains to train on, e.g. data.domains=[add,sort]")
+        twice = sorted({d for d in self.domains if self.domains.count(d) > 1})
+        if twice:
+            raise ConfigError(f"data.domains lists {twice} more than once")
+        _at_least(self, "data", eval_size=0)
+
+
+@dataclass
+class OPDConfig:
+    # Compute the full-vocabulary KL of hidden-signal teachers from hidden states and both
+    # output layers in token chunks (O(chunk x V/TP) memory) instead of from materialised logits.
+    fused_output_layer: bool = False
+    fused_chunk_size: int = 1024
+    # Keep every step's teacher signals in a zarr TeacherStore at this path ("" = off).
+    signal_store: str = ""
+
+
+@dataclass
+class PipelineConfig:
+    """How `megatron-opd run` prepares what the OPD stage needs (launchers/local.py)."""
+
+    # Overrides for the SFT job that trains each expert whose model directory has no checkpoint,
+    # then per teacher name (a harder domain may need more steps).
+    expert_overrides: list[str] = field(default_factory=list)
+    expert_overrides_by_teacher: dict[str, list[str]] = field(default_factory=dict)
+    # Overrides for a mixed SFT warm start of the student ([]: none).
+    student_overrides: list[str] = field(default_factory=list)
+    parallel_jobs: int = 1  # SFT jobs (experts, student warm start) run at once
+    replicas: int = 1  # embedded teacher servers per expert
+    router: bool = True  # put the real sglang-router in front of replicas > 1
+
+    def check(self, teachers: dict[str, TeacherConfig]) -> None:
+        _at_least(self, "pipeline", parallel_jobs=1, replicas=1)
+        unknown = sorted(set(self.expert_overrides_by_teacher) - set(teachers))
+        if unknown:
+            raise ConfigError(
+                f"pipeline.expert_overrides_by_teacher names {unknown}, which are not teachers "
+                f"(teachers: {sorted(teachers)})"
+            )
+
+
+def _at_least(section, prefix: str, **minimum: float) -> None:
+    for key, low in minimum.items():
+        value = getattr(section, key)
+        if value < low:
+            raise ConfigError(f"{prefix}.{key} must be >= {low}, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+@dataclass
+class JobConfig:
+    # A stage of the registry (config/stages.py); an unknown or planned one is refused here.
+    stage: str = "sft"
+    run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    opd: OPDConfig = field(default_factory=OPDConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # SLURM jobs (launchers/slurm.py)
+
+    def __post_init__(self):
+        stage_spec(self.stage)  # refuses an unknown or unimplemented stage at load time
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def problems(
+        self,
+        world_size: int | None = None,
+        *,
+        endpoints_from_launcher: bool = False,
+        by_pipeline: bool = False,
+    ) -> list[str]:
+        """Every check that needs no ranks; the first problem of each section, each naming its key.
+
+        `world_size`: the ranks the job runs on (default `run.nproc`). A launcher that starts
+        the servers fills in `teachers.*.endpoints` and `rollout.endpoints` itself
+        (`endpoints_from_launcher`: `submit`); `megatron-opd run` (`by_pipeline`) also trains the
+        experts into model directories of its choosing, and reads the pipeline: section. Empty
+        values are fine then.
+        """
+        world = world_size if world_size is not None else self.run.nproc
+        found: list[str] = []
+
+        def collect(check: Callable[..., object], *args, **kwargs):
+            try:
+                return check(*args, **kwargs)
+            except ValueError as e:  # ConfigError, LayoutError, TeacherConfigError, ...
+                found.append(str(e))
+                return None
+
+        collect(self.run.check)
+        layout = collect(self.parallel.resolve, world) if world >= 1 else None
+        collect(self.model.check, layout or self.parallel)
+        collect(self.train.check, layout.dp if layout else None)
+        collect(self.data.check)
+        ctx = CheckContext(world, layout, endpoints_from_launcher, by_pipeline)
+        for problem in stage_spec(self.stage).check(self, ctx):
+            found.append(problem)
+        return found
+
+    def check(
+        self,
+        world_size: int | None = None,
+        *,
+        endpoints_from_launcher: bool = False,
+        by_pipeline: bool = False,
+    ) -> None:
+        """Raise `ConfigError` with what `problems()` finds (one line for one problem, else one per line)."""
+        found = self.problems(world_size, endpoints_from_launcher=endpoints_from_launcher, by_pipeline=by_pipeline)
+        if len(found) == 1:
+            raise ConfigError(found[0])
+        if found:
+            raise ConfigError(f"{len(found)} problems in the config:\n  - " + "\n  - ".join(found))

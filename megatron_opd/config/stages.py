@@ -1,0 +1,131 @@
+"""The stage registry: stage name -> where its class lives and its rank-free config check.
+
+Torch-free: the table names each stage's class as "module:Class", imported only when the stage
+runs (`megatron_opd.stages.launch.make_stage`), so a login node checks a job's stage-specific
+keys without importing torch. A name mapped to None is planned but not implemented: a config
+naming it is refused at load time, like an unknown name.
+
+Adding a stage is one line in `STAGES` plus its check function here (and its section, if it
+has keys of its own, in config/job.py):
+
+    "grpo": StageSpec("megatron_opd.stages.grpo:GRPOStage", check_grpo, "group-relative policy optimisation"),
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from megatron_opd.config.typed import ConfigError
+from megatron_opd.runtime.layout import ParallelLayout
+from megatron_opd.teachers.config import check_teachers
+
+if TYPE_CHECKING:
+    from megatron_opd.config.job import JobConfig
+
+
+@dataclass(frozen=True)
+class CheckContext:
+    """What a stage check may need to know about the launch besides the config itself."""
+
+    world_size: int
+    layout: ParallelLayout | None  # resolved against the world (None: it does not fit)
+    endpoints_from_launcher: bool = False  # the launcher starts the servers and fills in endpoints
+    # `megatron-opd run`: its pipeline (the pipeline: section) trains the experts into model dirs
+    # of its choosing and starts their servers.
+    by_pipeline: bool = False
+
+    @property
+    def endpoints_given(self) -> bool:
+        """Whether the config itself must name the servers' URLs."""
+        return not (self.endpoints_from_launcher or self.by_pipeline)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    target: str  # "module:Class", constructed as Class(cfg, trainer, tokenizer)
+    check: Callable[["JobConfig", CheckContext], list[str]]  # problems, each naming its key
+    summary: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage checks: every check of a stage's keys that needs no ranks
+
+
+def check_sft(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
+    return []  # SFT has no keys of its own; the loop's sections are checked by JobConfig
+
+
+def check_opd(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
+    problems: list[str] = []
+    if not cfg.teachers:
+        return ["stage opd needs teachers: the teachers: section is empty; add teachers.NAME with its domains"]
+    problems += _raised(check_teachers, cfg.teachers, endpoints_required=ctx.endpoints_given)
+    owner = {d: n for n, t in cfg.teachers.items() for d in t.domains}
+    for domain in cfg.data.domains:
+        if domain not in owner:
+            problems.append(
+                f"domain {domain!r} (data.domains) has no teacher; add it to the domains of one "
+                f"of teachers {sorted(cfg.teachers)}"
+            )
+    for name in sorted(cfg.teachers):
+        t = cfg.teachers[name]
+        if t.signal == "hidden" and not t.model_dir and not ctx.by_pipeline:
+            problems.append(
+                f"teachers.{name}.signal is 'hidden' but teachers.{name}.model_dir is empty: the trainer "
+                f"needs the teacher's output layer from it; set it, or use signal topk or sampled"
+            )
+        if t.signal in ("topk", "sampled") and t.temperature != 1.0:
+            problems.append(
+                f"teachers.{name}.temperature={t.temperature} needs the full distribution; with "
+                f"signal={t.signal!r} servers return raw (T=1) log-probs and the tempered teacher "
+                f"cannot be rebuilt: use signal=hidden or temperature=1.0"
+            )
+    if cfg.opd.fused_output_layer and cfg.parallel.sequence_parallel:
+        problems.append(
+            "opd.fused_output_layer needs parallel.sequence_parallel=false (the fused loss takes the "
+            "full hidden states on every TP rank)"
+        )
+    if cfg.opd.fused_chunk_size < 1:
+        problems.append(f"opd.fused_chunk_size must be >= 1, got {cfg.opd.fused_chunk_size}")
+    problems += _raised(cfg.rollout.check, endpoints_required=ctx.endpoints_given)
+    if ctx.by_pipeline:  # only `megatron-opd run` reads the pipeline: section
+        problems += _raised(cfg.pipeline.check, cfg.teachers)
+    return problems
+
+
+def _raised(check: Callable[..., object], *args, **kwargs) -> list[str]:
+    """[the message] of the ValueError `check` raises, or []."""
+    try:
+        check(*args, **kwargs)
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+STAGES: dict[str, StageSpec | None] = {
+    "sft": StageSpec("megatron_opd.stages.sft:SFTStage", check_sft, "supervised fine-tuning on demonstrations"),
+    "opd": StageSpec("megatron_opd.stages.opd:OPDStage", check_opd, "multi-teacher on-policy distillation"),
+    "grpo": None,  # planned: group-relative policy optimisation
+}
+
+
+def implemented() -> list[str]:
+    return [name for name, spec in STAGES.items() if spec is not None]
+
+
+def stage_spec(name: str) -> StageSpec:
+    """The registry entry of stage `name`; `ConfigError` for an unknown or unimplemented stage."""
+    spec = STAGES.get(name)
+    if spec is not None:
+        return spec
+    runnable = ", ".join(implemented())
+    if name in STAGES:
+        raise ConfigError(f"stage: {name!r} is not implemented yet; the stages that run are: {runnable}")
+    close = difflib.get_close_matches(str(name), list(STAGES), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"stage: {name!r} is not a stage; {hint}the stages that run are: {runnable}")

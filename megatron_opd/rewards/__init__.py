@@ -1,0 +1,1 @@
+"""Rewards: verifiers that score a batch of responses (math, code, exact and regex match)."""
