@@ -19,6 +19,7 @@ from typing import Any
 from megatron_opd.config import ConfigError, JobConfig, build, load_config, stage_spec, to_dict
 from megatron_opd.data.tokenizer import CharTokenizer
 from megatron_opd.runtime.spawn import forward_stop_signals, spawn_world
+from megatron_opd.stages.run_dir import plan_start, write_summary
 
 
 def make_stage(cfg: JobConfig, trainer, tokenizer):
@@ -57,7 +58,6 @@ def run_stage(cfg: JobConfig) -> dict[str, Any]:
     """Run `cfg` on this rank (collective); returns the final metrics (on every rank)."""
     from megatron_opd.runtime.distributed import init_runtime, process_env, shutdown
     from megatron_opd.runtime.resiliency import hold_stop_signals
-    from megatron_opd.stages.run_dir import write_summary
     from megatron_opd.stages.trainer import Trainer
 
     hold_stop_signals()  # a stop during set-up is acted on after the first step, not fatal
@@ -114,6 +114,7 @@ def train_command(args) -> int:
     cfg = load_config(args.config, args.overrides)
     # Before any rank starts (a ConfigError: the CLI prints it as one line and exits 2).
     cfg.check(world_size(cfg))
-    job_tokenizer(cfg)
+    tokenizer = job_tokenizer(cfg)
+    plan_start(cfg, tokenizer.fingerprint, act=False)  # a refused resume, too, before any rank starts
     final = launch(cfg)
     return 0 if final.get("finished") else EXIT_STOPPED_EARLY

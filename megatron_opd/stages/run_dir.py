@@ -132,15 +132,16 @@ class StartPlan:
     moved_aside: Path | None = None  # where train.restart=true put the old run
 
 
-def plan_start(cfg: JobConfig, tokenizer_fingerprint: str | None = None) -> StartPlan:
+def plan_start(cfg: JobConfig, tokenizer_fingerprint: str | None = None, *, act: bool = True) -> StartPlan:
     """Decide how `cfg` starts in its run directory; refuse (ResumeRefused) before anything is
-    touched when it cannot. Moves the old run aside only when `train.restart` says so."""
+    touched when it cannot. Moves the old run aside when `train.restart` says so and `act`
+    (act=False: only the check, as the CLI runs it before any rank starts)."""
     from megatron_opd.runtime import checkpoint as ckpt
 
     t, run_dir = cfg.train, cfg.run_dir
     latest = ckpt.latest_complete(run_dir / "checkpoints")
     if t.restart:
-        return StartPlan(moved_aside=move_aside(run_dir))
+        return StartPlan(moved_aside=move_aside(run_dir) if act else None)
     if latest is None:
         return StartPlan()
     step = ckpt.checkpoint_step(latest)
