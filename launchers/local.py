@@ -135,7 +135,7 @@ def expert_accuracy(cfg: JobConfig, experts: dict[str, JobConfig]) -> dict[str, 
 
 def start_servers(cfg: JobConfig, stack: ExitStack) -> dict[str, list[str]]:
     """One embedded teacher server per expert replica (and a router in front of replicas > 1)."""
-    from megatron_opd.teachers.launch import start_router, start_teacher_server, wait_ready
+    from megatron_opd.serving.launch import start_router, start_teacher_server, wait_ready
 
     endpoints: dict[str, list[str]] = {}
     handles = []

@@ -178,7 +178,9 @@ def plan(job, cluster: ClusterConfig, *, workdir: str | os.PathLike | None = Non
             )
         )  # fmt: skip
     if cluster.rollout.replicas > 0:
-        pools.append(_plan_pool("cluster.rollout", "rollout", "rollout", cluster.rollout, cluster, group, ports))
+        # Our embedded server takes weight updates only when told where from (serving/weights.py).
+        updates = ["--weights-dir", str(run_dir / "rollout_weights")] if job.rollout.weight_sync == "disk" else ["--weight-groups"]
+        pools.append(_plan_pool("cluster.rollout", "rollout", "rollout", cluster.rollout, cluster, group, ports, embedded_args=updates))
     if cluster.layout == "colocated":
         sizes = [trainer.count] + [s.group.count for p in pools for s in p.servers]
         total = max(sizes)
@@ -209,7 +211,7 @@ class _PortCounter:
         return port
 
 
-def _plan_pool(key, label, prefix, cfg: ServerPoolConfig, cluster, group, ports, *, signal="", default_model="") -> Pool:
+def _plan_pool(key, label, prefix, cfg: ServerPoolConfig, cluster, group, ports, *, signal="", default_model="", embedded_args=()) -> Pool:
     port = cfg.port or ports.take(max(cfg.replicas, 0))
     model = cfg.model_path or default_model
     servers = []
@@ -217,7 +219,7 @@ def _plan_pool(key, label, prefix, cfg: ServerPoolConfig, cluster, group, ports,
         g = group(f"{_bash_name(prefix)}_{r}_NODES", cfg.nodes_per_replica, f"{prefix}-{r}", cfg.mem, het_key=prefix)
         servers.append(Server(f"{prefix}-{r}", g, port + r, []))
     for s in servers:
-        s.argv = _server_argv(cfg, cluster, s, signal=signal, model=model)
+        s.argv = _server_argv(cfg, cluster, s, signal=signal, model=model, embedded_args=embedded_args)
     router = None
     if cfg.router and cfg.replicas > 0:
         router_port = cfg.router_port or ports.take(1)
@@ -236,10 +238,10 @@ def _plan_pool(key, label, prefix, cfg: ServerPoolConfig, cluster, group, ports,
     return Pool(key, label, cfg, model, servers, router, signal)
 
 
-def _server_argv(cfg: ServerPoolConfig, cluster: ClusterConfig, server: Server, *, signal: str, model: str) -> list[str]:
+def _server_argv(cfg: ServerPoolConfig, cluster: ClusterConfig, server: Server, *, signal: str, model: str, embedded_args=()) -> list[str]:
     """The command of one server replica, with the flags its teacher's signal needs."""
     if cfg.backend == "embedded":
-        argv = [cluster.python, "-m", "megatron_opd.teachers.server", "--model-dir", model]
+        argv = [cluster.python, "-m", "megatron_opd.serving", "--model-dir", model, *embedded_args]
     else:
         argv = [cluster.python, "-m", "sglang.launch_server", "--model-path", model,
                 "--tp-size", str(cfg.tp), "--dp-size", str(cfg.dp), "--ep-size", str(cfg.ep),
@@ -408,6 +410,11 @@ def _check_pool(pool: Pool, c: ClusterConfig) -> list[str]:
     if cfg.backend == "embedded":
         if (cfg.tp, cfg.dp, cfg.ep, cfg.nodes_per_replica) != (1, 1, 1, 1):
             errors.append(f"{key}: the embedded server runs one process per replica; set tp, dp, ep, nodes_per_replica to 1")
+        if key == "cluster.rollout" and not c.api_key_env:
+            errors.append(
+                f"{key}: embedded rollout servers take weight updates and listen beyond their node, so they need a key: "
+                f"set cluster.api_key_env"
+            )
         return errors
     if not c.gpus_per_node:
         errors.append(f"{key}: SGLang servers need GPUs but cluster.gpus_per_node=0; use backend: embedded on CPU nodes")

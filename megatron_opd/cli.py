@@ -32,8 +32,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _serve_teacher_args(p: argparse.ArgumentParser) -> None:
-    from megatron_opd.teachers.server import add_arguments
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from megatron_opd.serving.cli import add_arguments
 
     add_arguments(p)
 
@@ -61,6 +61,9 @@ _CHECKPOINT_TOOLS = {
     "merge": "weight-merging baselines (uniform average, task arithmetic)",
 }
 
+# Older names that still work.
+_ALIASES = {"serve": ["serve-teacher"]}
+
 # name -> (help, add_arguments, "module:function")
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
     "run": (
@@ -80,10 +83,10 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]]
         _config_args,
         "megatron_opd.stages.launch:train_command",
     ),
-    "serve-teacher": (
-        "serve a megatron model as an SGLang-compatible teacher / rollout server",
-        _serve_teacher_args,
-        "megatron_opd.teachers.server:serve_command",
+    "serve": (
+        "serve a megatron model as an SGLang-compatible teacher / rollout server (alias: serve-teacher)",
+        _serve_args,
+        "megatron_opd.serving.cli:serve_command",
     ),
     **{
         tool: (
@@ -125,8 +128,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_arguments, target) in _COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if command is None or command == name:
+        aliases = _ALIASES.get(name, [])
+        p = sub.add_parser(name, help=help_text, description=help_text, aliases=aliases)
+        if command is None or command == name or command in aliases:
             add_arguments(p)
         p.set_defaults(_target=target)
     return parser
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(importlib.import_module(f"checkpoints_tools.{argv[0]}").main(argv[1:]) or 0)
     # The first word that names a subcommand (options before it are the top level's own).
     command = next((a for a in argv if not a.startswith("-")), "")
-    args = build_parser(command if command in _COMMANDS else "").parse_args(argv)
+    known = set(_COMMANDS) | {a for names in _ALIASES.values() for a in names}
+    args = build_parser(command if command in known else "").parse_args(argv)
     module, _, function = args._target.partition(":")
     try:
         return int(getattr(importlib.import_module(module), function)(args) or 0)

@@ -173,7 +173,7 @@ def _opd_job(tmp_path: Path, **teacher) -> Path:
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("rollout.temperature=-0.5", "rollout.temperature must be >= 0 (0: greedy), got -0.5"),
+        ("rollout.temperature=-0.5", "rollout.temperature must be a finite number >= 0 (0: greedy), got -0.5"),
         ("rollout.top_p=0", "rollout.top_p must be in (0, 1] (1: no nucleus cut), got 0.0"),
         ("rollout.top_p=1.5", "rollout.top_p must be in (0, 1] (1: no nucleus cut), got 1.5"),
         ("rollout.top_k=-1", "rollout.top_k must be >= 0 (0: no limit), got -1"),
@@ -416,7 +416,7 @@ def test_a_run_with_a_keyed_teacher_writes_no_key(tmp_path):
 
     from megatron_opd.data.tokenizer import CharTokenizer
     from megatron_opd.models.model_dir import write_model_dir
-    from megatron_opd.teachers.launch import start_teacher_server
+    from megatron_opd.serving.launch import start_teacher_server
 
     key = "k3y-that-must-never-be-written-0451"
     model = load_config(TINY_OPD).model

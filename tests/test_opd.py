@@ -19,7 +19,7 @@ import torch
 from megatron_opd.config import JobConfig, derive, load_config, to_dict
 from megatron_opd.runtime.spawn import WorldFailed, spawn_world
 from megatron_opd.stages.trainer import read_ledger
-from megatron_opd.teachers.launch import start_teacher_server, wait_ready
+from megatron_opd.serving.launch import start_teacher_server, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = {"arith": "add", "rev": "reverse", "sorter": "sort"}
@@ -319,12 +319,11 @@ def _rollout_worker(cfg_tree: dict, rollout_url: str):
 def test_sglang_rollout_engine_syncs_weights(teachers, tmp_path, sync):
     """TP=2 student, one server of other weights: after each sync the server samples exactly what
     the student does. "distributed": gathered, renamed to HF, broadcast over a gloo group."""
-    rollout = start_teacher_server(model_dir=teachers["arith"][0])  # other weights than the student
+    cfg = _job(teachers, tmp_path, "rollout.engine=sglang", f"rollout.weight_sync={sync}")
+    # Other weights than the student's; disk sync loads only from the trainer's rollout_weights/.
+    rollout = start_teacher_server(model_dir=teachers["arith"][0], weights_dir=cfg.run_dir / "rollout_weights", weight_groups=True)
     try:
-        cfg = _job(
-            teachers, tmp_path, "rollout.engine=sglang", f"rollout.endpoints=[{rollout.url}]",
-            f"rollout.weight_sync={sync}",
-        )  # fmt: skip
+        cfg = derive(cfg, **{"rollout.endpoints": [rollout.url]})
         out = spawn_world(_rollout_worker, 2, (to_dict(cfg), rollout.url), timeout_s=240)
     finally:
         rollout.stop()

@@ -157,7 +157,7 @@ def _pid_of_server(port: int) -> int | None:
         except OSError:
             continue
         words = [a.decode(errors="replace") for a in argv]
-        if "megatron_opd.teachers.server" in words and "--port" in words and words[words.index("--port") + 1] == str(port):
+        if "megatron_opd.serving" in words and "--port" in words and words[words.index("--port") + 1] == str(port):
             return int(proc.name)
     return None
 

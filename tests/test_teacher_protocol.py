@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from megatron_opd.config import ConfigError, build
+from megatron_opd.serving import wire as W
 from megatron_opd.teachers import protocol as P
 from megatron_opd.teachers.config import TeacherConfig, TeacherConfigError, check_teachers
-from megatron_opd.teachers.sglang_contract import load_contract
+from megatron_opd.serving.sglang_contract import load_contract
 
 WHERE = "teacher 'math' at http://127.0.0.1:8001"
 V = 11
@@ -70,13 +71,13 @@ def test_score_request_fields(kind):
     if kind == "hidden":
         # max_new_tokens 0 would return no hidden states at all.
         assert body["sampling_params"]["max_new_tokens"] == 1 and body["return_hidden_states"] is True
-        assert "logprob_start_len" not in body and body[P.KEY_BINARY_HIDDEN_DTYPE] == "float32"
+        assert "logprob_start_len" not in body and body[W.KEY_BINARY_HIDDEN_DTYPE] == "float32"
     else:
         assert body["sampling_params"] == {"max_new_tokens": 0}
         assert body["return_logprob"] is True and body["logprob_start_len"] == PROMPT - 1  # a scalar, for the router
     assert body.get("top_logprobs_num") == (3 if kind == "topk" else None)
-    assert body[P.KEY_BINARY] is True
-    assert (P.KEY_FULL_LOGPROBS in body) == (kind == "logits")
+    assert body[W.KEY_BINARY] is True
+    assert (W.KEY_FULL_LOGPROBS in body) == (kind == "logits")
 
 
 def test_score_request_refuses_mixed_prompt_lengths_and_bad_k():
@@ -91,7 +92,7 @@ def test_requests_decode_with_sglang_contract():
     items = [P.ScoreItem(TOKENS, PROMPT)]
     bodies = [P.score_request(items, P.SignalSpec(kind, topk=4 if kind == "topk" else 0, topk_format=f, binary=b))
               for kind in ("hidden", "topk", "sampled", "logits") for f in ("b64", "nested") for b in (False, True)]  # fmt: skip
-    bodies.append(P.sample_request([[1, 2, 3]], max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=5, stop_token_ids=[2], sampling_seed=3))
+    bodies.append(W.sample_request([[1, 2, 3]], max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, stop_token_ids=[2], sampling_seed=3))
     for body in bodies:
         req = api.GenerateRequest.from_json_value(json.loads(json.dumps(body)))
         assert req.input_ids == body["input_ids"]
@@ -100,7 +101,7 @@ def test_requests_decode_with_sglang_contract():
     with pytest.raises(api.JsonContractError, match="unknown field `max_new_token`"):
         api.GenerateRequest.from_json_value(bad)
     with pytest.raises(ValueError, match="did you mean 'max_new_tokens'"):
-        P.check_sampling_params(bad["sampling_params"])
+        W.check_sampling_params(bad["sampling_params"])
 
 
 def test_weight_update_bodies_match_sglang_io_struct():
@@ -108,15 +109,15 @@ def test_weight_update_bodies_match_sglang_io_struct():
     require and none they lack (read from the pinned wheel's io_struct.py)."""
     import torch
 
-    from megatron_opd.rollout import sglang as engine
-    from megatron_opd.teachers.sglang_contract import request_fields
+    from megatron_opd.rollout.sglang import update_body_for
+    from megatron_opd.serving.sglang_contract import request_fields
 
     load_contract(fetch=True)  # makes sure the wheel is there
     tensors = {"model.embed_tokens.weight": torch.zeros(3, 2), "lm_head.weight": torch.zeros(3, 2, dtype=torch.bfloat16)}
     cases = {
-        "UpdateWeightFromDiskReqInput": [engine.disk_update_body("/ckpt", "3")],
-        "InitWeightsUpdateGroupReqInput": engine.init_group_bodies(2, 4, "node1", 29500, "g", "nccl"),
-        "UpdateWeightsFromDistributedReqInput": [engine.distributed_update_body(tensors, "g", "3")],
+        "UpdateWeightFromDiskReqInput": [W.disk_update_body("/ckpt", "3")],
+        "InitWeightsUpdateGroupReqInput": W.init_group_bodies(2, 4, "node1", 29500, "g", "nccl"),
+        "UpdateWeightsFromDistributedReqInput": [update_body_for(tensors, "g", "3")],
     }
     for struct, bodies in cases.items():
         fields = request_fields(struct)
@@ -175,7 +176,7 @@ def test_flat_topk_equals_nested(b64):
     np.testing.assert_array_equal(flat.topk_ids, ref.topk_ids)
     np.testing.assert_allclose(flat.topk_logprobs, ref.topk_logprobs, atol=1e-6)
     meta["input_top_logprobs_null_prefix"] = 2  # the block would sit one position late
-    with pytest.raises(P.ProtocolError, match=r"covering 2 \+ 5 positions with k=3; expected 6 positions"):
+    with pytest.raises(W.ProtocolError, match=r"covering 2 \+ 5 positions with k=3; expected 6 positions"):
         parse(nested, "topk", 3)
 
 
@@ -192,30 +193,30 @@ def test_hidden_states_in_both_shapes():
     (sig,) = parse(nested_response(TOKENS, None, None, hidden=rows, completion=2), "hidden")
     np.testing.assert_array_equal(sig.hidden, want)
     # A prefix-cache hit drops the cached positions: refuse rather than shift the rows.
-    with pytest.raises(P.ProtocolError, match=r"block of 7 prefill positions for a sequence of 9 tokens.*--disable-radix-cache"):
+    with pytest.raises(W.ProtocolError, match=r"block of 7 prefill positions for a sequence of 9 tokens.*--disable-radix-cache"):
         parse(nested_response(TOKENS, None, None, hidden=[states[2:].tolist()], completion=1), "hidden")
-    with pytest.raises(P.ProtocolError, match=r"returned 8 hidden-state rows for a sequence of 9 tokens with 1 generated .* expected 9"):
+    with pytest.raises(W.ProtocolError, match=r"returned 8 hidden-state rows for a sequence of 9 tokens with 1 generated .* expected 9"):
         parse(nested_response(TOKENS, None, None, hidden=states[1:].tolist(), completion=1), "hidden")
-    with pytest.raises(P.ProtocolError, match="returned no hidden_states: the server needs --enable-return-hidden-states"):
+    with pytest.raises(W.ProtocolError, match="returned no hidden_states: the server needs --enable-return-hidden-states"):
         parse(nested_response(TOKENS, None, None, hidden=[], completion=1), "hidden")
 
 
 def test_binary_form_roundtrip_and_truncation():
     hidden = np.arange(24, dtype=np.float16).reshape(4, 6)
     lps = np.array([np.nan, -1.5, -0.25], np.float32)
-    responses = [{"text": "", "output_ids": [3], "meta_info": {"prompt_tokens": 4, P.A_HIDDEN: hidden, P.A_TOKEN_LP: lps}},
+    responses = [{"text": "", "output_ids": [3], "meta_info": {"prompt_tokens": 4, W.A_HIDDEN: hidden, W.A_TOKEN_LP: lps}},
                  {"text": "b", "output_ids": [], "meta_info": {"prompt_tokens": 2}}]  # fmt: skip
-    blob = P.encode_binary(responses)
-    assert blob.startswith(P.BINARY_MAGIC)
-    back = P.decode_response_body(blob, P.BINARY_CONTENT_TYPE + "; charset=binary", WHERE)
+    blob = W.encode_binary(responses)
+    assert blob.startswith(W.BINARY_MAGIC)
+    back = W.decode_response_body(blob, W.BINARY_CONTENT_TYPE + "; charset=binary", WHERE)
     assert back[0]["output_ids"] == [3] and back[1]["text"] == "b"
-    assert back[0]["meta_info"][P.A_HIDDEN].dtype == np.float16
-    np.testing.assert_array_equal(back[0]["meta_info"][P.A_HIDDEN], hidden)
-    np.testing.assert_array_equal(back[0]["meta_info"][P.A_TOKEN_LP], lps)  # NaN stays NaN
-    with pytest.raises(P.ProtocolError, match=r"truncated: array 'opd\.\w+.*' of item 0 needs bytes"):
-        P.decode_binary(blob[:-9], WHERE)
-    with pytest.raises(P.ProtocolError, match="does not start with"):
-        P.decode_binary(b"{" + blob[1:], WHERE)
+    assert back[0]["meta_info"][W.A_HIDDEN].dtype == np.float16
+    np.testing.assert_array_equal(back[0]["meta_info"][W.A_HIDDEN], hidden)
+    np.testing.assert_array_equal(back[0]["meta_info"][W.A_TOKEN_LP], lps)  # NaN stays NaN
+    with pytest.raises(W.ProtocolError, match=r"truncated: array 'opd\.\w+.*' of item 0 needs bytes"):
+        W.decode_binary(blob[:-9], WHERE)
+    with pytest.raises(W.ProtocolError, match="does not start with"):
+        W.decode_binary(b"{" + blob[1:], WHERE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def test_short_input_logprobs_name_teacher_url_and_numbers():
     lp = table(len(TOKENS))
     resp = nested_response(TOKENS, PROMPT - 1, lp)
     resp["meta_info"]["input_token_logprobs"].pop()
-    with pytest.raises(P.ProtocolError) as e:
+    with pytest.raises(W.ProtocolError) as e:
         parse(resp, "sampled")
     assert str(e.value) == (
         "teacher 'math' at http://127.0.0.1:8001 returned 5 input_token_logprobs for a sequence of 9 tokens "
@@ -251,9 +252,37 @@ def test_short_input_logprobs_name_teacher_url_and_numbers():
 def test_malformed_responses_fail_loudly(mutate, message):
     resp = nested_response(TOKENS, PROMPT - 1, table(len(TOKENS)))
     mutate(resp)
-    with pytest.raises(P.ProtocolError, match=message) as e:
+    with pytest.raises(W.ProtocolError, match=message) as e:
         parse(resp, "sampled")
     assert str(e.value).startswith(WHERE)
+
+
+@pytest.mark.parametrize("kind", ["hidden", "logits", "sampled", "topk"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_signals_are_refused_naming_teacher_url_and_sample(kind, bad):
+    L, R = len(TOKENS), len(TOKENS) - PROMPT
+    lp = table(L, seed=4)
+    if kind == "hidden":
+        states = np.random.default_rng(5).normal(size=(L, 6))
+        states[PROMPT - 1 + 2, 3] = bad  # the state that predicts response token 2
+        resp = nested_response(TOKENS, None, None, hidden=[states.tolist()], completion=1)
+    else:
+        resp = nested_response(TOKENS, PROMPT - 1, lp, k=3 if kind == "topk" else 0)
+        meta = resp["meta_info"]
+        if kind == "logits":
+            rows = lp[PROMPT - 1 : L - 1].astype(np.float64)
+            rows[2, 5] = bad
+            meta[W.FULL_LOGPROBS] = [None] + rows.tolist()
+        elif kind == "sampled":
+            meta["input_token_logprobs"][3][0] = bad  # entry 3 belongs to response token 2
+        else:
+            meta["input_top_logprobs"][3][1][0] = bad
+    item = P.ScoreItem(TOKENS, PROMPT, sample_id="add/7")
+    with pytest.raises(W.ProtocolError) as e:
+        P.parse_score_response([resp], [item], P.SignalSpec(kind, topk=3 if kind == "topk" else 0), WHERE, vocab_size=V)
+    text = str(e.value)
+    assert text.startswith(f"{WHERE} (sample 'add/7') returned non-finite") and "first at response position 2" in text
+    assert R == 5
 
 
 def test_topk_checks_order_count_and_ids():
@@ -261,32 +290,32 @@ def test_topk_checks_order_count_and_ids():
     resp = nested_response(TOKENS, PROMPT - 1, lp, k=3)
     rows = resp["meta_info"]["input_top_logprobs"]
     rows[2] = rows[2][::-1]
-    with pytest.raises(P.ProtocolError, match="not sorted in descending order"):
+    with pytest.raises(W.ProtocolError, match="not sorted in descending order"):
         parse(resp, "topk", 3)
     resp = nested_response(TOKENS, PROMPT - 1, lp, k=3)
     resp["meta_info"]["input_top_logprobs"][3].pop()
-    with pytest.raises(P.ProtocolError, match=r"returned 2 top logprobs at input position 3; expected k=3"):
+    with pytest.raises(W.ProtocolError, match=r"returned 2 top logprobs at input position 3; expected k=3"):
         parse(resp, "topk", 3)
     resp = nested_response(TOKENS, PROMPT - 1, lp, k=3)
     resp["meta_info"]["input_top_logprobs"][1][0][1] = V + 4
-    with pytest.raises(P.ProtocolError, match=rf"top-k token ids outside \[0, {V}\)"):
+    with pytest.raises(W.ProtocolError, match=rf"top-k token ids outside \[0, {V}\)"):
         parse(resp, "topk", 3)
 
 
 def test_batch_count_and_bodies():
     lp = table(len(TOKENS))
     items = [P.ScoreItem(TOKENS, PROMPT)] * 2
-    with pytest.raises(P.ProtocolError, match="returned 1 responses for a batch of 2 sequences"):
+    with pytest.raises(W.ProtocolError, match="returned 1 responses for a batch of 2 sequences"):
         parse([nested_response(TOKENS, PROMPT - 1, lp)], "sampled", items=items)
-    with pytest.raises(P.ProtocolError, match="body that is not JSON"):
-        P.decode_response_body(b'[{"text": "", "meta', "application/json", WHERE)
+    with pytest.raises(W.ProtocolError, match="body that is not JSON"):
+        W.decode_response_body(b'[{"text": "", "meta', "application/json", WHERE)
 
 
 def test_error_message_reads_every_error_shape():
-    assert P.error_message(b'{"error": "unknown field `x`, expected one of `a`"}') == "unknown field `x`, expected one of `a`"
-    assert P.error_message(b'{"error": {"message": "too long"}}') == "too long"
-    assert P.error_message(b'{"object": "error", "message": "bad", "type": "Bad Request", "code": 400}') == "bad"
-    assert P.error_message(b"Failed to deserialize the JSON body") == "Failed to deserialize the JSON body"
+    assert W.error_message(b'{"error": "unknown field `x`, expected one of `a`"}') == "unknown field `x`, expected one of `a`"
+    assert W.error_message(b'{"error": {"message": "too long"}}') == "too long"
+    assert W.error_message(b'{"object": "error", "message": "bad", "type": "Bad Request", "code": 400}') == "bad"
+    assert W.error_message(b"Failed to deserialize the JSON body") == "Failed to deserialize the JSON body"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,21 +27,13 @@ import torch
 from megatron_opd.data.tokenizer import CharTokenizer
 from megatron_opd.data.trajectories import Trajectories
 from megatron_opd.models.config import ModelConfig
+from megatron_opd.serving import wire as W
+from megatron_opd.serving.client import ClientSettings, RequestRefused, SGLangClient, ServerUnavailable
+from megatron_opd.serving.launch import start_router, start_teacher_server, stop_all, wait_ready
+from megatron_opd.serving.sglang_contract import load_contract
 from megatron_opd.teachers import protocol as P
-from megatron_opd.teachers.client import (
-    TeacherClient,
-    TeacherRequestError,
-    TeacherUnavailable,
-)
 from megatron_opd.teachers.config import TeacherConfig
-from megatron_opd.teachers.launch import (
-    start_router,
-    start_teacher_server,
-    stop_all,
-    wait_ready,
-)
-from megatron_opd.teachers.pool import RoutingError, TeacherIncompatible, TeacherPool
-from megatron_opd.teachers.sglang_contract import load_contract
+from megatron_opd.teachers.pool import RoutingError, TeacherIncompatible, TeacherPool, client_for, request_batches, score_items
 
 KEY = "s3cret"
 # Clients read the key from the environment (teachers.<name>.api_key_env), never from a config value.
@@ -85,6 +77,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
+    from megatron_opd.models.hf.manifest import write_manifest
     from megatron_opd.models.gpt import build_gpt_model
     from megatron_opd.models.model_dir import write_model_dir
     from megatron_opd.runtime.checkpoint import save_checkpoint
@@ -98,14 +91,14 @@ def world(tmp_path_factory) -> World:
         seed_everything(seed)
         mdir = write_model_dir(root / name, MODEL, TOK)
         model = build_gpt_model(MODEL, ParallelLayout()).eval()
-        save_checkpoint(mdir.checkpoints, 1, [model])
+        write_manifest(save_checkpoint(mdir.checkpoints, 1, [model]), "test")  # servers load only checked files
         refs.append(Reference(model))
     return World(root / "teacher_a", root / "teacher_b", *refs)
 
 
 @pytest.fixture(scope="module")
 def servers(world):
-    handles = {"main": start_teacher_server(model_dir=world.dir_a, api_key=KEY, wait=False)}
+    handles = {"main": start_teacher_server(model_dir=world.dir_a, api_key=KEY, weights_dir=world.dir_a.parent, weight_groups=True, wait=False)}
     for name in ("a", "b"):
         handles[name] = start_teacher_server(model_dir=world.dir_a, extra_args=["--plain-sglang"], wait=False)
     wait_ready(list(handles.values()))
@@ -143,11 +136,15 @@ def sequences(n: int, seed: int = 0) -> list[P.ScoreItem]:
 
 def run_client(cfg: TeacherConfig, items, **kw):
     async def go():
-        async with TeacherClient("math", cfg, vocab_size=V, **kw) as client:
+        async with client_for("math", cfg, **kw) as client:
             await client.start()
-            return await client.score(items), client
+            return await score_items(client, cfg, items, vocab_size=V), client
 
     return asyncio.run(go())
+
+
+def plain_client(url: str, **kw) -> SGLangClient:
+    return SGLangClient("teacher 'math'", ClientSettings(endpoints=(url,), api_key=KEY), **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,9 +205,9 @@ def test_scoring_semantics_against_the_model(servers, world):
 def test_client_signals_equal_the_model(servers, world, wire, signal, extra):
     items = sequences(7, seed=3)
     sigs, client = run_client(teacher(servers["main"].url, signal, wire=wire, batch_size=2, **extra), items, trace=True)
-    binary = {e.content_type == P.BINARY_CONTENT_TYPE for e in client.trace}
+    binary = {e.content_type == W.BINARY_CONTENT_TYPE for e in client.trace}
     assert binary == {wire == "auto"}
-    assert len(client.trace) == len(client.batches(items)) > 1  # batched per prompt length
+    assert len(client.trace) == len(request_batches(items, 2)) > 1  # batched per prompt length
     head = world.ref_a.head
     for item, sig in zip(items, sigs):
         lp, hidden = world.ref_a(item.tokens)
@@ -244,9 +241,9 @@ def test_every_request_and_response_decodes_with_sglang_contract(servers):
             traces += client.trace
 
     async def sampling():
-        async with TeacherClient("math", teacher(servers["main"].url), trace=True) as client:
-            await client.generate(P.sample_request([[3, 4, 5], [6, 7]], max_new_tokens=4, temperature=0.8, top_k=10, sampling_seed=1))
-            body = P.sample_request([[3, 4, 5]], max_new_tokens=3, temperature=0.0)
+        async with plain_client(servers["main"].url, trace=True) as client:
+            await client.generate(W.sample_request([[3, 4, 5], [6, 7]], max_new_tokens=4, temperature=0.8, top_k=10, sampling_seed=1))
+            body = W.sample_request([[3, 4, 5]], max_new_tokens=3, temperature=0.0)
             await client.generate(dict(body, top_logprobs_num=3, return_hidden_states=True, logprob_start_len=0, return_text_in_logprobs=True))
             await client.generate({"input_ids": [3, 4, 5], "sampling_params": {"max_new_tokens": 2}})  # a single, not a batch
             return client.trace
@@ -256,8 +253,8 @@ def test_every_request_and_response_decodes_with_sglang_contract(servers):
     for entry in traces:
         api.GenerateRequest.from_json_value(entry.request)
         assert entry.status == 200
-        if entry.content_type == P.BINARY_CONTENT_TYPE:
-            responses = P.decode_binary(entry.body)  # arrays in meta_info aside, the rest is SGLang's shape
+        if entry.content_type == W.BINARY_CONTENT_TYPE:
+            responses = W.decode_binary(entry.body)  # arrays in meta_info aside, the rest is SGLang's shape
             for r in responses:
                 r["meta_info"] = {k: v for k, v in r["meta_info"].items() if not isinstance(v, np.ndarray)}
         else:
@@ -302,6 +299,17 @@ def test_sampling_greedy_seeded_and_stops(servers, world):
         scaled = logits / 0.5 - np.log(np.exp(logits / 0.5).sum())
         assert entry[1] == token and abs(entry[0] - scaled[token]) < 1e-4
         seq.append(token)
+    # The server samples with the one sampler (rollout/sampler.py): the same draws as this
+    # process makes with the same seed on the same distribution, top-k/top-p/min-p included.
+    from megatron_opd.rollout.config import SamplingParams
+    from megatron_opd.rollout.sampler import sample
+
+    params = SamplingParams(temperature=0.8, top_k=6, top_p=0.9, min_p=0.05)
+    out = gen(temperature=0.8, top_k=6, top_p=0.9, min_p=0.05, sampling_seed=11)
+    seq, rng = list(prompt), torch.Generator().manual_seed(11)
+    for _ in range(6):
+        seq.append(int(sample(torch.from_numpy(world.ref_a(seq)[0][-1]).float()[None], params, rng).tokens[0]))
+    assert out["output_ids"] == seq[len(prompt) :]
     # stop_token_ids end generation at the first occurrence, finish_reason names it.
     stop = chain[len(prompt) + 2]
     out = gen(temperature=0.0, stop_token_ids=[stop])
@@ -338,10 +346,10 @@ def test_error_bodies_are_sglangs(servers, body, status, shape, text):
 
 def test_client_refuses_bad_requests_and_reports_server_errors(servers):
     async def go():
-        async with TeacherClient("math", teacher(servers["main"].url)) as client:
+        async with plain_client(servers["main"].url) as client:
             with pytest.raises(ValueError, match="did you mean 'max_new_tokens'"):
                 await client.generate({"input_ids": [1], "sampling_params": {"max_new_token": 1}})
-            with pytest.raises(TeacherRequestError) as e:
+            with pytest.raises(RequestRefused) as e:
                 await client.generate({"input_ids": [1, 2], "return_logprob": True, "logprob_start_len": 9})
             assert client.stats.attempts == 1  # a refusal is not retried
             return str(e.value)
@@ -385,9 +393,10 @@ def test_short_and_malformed_responses_give_clear_errors():
         try:
             for mode in ("short", "missing", "truncated", "good"):
                 cfg = teacher(f"{base}/{mode}", max_retries=2, retry_backoff_s=0.01)
-                async with TeacherClient("fake", cfg) as client:
+                async with client_for("fake", cfg) as client:
                     try:
-                        errors[mode] = await client.score([item])
+                        await client.start()
+                        errors[mode] = await score_items(client, cfg, [item])
                     except Exception as e:  # noqa: BLE001 - the test inspects it
                         errors[mode] = e
         finally:
@@ -395,13 +404,55 @@ def test_short_and_malformed_responses_give_clear_errors():
         return base, errors
 
     base, errors = asyncio.run(go())
-    assert isinstance(errors["short"], P.ProtocolError) and str(errors["short"]) == (
+    assert isinstance(errors["short"], W.ProtocolError) and str(errors["short"]) == (
         f"teacher 'fake' at {base}/short returned 3 input_token_logprobs for a sequence of 5 tokens with logprob_start_len 1; expected 4"
     )
     assert str(errors["missing"]) == f"teacher 'fake' at {base}/missing returned 0 responses for a batch of 1 sequences"
-    assert isinstance(errors["truncated"], TeacherUnavailable) and hits["truncated"] == 3  # 1 + max_retries
+    assert isinstance(errors["truncated"], ServerUnavailable) and hits["truncated"] == 3  # 1 + max_retries
     assert "ClientPayloadError" in str(errors["truncated"]) or "ServerDisconnected" in str(errors["truncated"])
     np.testing.assert_allclose(errors["good"][0].sampled_logprobs, [-1.0, -1.0, -1.0])
+
+
+def test_pool_refuses_nan_hidden_states_naming_teacher_url_and_sample():
+    """A teacher that answers 200 with NaN hidden states for some sequences (a broken model): the
+    pool raises instead of handing NaN to the loss."""
+    from aiohttp import web
+
+    from megatron_opd.serving.app import HttpThread
+
+    d = 6
+
+    async def generate(request):
+        body = await request.json()
+        out = []
+        for seq in body["input_ids"]:
+            value = float("nan") if 13 in seq else 0.5
+            out.append({"text": "", "output_ids": [1], "meta_info": {
+                "prompt_tokens": len(seq), "completion_tokens": 1, "cached_tokens": 0, "weight_version": "w",
+                "finish_reason": {"type": "length", "length": 1}, "hidden_states": [[value] * d for _ in seq]}})  # fmt: skip
+        return web.Response(text=json.dumps(out), content_type="application/json")
+
+    info = {"model_path": "fake", W.INFO_VOCAB_SIZE: V, W.INFO_FINGERPRINT: TOK.fingerprint, W.INFO_HIDDEN_SIZE: d}
+    app = web.Application()
+    app.router.add_post("/generate", generate)
+    app.router.add_get("/model_info", lambda r: web.json_response(info))
+    fake = HttpThread(app, "127.0.0.1", 0)
+    fake.start()
+    fake.ready.wait()
+    url = f"http://127.0.0.1:{fake.port}"
+    try:
+        cfg = TeacherConfig(endpoints=[url], domains=["add"], signal="hidden", batch_size=4)
+        with TeacherPool({"math": cfg}, student_vocab_size=V, student_fingerprint=TOK.fingerprint) as pool:
+            pool.start_sync()
+            good = [P.ScoreItem((3, 4, 5, 6, 7), 2), P.ScoreItem((3, 4, 5, 8), 2)]
+            assert all(torch.isfinite(s.hidden).all() for s in pool.score(batch(good, ["add", "add"])))
+            traj = batch(good + [P.ScoreItem((3, 4, 13, 6, 7), 2)], ["add"] * 3)
+            with pytest.raises(W.ProtocolError) as e:
+                pool.score(traj)
+    finally:
+        fake.stop()
+    text = str(e.value)
+    assert text.startswith(f"teacher 'math' at {url} (batch item 2, sample 'add/2') returned non-finite hidden states"), text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +480,9 @@ def test_pool_routes_by_domain_and_aligns_signals(servers, world):
          "text": TeacherConfig(endpoints=[url], domains=["reverse"], signal="hidden", api_key_env=KEY_ENV, model_dir=str(world.dir_a))},
         student_vocab_size=V, student_fingerprint=TOK.fingerprint,
     )  # fmt: skip
+    from megatron_opd.teachers.scorer import Scorer
+
+    assert isinstance(pool, Scorer)  # what the on-policy stages type against
     with pool:
         pool.start_sync()
         items = sequences(5, seed=9)
@@ -469,7 +523,7 @@ def test_pool_refuses_incompatible_and_unreachable_teachers(servers):
     with pytest.raises(TeacherIncompatible, match=rf"teacher 'math' at {url} has tokenizer fingerprint '{TOK.fingerprint}' .* but the student has 'feedface'"):
         start(teacher(url), fp="feedface")
     dead = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(TeacherUnavailable, match=rf"teacher 'math' at {dead} is not reachable"):
+    with pytest.raises(ServerUnavailable, match=rf"teacher 'math' at {dead} is not reachable"):
         start(teacher([url, dead]))
     # A stock SGLang server does not report its tokenizer: a declaration is required, then probed.
     with pytest.raises(TeacherIncompatible, match=rf"teacher 'math' at {plain} does not report its tokenizer .* declare teachers.math.tokenizer_fingerprint"):
@@ -479,6 +533,29 @@ def test_pool_refuses_incompatible_and_unreachable_teachers(servers):
         start(teacher(plain, tokenizer_fingerprint=TOK.fingerprint, vocab_size=V - 1), vocab=V - 1)
     with pytest.raises(TeacherIncompatible, match="cannot send signal 'logits'"):
         start(teacher(plain, "logits", tokenizer_fingerprint=TOK.fingerprint, vocab_size=V))
+
+
+def test_pool_refuses_a_hidden_teacher_whose_model_dir_is_another_models(servers, world):
+    """The head the trainer applies must belong to the served model: checkpoint ids compared."""
+    from megatron_opd.models.model_dir import read_model_dir
+    from megatron_opd.runtime.checkpoint import checkpoint_id
+
+    url = servers["main"].url  # serves teacher A
+    served = checkpoint_id(read_model_dir(world.dir_a).latest_checkpoint())
+    assert served and json.loads(http("GET", url + "/model_info")[1])["checkpoint_id"] == served
+    wrong = {
+        "math": TeacherConfig(endpoints=[url], domains=["add"], signal="topk", topk=3, api_key_env=KEY_ENV, model_dir=str(world.dir_a)),
+        "text": TeacherConfig(endpoints=[url], domains=["reverse"], signal="hidden", api_key_env=KEY_ENV, model_dir=str(world.dir_b)),
+    }
+    with TeacherPool(wrong, student_vocab_size=V, student_fingerprint=TOK.fingerprint) as pool:
+        with pytest.raises(TeacherIncompatible) as e:
+            pool.start_sync()
+    text = str(e.value)
+    assert text.startswith(f"teacher 'text' at {url} serves checkpoint {served}") and str(world.dir_b) in text
+    assert f"it serves the checkpoint of teachers.math.model_dir ({world.dir_a})" in text
+    right = dict(wrong, text=TeacherConfig(endpoints=[url], domains=["reverse"], signal="hidden", api_key_env=KEY_ENV, model_dir=str(world.dir_a)))
+    with TeacherPool(right, student_vocab_size=V, student_fingerprint=TOK.fingerprint) as pool:
+        pool.start_sync()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,7 +595,7 @@ def test_update_weights_from_distributed_protocol(servers, world, tmp_path):
     from safetensors.torch import load_file
 
     from megatron_opd.models.hf.export import megatron_to_hf
-    from megatron_opd.rollout.sglang import distributed_update_body, init_group_bodies
+    from megatron_opd.rollout.sglang import update_body_for
     from megatron_opd.runtime.distributed import broadcast_from, standalone_group
     from megatron_opd.runtime.spawn import free_port
 
@@ -533,11 +610,11 @@ def test_update_weights_from_distributed_protocol(servers, world, tmp_path):
         return status, json.loads(raw)
 
     port = free_port()
-    (init,) = init_group_bodies(1, 1, "127.0.0.1", port, "test-group", "gloo")
+    (init,) = W.init_group_bodies(1, 1, "127.0.0.1", port, "test-group", "gloo")
     joining = pool.submit(post, "/init_weights_update_group", init)
     group = standalone_group("gloo", "127.0.0.1", port, 0, 2, timeout_s=60)
     assert joining.result() == (200, {"success": True, "message": "Succeeded to initialize custom process group."})
-    body = distributed_update_body(tensors, "test-group", "v3")
+    body = update_body_for(tensors, "test-group", "v3")
     status, reply = post("/update_weights_from_distributed", body)  # no session: refused, nothing received
     assert status == 400 and "begin_weight_update" in reply["message"]
     assert post("/begin_weight_update", {})[0] == 200
@@ -564,7 +641,7 @@ def test_update_weights_from_distributed_protocol(servers, world, tmp_path):
         # A tensor missing from an update is named; the weights stay as they were.
         assert post("/begin_weight_update", {})[0] == 200
         partial = {k: v for k, v in tensors.items() if k != "model.norm.weight"}
-        receiving = pool.submit(post, "/update_weights_from_distributed", distributed_update_body(partial, "test-group", "v4"))
+        receiving = pool.submit(post, "/update_weights_from_distributed", update_body_for(partial, "test-group", "v4"))
         for tensor in partial.values():
             broadcast_from(group, tensor.contiguous(), 0)
         status, reply = receiving.result()
@@ -583,14 +660,15 @@ def test_update_weights_from_distributed_protocol(servers, world, tmp_path):
 # Failover
 
 
-def score_while_killing(cfg: TeacherConfig, items, victim) -> tuple[list[P.ItemSignal], TeacherClient]:
+def score_while_killing(cfg: TeacherConfig, items, victim) -> tuple[list[P.ItemSignal], SGLangClient]:
     """Score `items` on a background loop; kill `victim` once a few requests have completed."""
     box, client_box = {}, {}
 
     async def go():
-        async with TeacherClient("math", cfg, vocab_size=V) as client:
+        async with client_for("math", cfg) as client:
             client_box["c"] = client
-            return await client.score(items), client
+            await client.start()
+            return await score_items(client, cfg, items, vocab_size=V), client
 
     thread = threading.Thread(target=lambda: box.update(result=asyncio.run(go())), daemon=True)
     thread.start()
@@ -632,12 +710,16 @@ def test_through_the_real_sglang_router_with_a_worker_killed(servers, world):
         router.stop()
 
 
-def test_failover_between_replicas_loses_no_request(servers, world):
+def test_failover_between_replicas_loses_no_request(servers, world, caplog):
     items = sequences(60, seed=21)
     cfg = teacher([servers["a"].url, servers["main"].url], batch_size=1, max_concurrency=4, max_retries=4, retry_backoff_s=0.05)
-    sigs, client = score_while_killing(cfg, items, servers["a"])
+    with caplog.at_level("WARNING", logger="megatron_opd.serving.client"):
+        sigs, client = score_while_killing(cfg, items, servers["a"])
     assert not servers["a"].alive()
     assert len(sigs) == len(items) and all(s is not None for s in sigs)
     assert client.stats.failovers >= 1 and client.stats.requests == len(items)
     check_sampled(world, items, sigs)
+    # Every request in flight to the dead replica failed over, but the failure is logged once.
+    failovers = [r.getMessage() for r in caplog.records if "retrying on the other replicas" in r.getMessage()]
+    assert len(failovers) == 1 and failovers[0].startswith(f"teacher 'math' at {servers['a'].url} failed"), failovers
 

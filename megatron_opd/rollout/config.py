@@ -15,23 +15,39 @@ class RolloutConfigError(ValueError):
     """A rollout or sampling key is out of range; the message names the dotted key."""
 
 
+def sampling_problems(values: "SamplingParams | RolloutConfig", prefix: str = "") -> list[str]:
+    """What a sampler cannot use (it used to fail deep inside it, or do nothing), read from the
+    sampling fields that `SamplingParams` and `RolloutConfig` share; `prefix` makes dotted keys."""
+    out = []
+    if values.max_new_tokens < 0:
+        out.append(f"{prefix}max_new_tokens must be >= 0, got {values.max_new_tokens}")
+    if not values.temperature >= 0 or values.temperature == float("inf"):
+        out.append(f"{prefix}temperature must be a finite number >= 0 (0: greedy), got {values.temperature}")
+    if not 0.0 < values.top_p <= 1.0:
+        out.append(f"{prefix}top_p must be in (0, 1] (1: no nucleus cut), got {values.top_p}")
+    if values.top_k < 0:
+        out.append(f"{prefix}top_k must be >= 0 (0: no limit), got {values.top_k}")
+    if not 0.0 <= values.min_p <= 1.0:
+        out.append(f"{prefix}min_p must be in [0, 1] (0: off), got {values.min_p}")
+    return out
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 8
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no limit
+    """What the one sampler (rollout/sampler.py) does at each new token, with SGLang's meaning."""
 
-    def check(self, prefix: str = "rollout.") -> None:
-        """Refuse values a sampler cannot use (they used to fail deep inside it, or do nothing)."""
-        if self.max_new_tokens < 1:
-            raise RolloutConfigError(f"{prefix}max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise RolloutConfigError(f"{prefix}temperature must be >= 0 (0: greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise RolloutConfigError(f"{prefix}top_p must be in (0, 1] (1: no nucleus cut), got {self.top_p}")
-        if self.top_k < 0:
-            raise RolloutConfigError(f"{prefix}top_k must be >= 0 (0: no limit), got {self.top_k}")
+    max_new_tokens: int = 8
+    temperature: float = 1.0  # below 1e-6: greedy (SGLang turns it into top_k=1 at temperature 1)
+    top_p: float = 1.0  # keep a token while the probability mass before it is <= top_p
+    top_k: int = 0  # 0: no limit (SGLang's -1); 1: greedy
+    min_p: float = 0.0  # drop tokens whose probability is below min_p times the top one's
+    stop_token_ids: tuple[int, ...] = ()  # finish after sampling one of these (EOS is the engine's)
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        problems = sampling_problems(self)
+        if problems:
+            raise RolloutConfigError("sampling parameters: " + "; ".join(problems))
 
 
 @dataclass
@@ -42,10 +58,12 @@ class RolloutConfig:
     # The servers' key: an environment variable's name, or a file, holding it (never the key).
     api_key_env: str = ""
     api_key_file: str = ""
+    timeout_s: float = 300.0  # per HTTP request to a rollout server (a weight update included)
     max_new_tokens: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     # SGLang engine: "disk" exports weights and calls /update_weights_from_disk; "distributed"
     # broadcasts them under their Hugging Face names from trainer rank 0 through a process group
     # joining it and the servers (/init_weights_update_group, /begin_weight_update,
@@ -64,7 +82,7 @@ class RolloutConfig:
 
     @property
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.min_p)
 
     @property
     def api_key(self) -> str:
@@ -74,7 +92,14 @@ class RolloutConfig:
     def check(self, *, endpoints_required: bool = True) -> None:
         """Raise `RolloutConfigError` for the first bad key. `endpoints_required=False`: a launcher
         starts the rollout servers and fills in `endpoints` itself."""
-        self.sampling.check()
+        # Not through `sampling`: its constructor would refuse the values without the dotted keys.
+        problems = sampling_problems(self, "rollout.")
+        if self.max_new_tokens < 1:
+            problems.append(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if problems:
+            raise RolloutConfigError("; ".join(problems))
+        if self.timeout_s <= 0:
+            raise RolloutConfigError(f"rollout.timeout_s must be > 0 (seconds per request), got {self.timeout_s}")
         if self.sync_every < 1:
             raise RolloutConfigError(f"rollout.sync_every must be >= 1 (steps between weight syncs), got {self.sync_every}")
         if self.engine != "sglang":

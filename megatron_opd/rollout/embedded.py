@@ -18,21 +18,7 @@ from megatron_opd.data.domains import Prompt, encode_prompts, pack
 from megatron_opd.data.tokenizer import CharTokenizer
 from megatron_opd.data.trajectories import Trajectories
 from megatron_opd.rollout.config import SamplingParams
-
-
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Apply temperature, top-k and top-p to [batch, V] logits (the sampler's distribution)."""
-    logits = logits.float() / max(params.temperature, 1e-6)
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the mass before it already reaches top_p (the top token always stays).
-        drop = cumulative - sorted_logits.softmax(-1) >= params.top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
+from megatron_opd.rollout.sampler import sample, stops, token_logprobs
 
 
 def _full_vocab_last_logits(
@@ -94,22 +80,18 @@ def generate(
         cur = int(lengths[active].max())
         inputs = tokens[active, :cur].to(device)
         logits = _full_vocab_last_logits(model, inputs, positions[:cur].expand_as(inputs), lengths[active], vocab)
-        # The sampler's own distribution (temperature, top-p/k): it samples, and the behaviour
-        # log-prob is taken under it.
-        sampler_logits = logits if params.temperature == 0 else filter_logits(logits, params)
+        # The TP source samples (rollout/sampler.py, SGLang's rules); every rank then takes the
+        # reported log-probability of the broadcast tokens from the same gathered logits.
         choice = torch.zeros(len(active), dtype=torch.long)
         if dist.get_rank() == src:
-            if params.temperature == 0:
-                choice = logits.argmax(-1)
-            else:
-                choice = torch.multinomial(sampler_logits.softmax(-1), 1, generator=generator).squeeze(-1)
+            choice = sample(logits, params, generator).tokens
         if dist.get_world_size(group) > 1:
             dist.broadcast(choice, src=src, group=group)
-        logprobs[active, j] = sampler_logits.log_softmax(-1).gather(-1, choice[:, None]).squeeze(-1)
+        logprobs[active, j] = token_logprobs(logits, choice, params)
         tokens[active, lengths[active]] = choice
         lengths[active] += 1
         for a, c in zip(active.tolist(), choice.tolist()):
-            if c == tokenizer.eos_id:
+            if stops(c, params, tokenizer.eos_id):
                 done[a] = True
                 finish[a] = "stop"
     model.train(was_training)

@@ -5,9 +5,11 @@ become `behavior_logprobs`), EOS as a stop token and a per-sample `sampling_seed
 the sample id, so a resumed run asks for exactly the samples an uninterrupted one did.
 
 Weight sync (`rollout.weight_sync`):
-- "disk": after an update every rank writes a weights-only dist checkpoint (rank 0 exports it to
-  Hugging Face format too when `rollout.weight_format=hf`, for stock SGLang), then each server
-  gets `/update_weights_from_disk {model_path, weight_version, flush_cache}`;
+- "disk": after an update every rank writes a weights-only dist checkpoint under
+  `<run_dir>/rollout_weights/` with a manifest.json of every file's sha256 (our server loads only
+  such checkpoints, from the `--weights-dir` it was started with; rank 0 exports it to Hugging
+  Face format too when `rollout.weight_format=hf`, for stock SGLang), then each server gets
+  `/update_weights_from_disk {model_path, weight_version, flush_cache}`;
 - "distributed": the TP ranks gather full tensors, trainer rank 0 maps them to Hugging Face names
   (megatron_opd.models.hf.live) and broadcasts them through SGLang's weight-update group: once
   `/init_weights_update_group` (rank 0 is the trainer, server i holds ranks 1 + i *
@@ -15,8 +17,10 @@ Weight sync (`rollout.weight_sync`):
   `/update_weights_from_distributed {names, dtypes, shapes, group_name, weight_version}` while
   broadcasting the tensors in that order, and `/end_weight_update` (SGLang 0.5.23 refuses an
   update outside such a session). NCCL with CUDA tensors, gloo without.
-Every trajectory carries the `weight_version` its server reported; `stale_fraction` counts rows
-sampled by weights older than the trainer's.
+The first push happens before the first rollout (not when the engine is built, which is before
+the trainer loaded train.init_from or a resumed checkpoint). Every trajectory carries the
+`weight_version` its server reported; a row from weights other than the trainer's last push is
+an error. All HTTP goes through the one SGLang client (serving/client.py).
 
 Within a data-parallel replica only the first model-parallel rank talks HTTP; it broadcasts the
 batch to the rest of its group.
@@ -39,34 +43,13 @@ from megatron_opd.data.trajectories import Trajectories
 from megatron_opd.rollout.config import RolloutConfig
 from megatron_opd.runtime import checkpoint as ckpt
 from megatron_opd.runtime.distributed import broadcast_object, first_error, replica_group_and_src
+from megatron_opd.serving import wire
+from megatron_opd.serving.client import ClientSettings, EventLoopThread, SGLangClient, gather_all
 
-# -- the weight-update request bodies (tests check them against SGLang's io_struct) -------------
-
-
-def disk_update_body(model_path: str, version: str) -> dict:
-    return {"model_path": model_path, "weight_version": version, "flush_cache": True}
-
-
-def init_group_bodies(servers: int, ranks: int, address: str, port: int, group_name: str, backend: str) -> list[dict]:
-    """Trainer rank 0 is the group's rank 0; server i holds ranks 1 + i * ranks onwards."""
-    world = 1 + ranks * servers
-    return [
-        {"master_address": address, "master_port": port, "rank_offset": 1 + i * ranks, "world_size": world,
-         "group_name": group_name, "backend": backend}
-        for i in range(servers)
-    ]  # fmt: skip
-
-
-def distributed_update_body(tensors: dict[str, torch.Tensor], group_name: str, version: str) -> dict:
-    """What the servers allocate and receive, in broadcast order."""
-    return {
-        "names": list(tensors),
-        "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors.values()],
-        "shapes": [list(t.shape) for t in tensors.values()],
-        "group_name": group_name,
-        "flush_cache": True,
-        "weight_version": version,
-    }
+def update_body_for(tensors: dict[str, torch.Tensor], group_name: str, version: str) -> dict:
+    """/update_weights_from_distributed for `tensors` (Hugging Face names, in broadcast order)."""
+    dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors.values()]
+    return wire.distributed_update_body(list(tensors), dtypes, [tuple(t.shape) for t in tensors.values()], group_name, version)
 
 
 class RolloutServerError(RuntimeError):
@@ -89,24 +72,22 @@ class SGLangRolloutEngine:
         # Unique per engine: a server can hold groups of several trainers (or tests) at once.
         self.group_name = f"megatron-opd-{os.getpid()}-{id(self):x}"
         if self.is_src:
-            from megatron_opd.teachers.client import TeacherClient
-            from megatron_opd.teachers.config import TeacherConfig
-            from megatron_opd.teachers.pool import _LoopThread
-
-            self._loop = _LoopThread()
-            self.client = TeacherClient(
-                "rollout",
-                TeacherConfig(endpoints=list(cfg.endpoints), domains=["*"], signal="sampled",
-                              api_key_env=cfg.api_key_env, api_key_file=cfg.api_key_file),  # fmt: skip
-                vocab_size=tokenizer.vocab_size,
-            )
+            self._loop = EventLoopThread("rollout-client")
+            settings = ClientSettings(endpoints=tuple(cfg.endpoints), api_key=cfg.api_key, timeout_s=cfg.timeout_s)
+            self.client = SGLangClient("rollout server", settings)
             self._loop.run(self.client.start())
-        # The servers start from other weights than the student's: push the student's first.
-        self.sync_weights(0)
+        # The servers start from other weights than the student's. The student's own are known
+        # only once the trainer has loaded train.init_from or its resumed checkpoint, which
+        # happens after the stage (and this engine) is built: they are pushed before the first
+        # rollout, whatever step that is.
+        self.synced = False
 
     # -- sampling ---------------------------------------------------------------------------------
 
     def generate(self, prompts: list[Prompt], step: int) -> Trajectories:
+        """Sample `prompts` (collective: every rank calls it with the same step)."""
+        if not self.synced:
+            self.sync_weights(step)
         return broadcast_object(self._request(prompts) if self.is_src else None, self.src, self.group)
 
     def _request(self, prompts: list[Prompt]) -> Trajectories:
@@ -118,6 +99,7 @@ class SGLangRolloutEngine:
                 "temperature": self.cfg.temperature,
                 "top_p": self.cfg.top_p,
                 "top_k": self.cfg.top_k or -1,
+                "min_p": self.cfg.min_p,
                 "stop_token_ids": [self.tokenizer.eos_id],
                 "sampling_seed": sample_seed(self.seed, p.sample_id),
             }
@@ -177,8 +159,19 @@ class SGLangRolloutEngine:
                     push = lambda: self._broadcast_weights(full, str(step))  # noqa: E731
         else:
             root = Path(self.trainer.run_dir) / "rollout_weights"
-            path = ckpt.save_checkpoint(root, step, self.trainer.model, None, keep_last=1)
-            if self.is_src:
+            if dist.get_rank() == 0 and root.is_dir():
+                # The servers hold their weights in memory; older exports are never read again. (A
+                # resumed run can find newer steps here than the one it writes: keep_last would
+                # keep those and drop this one.)
+                for old in root.glob("step_*"):
+                    if old != ckpt.step_dir(root, step):
+                        shutil.rmtree(old, ignore_errors=True)
+            path = ckpt.save_checkpoint(root, step, self.trainer.model, None)
+            if dist.get_rank() == 0:  # one export and one load per server, whatever the replicas
+                from megatron_opd.models.hf.manifest import write_manifest
+
+                # Our server loads only checkpoints whose files match their listed sha256.
+                write_manifest(path, "megatron_opd.rollout.sglang weight sync", {"step": step})
                 push = lambda: self._load_from_disk(self._export(path, root, step), str(step))  # noqa: E731
         error = None
         if push is not None:
@@ -189,11 +182,12 @@ class SGLangRolloutEngine:
         first = first_error(error)
         if first:
             raise RolloutServerError(first)
-        self.version = str(step)
+        self.version, self.synced = str(step), True
         return {"weight_sync_time_s": time.perf_counter() - t0}
 
     def _export(self, checkpoint: Path, root: Path, step: int) -> str:
-        """What the servers load: the checkpoint itself, or its Hugging Face export."""
+        """What the servers load: the checkpoint itself, or its Hugging Face export (any export
+        error propagates with its own message)."""
         if self.cfg.weight_format != "hf":
             return str(checkpoint)
         from megatron_opd.models.hf.export import megatron_to_hf
@@ -207,24 +201,10 @@ class SGLangRolloutEngine:
     # -- distributed sync (SGLang's weight-update group; trainer rank 0 is the group's rank 0) --
 
     def _post_all(self, path: str, bodies: list[dict]):
-        """Start one POST per server on the client's loop; returns futures of the parsed replies."""
-        import asyncio
-        import json
-
-        async def post(url: str, body: dict) -> dict:
-            payload, _ = await self.client.post_to(url, path, body)
-            return json.loads(payload)
-
-        return [
-            asyncio.run_coroutine_threadsafe(post(url, body), self._loop.loop)
-            for url, body in zip(self.cfg.endpoints, bodies)
-        ]
-
-    def _check_replies(self, path: str, futures) -> None:
-        for url, future in zip(self.cfg.endpoints, futures):
-            reply = future.result()
-            if not reply.get("success"):
-                raise RolloutServerError(f"rollout server {url}{path}: {reply.get('message')}")
+        """Start one weight-update POST per server on the client's loop; the future's result is
+        the replies' messages, or the first refusal with the server's own message."""
+        calls = [self.client.admin(url, path, body) for url, body in zip(self.cfg.endpoints, bodies)]
+        return self._loop.submit(gather_all(calls))
 
     def _open_update_group(self, device: torch.device) -> None:
         import socket
@@ -238,12 +218,12 @@ class SGLangRolloutEngine:
         address = self.cfg.weight_sync_address or ("127.0.0.1" if local else socket.gethostname())
         backend = "nccl" if device.type == "cuda" else "gloo"
         port, world = free_port(), 1 + ranks * len(self.cfg.endpoints)
-        bodies = init_group_bodies(len(self.cfg.endpoints), ranks, address, port, self.group_name, backend)
-        futures = self._post_all("/init_weights_update_group", bodies)
+        bodies = wire.init_group_bodies(len(self.cfg.endpoints), ranks, address, port, self.group_name, backend)
+        replies = self._post_all("/init_weights_update_group", bodies)
         # Joins the rendezvous the servers are joining now; a server that never comes ends in
         # the store's timeout, and its own reply says why.
         self.update_group = standalone_group(backend, address, port, 0, world, timeout_s=120)
-        self._check_replies("/init_weights_update_group", futures)
+        replies.result()
 
     def _broadcast_weights(self, full: dict[str, torch.Tensor], version: str) -> None:
         from megatron_opd.models.hf.live import hf_from_megatron
@@ -254,23 +234,24 @@ class SGLangRolloutEngine:
         if self.update_group is None:
             self._open_update_group(device)
         n = len(self.cfg.endpoints)
-        self._check_replies("/begin_weight_update", self._post_all("/begin_weight_update", [{}] * n))
-        body = distributed_update_body(tensors, self.group_name, version)
-        futures = self._post_all("/update_weights_from_distributed", [body] * n)
+        self._post_all("/begin_weight_update", [{}] * n).result()
+        body = update_body_for(tensors, self.group_name, version)
+        replies = self._post_all("/update_weights_from_distributed", [body] * n)
         for tensor in tensors.values():  # in the order of `names`, as the servers receive them
             broadcast_from(self.update_group, tensor.contiguous(), 0)
-        self._check_replies("/update_weights_from_distributed", futures)
-        self._check_replies("/end_weight_update", self._post_all("/end_weight_update", [{}] * n))
+        replies.result()
+        self._post_all("/end_weight_update", [{}] * n).result()
 
     def _load_from_disk(self, model_path: str, version: str) -> None:
-        bodies = [disk_update_body(model_path, version)] * len(self.cfg.endpoints)
-        self._check_replies("/update_weights_from_disk", self._post_all("/update_weights_from_disk", bodies))
+        self._post_all("/update_weights_from_disk", [wire.disk_update_body(model_path, version)] * len(self.cfg.endpoints)).result()
 
     def close(self) -> None:
         if self.update_group is not None:
             body = [{"group_name": self.group_name}] * len(self.cfg.endpoints)
-            for future in self._post_all("/destroy_weights_update_group", body):
-                future.result()  # best effort: the servers drop the group when they stop anyway
+            try:
+                self._post_all("/destroy_weights_update_group", body).result()
+            except Exception as e:  # noqa: BLE001 - the servers drop the group when they stop anyway
+                print(f"rollout: destroying the weight-update group failed: {e}", flush=True)
             self.update_group = None
         if self.client is not None:
             self._loop.run(self.client.close())

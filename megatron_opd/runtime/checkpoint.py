@@ -8,7 +8,10 @@ skipped with a warning otherwise.
 
 Completion is explicit: the last act of a save is an atomic rename that writes
 `<dir>/COMPLETE` after every rank has finished, and `latest_complete` only ever returns
-directories that carry it, so an interrupted save is never mistaken for a checkpoint.
+directories that carry it, so an interrupted save is never mistaken for a checkpoint. The marker
+is JSON `{"step": N, "id": "<uuid4 hex>"}`: `checkpoint_id` names one save uniquely, so a
+server and a trainer can prove they hold the same weights (the teacher pool checks a
+hidden-signal teacher's head this way). Markers of older saves hold just "N\n" and have no id.
 
 A load that fails on a damaged file (truncated, garbled, missing) raises CorruptCheckpointError
 naming the file and the newest earlier complete checkpoint to fall back to. The files are only
@@ -23,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +75,20 @@ def read_common_state(path: str | os.PathLike) -> dict[str, Any]:
         if corruption is None:
             raise
         raise CorruptCheckpointError(corruption.describe(RESUME_FALLBACK)) from e
+
+
+def checkpoint_id(path: str | os.PathLike) -> str | None:
+    """The unique id of the complete checkpoint at `path` (None for a marker written before ids)."""
+    marker = Path(path) / COMPLETE
+    try:
+        text = marker.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)") from None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{marker} is neither a step number nor JSON: {text[:80]!r}") from None
+    return str(value["id"]) if isinstance(value, dict) and value.get("id") else None
 
 
 def previous_complete(path: str | os.PathLike) -> Path | None:
@@ -248,7 +266,7 @@ def save_checkpoint(
         dist.barrier()
     if rank == 0:
         tmp = path / (COMPLETE + ".tmp")
-        tmp.write_text(f"{step}\n")
+        tmp.write_text(json.dumps({"step": step, "id": uuid.uuid4().hex}) + "\n")
         os.replace(tmp, path / COMPLETE)
         if keep_last > 0:
             done = sorted(p for p in Path(root).iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE).exists())

@@ -57,7 +57,7 @@ class TrainerRoleConfig:
 class ServerPoolConfig:
     """Servers of one teacher (or of the rollout engine): replicas behind one router."""
 
-    # sglang: `python -m sglang.launch_server`; embedded: our `python -m megatron_opd.teachers.server`.
+    # sglang: `python -m sglang.launch_server`; embedded: our `python -m megatron_opd.serving`.
     backend: Literal["sglang", "embedded"] = "sglang"
     # sglang: --model-path (HF directory); embedded: --model-dir ("" = the teacher's model_dir).
     model_path: str = ""

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from megatron_opd.serving.launch import start_teacher_server
 from megatron_opd.teachers import protocol as P
-from megatron_opd.teachers.client import TeacherClient
 from megatron_opd.teachers.config import TeacherConfig
-from megatron_opd.teachers.launch import start_teacher_server
+from megatron_opd.teachers.pool import binary_supported, client_for, score_items
 
 BASELINE = "hidden, JSON"
 
@@ -86,17 +86,17 @@ async def _measure(url: str, case: Case, items: list[P.ScoreItem], reps: int) ->
         endpoints=[url], domains=["bench"], signal=case.signal, topk=case.topk, wire=case.wire,
         topk_format=case.topk_format, hidden_dtype=case.hidden_dtype, batch_size=len(items), timeout_s=600,
     )  # fmt: skip
-    async with TeacherClient("bench", cfg) as client:
+    async with client_for("bench", cfg) as client:
         await client.start()
-        await client.score(items)  # warm-up: connection, server-side first use
+        await score_items(client, cfg, items)  # warm-up: connection, server-side first use
         client.stats.requests = client.stats.bytes_received = 0
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            sigs = await client.score(items)
+            sigs = await score_items(client, cfg, items)
             times.append(time.perf_counter() - t0)
         assert len(sigs) == len(items)
-        if case.wire == "auto" and not client.binary_supported(url):
+        if case.wire == "auto" and not binary_supported(cfg, client.model_infos[url]):
             raise RuntimeError("the server did not advertise the binary form")
         tokens = sum(it.response_len for it in items) * client.stats.requests
         return Row(case.name, client.stats.bytes_received / tokens, 1000 * statistics.median(times))

@@ -16,30 +16,46 @@ Start-up compatibility (every replica of every teacher; docs/teachers.md, "Compa
   must return that many ids, all inside the student's id range, holding probability mass 1;
 - then one scoring request per teacher with its own signal kind proves the whole path (hidden
   states enabled, top-k honoured, row counts right); for hidden-state teachers the state width
-  must match the `model_dir` whose output layer the trainer will apply.
+  must match the `model_dir` whose output layer the trainer will apply, and the checkpoint the
+  server reports in /model_info (`checkpoint_id`) must be the one that head is loaded from (a
+  stock SGLang server reports none: then the check is skipped with a warning).
 
-The clients live on a private event-loop thread, so `score()` is a plain call from the training
-loop and `await ascore()` works from any other loop.
+Each teacher is one `SGLangClient` (serving/client.py: pooled connections, retries, failover);
+scoring batches its sequences by prompt length (`score_items`). The clients live on a private
+event-loop thread, so `score()` is a plain call from the training loop and `await ascore()` works
+from any other loop. The pool is the HTTP implementation of `teachers.scorer.Scorer`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from typing import Any, Coroutine
+import logging
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from megatron_opd.data.trajectories import SIGNAL_FIELDS, TeacherSignals, Trajectories
+from megatron_opd.serving import wire
+from megatron_opd.serving.client import ClientSettings, EventLoopThread, SGLangClient, ServerError, gather_all
 from megatron_opd.teachers import protocol as P
-from megatron_opd.teachers.client import TeacherClient, TeacherError, gather_all
 from megatron_opd.teachers.config import TeacherConfig, check_teachers
 
 PROBE_MASS_TOLERANCE = 1e-3
+log = logging.getLogger(__name__)
 
 
-class TeacherIncompatible(TeacherError):
+def _newest_id(model_dir: str) -> str | None:
+    from megatron_opd.models.model_dir import read_model_dir
+    from megatron_opd.runtime.checkpoint import checkpoint_id
+
+    try:
+        return checkpoint_id(read_model_dir(model_dir).latest_checkpoint())
+    except (OSError, ValueError):
+        return None
+
+
+class TeacherIncompatible(ServerError):
     """A teacher does not share the student's vocabulary/tokenizer (or cannot serve its signal)."""
 
 
@@ -47,24 +63,55 @@ class RoutingError(ValueError):
     """A trajectory's domain (or teacher) is not one the pool knows."""
 
 
-class _LoopThread:
-    """An asyncio loop on a daemon thread; `run(coro)` blocks, `wrap(coro)` awaits from another loop."""
+def client_for(name: str, cfg: TeacherConfig, *, trace: bool = False) -> SGLangClient:
+    """The SGLang client of one teacher (its replicas or router, key, timeouts, concurrency)."""
+    settings = ClientSettings(
+        endpoints=tuple(cfg.endpoints), api_key=cfg.api_key, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+        retry_backoff_s=cfg.retry_backoff_s, max_concurrency=cfg.max_concurrency,
+    )  # fmt: skip
+    return SGLangClient(f"teacher {name!r}", settings, trace=trace)
 
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="teacher-pool", daemon=True)
-        self.thread.start()
 
-    def run(self, coro: Coroutine) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+def binary_supported(cfg: TeacherConfig, info: dict) -> bool:
+    """Our binary form, when the config allows it and the server advertises it in /model_info."""
+    return cfg.wire == "auto" and int((info.get(wire.INFO_SERVER) or {}).get("binary_signal", 0)) >= 1
 
-    async def wrap(self, coro: Coroutine) -> Any:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
 
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
+def signal_spec(cfg: TeacherConfig, info: dict | None = None) -> P.SignalSpec:
+    """What to ask the server at /model_info `info` for (`None`: as the responses are checked)."""
+    return P.SignalSpec(
+        kind=cfg.signal, topk=cfg.topk, topk_format=cfg.topk_format,
+        binary=info is not None and binary_supported(cfg, info), hidden_dtype=cfg.hidden_dtype,
+    )  # fmt: skip
+
+
+def request_batches(items: Sequence[P.ScoreItem], batch_size: int) -> list[list[int]]:
+    """Indices of `items` in requests: equal prompt lengths together, `batch_size` at most
+    (one scalar `logprob_start_len` per request is what the sglang-router accepts)."""
+    by_len: dict[int, list[int]] = {}
+    for i, it in enumerate(items):
+        by_len.setdefault(it.prompt_len, []).append(i)
+    return [idx[j : j + batch_size] for idx in by_len.values() for j in range(0, len(idx), batch_size)]
+
+
+async def score_items(
+    client: SGLangClient, cfg: TeacherConfig, items: Sequence[P.ScoreItem], *, vocab_size: int = 0
+) -> list[P.ItemSignal]:
+    """The teacher's signal for each item, in order (`cfg.signal`, aligned to response tokens).
+    `client.start()` must have run (its /model_info decides the wire form per replica)."""
+    out: list[P.ItemSignal | None] = [None] * len(items)
+
+    async def one(idx: list[int]) -> None:
+        chunk = [items[i] for i in idx]
+        make = lambda url: P.score_request(chunk, signal_spec(cfg, client.model_infos.get(url) or {}))  # noqa: E731
+        url, payload, ctype = await client.post("/generate", make)
+        where = client.where(url)
+        responses = wire.decode_response_body(payload, ctype, where)
+        for i, sig in zip(idx, P.parse_score_response(responses, chunk, signal_spec(cfg), where, vocab_size=vocab_size)):
+            out[i] = sig
+
+    await gather_all([one(idx) for idx in request_batches(items, cfg.batch_size)])
+    return out  # type: ignore[return-value]
 
 
 class TeacherPool:
@@ -80,15 +127,13 @@ class TeacherPool:
         self.domain_owner = check_teachers(self.teachers)
         self.student_vocab_size = student_vocab_size
         self.student_fingerprint = student_fingerprint
-        self.clients = {
-            name: TeacherClient(name, cfg, vocab_size=student_vocab_size, trace=trace) for name, cfg in self.teachers.items()
-        }
+        self.clients = {name: client_for(name, cfg, trace=trace) for name, cfg in self.teachers.items()}
         self.started = False
-        self._loop: _LoopThread | None = None
+        self._loop: EventLoopThread | None = None
 
-    def _runner(self) -> _LoopThread:
+    def _runner(self) -> EventLoopThread:
         if self._loop is None:
-            self._loop = _LoopThread()
+            self._loop = EventLoopThread("teacher-pool")
         return self._loop
 
     # -- start-up -----------------------------------------------------------------------------
@@ -107,11 +152,11 @@ class TeacherPool:
         client, cfg = self.clients[name], self.teachers[name]
         infos = await client.start(require_all=True)
         for url, info in infos.items():
-            if info.get("vocab_size") is None or info.get("tokenizer_fingerprint") is None:
+            if info.get(wire.INFO_VOCAB_SIZE) is None or info.get(wire.INFO_FINGERPRINT) is None:
                 await self._check_stock_sglang(name, url)
             else:
-                self._compare(name, url, int(info["vocab_size"]), str(info["tokenizer_fingerprint"]), "reported by /model_info")
-            if cfg.signal == "logits" and not (info.get("opd_server") or {}).get("full_logprobs"):
+                self._compare(name, url, int(info[wire.INFO_VOCAB_SIZE]), str(info[wire.INFO_FINGERPRINT]), "reported by /model_info")
+            if cfg.signal == "logits" and not (info.get(wire.INFO_SERVER) or {}).get("full_logprobs"):
                 raise TeacherIncompatible(
                     f"teacher {name!r} at {url} cannot send signal 'logits': SGLang has no full-vocabulary output "
                     f"(only our embedded server does); use signal 'hidden' for the exact distribution"
@@ -147,9 +192,9 @@ class TeacherPool:
         where = f"teacher {name!r} at {url}"
         try:
             payload, ctype = await self.clients[name].post_to(url, "/generate", body)
-        except TeacherError as e:
+        except ServerError as e:
             raise TeacherIncompatible(f"{where} failed the vocabulary probe (top_logprobs_num={V}): {e}") from None
-        (resp,) = P.decode_response_body(payload, ctype, where)
+        (resp,) = wire.decode_response_body(payload, ctype, where)
         rows = [r for r in (resp.get("meta_info") or {}).get("input_top_logprobs") or [] if r is not None]
         if len(rows) != len(probe) - 1:
             raise TeacherIncompatible(f"{where} answered the vocabulary probe with {len(rows)} top-k rows; expected {len(probe) - 1}")
@@ -167,10 +212,10 @@ class TeacherPool:
         V = self.student_vocab_size
         item = P.ScoreItem(tuple(t % V for t in (1, 2, 3, 4)), prompt_len=2)
         try:
-            (sig,) = await client.score([item])
-        except TeacherError as e:
+            (sig,) = await score_items(client, cfg, [item], vocab_size=V)
+        except ServerError as e:
             raise TeacherIncompatible(f"teacher {name!r} failed the start-up probe with signal {cfg.signal!r}: {e}") from None
-        except P.ProtocolError as e:
+        except wire.ProtocolError as e:
             raise TeacherIncompatible(f"teacher {name!r} failed the start-up probe: {e}") from None
         if cfg.signal == "hidden" and cfg.model_dir:
             from megatron_opd.models.model_dir import read_model_dir
@@ -183,6 +228,37 @@ class TeacherPool:
                     f"({cfg.model_dir}) has hidden_size {mdir.model.hidden_size}: its output layer cannot apply"
                 )
             self._compare(name, cfg.model_dir, mdir.model.vocab_size, mdir.tokenizer.fingerprint, f"teachers.{name}.model_dir")
+            self._check_head_checkpoint(name, mdir.latest_checkpoint())
+
+    def _check_head_checkpoint(self, name: str, head: Path) -> None:
+        """The output layer the trainer applies to a teacher's hidden states must be the served
+        model's: every replica's checkpoint id (/model_info) must be that of the checkpoint the
+        head is loaded from (teachers.<name>.model_dir's newest)."""
+        from megatron_opd.runtime.checkpoint import checkpoint_id
+
+        want = checkpoint_id(head)
+        for url, info in self.clients[name].model_infos.items():
+            served = info.get(wire.INFO_CHECKPOINT_ID)
+            if want is None or served is None:
+                log.warning(
+                    "teacher %r at %s: cannot check that teachers.%s.model_dir (%s) is the model it serves: %s",
+                    name, url, name, self.teachers[name].model_dir,
+                    "the checkpoint has no id (saved before ids)" if want is None else "the server reports no checkpoint id",
+                )  # fmt: skip
+                continue
+            if served != want:
+                owners = [
+                    f"teachers.{other}.model_dir ({cfg.model_dir})"
+                    for other, cfg in self.teachers.items()
+                    if other != name and cfg.model_dir and _newest_id(cfg.model_dir) == served
+                ]
+                hint = f"; it serves the checkpoint of {', '.join(owners)}" if owners else ""
+                raise TeacherIncompatible(
+                    f"teacher {name!r} at {url} serves checkpoint {served} ({info.get('model_path')}) but "
+                    f"teachers.{name}.model_dir ({self.teachers[name].model_dir}) holds {want} ({head}){hint}: the trainer "
+                    f"would apply another model's output layer to its hidden states; point teachers.{name}.model_dir "
+                    f"at the model this server serves"
+                )
 
     # -- routing and scoring ------------------------------------------------------------------
 
@@ -219,9 +295,10 @@ class TeacherPool:
 
         async def one(name: str, rows: list[int]) -> TeacherSignals:
             items = [
-                P.ScoreItem(tuple(traj.tokens[i, : int(traj.lengths[i])].tolist()), int(traj.prompt_lens[i])) for i in rows
+                P.ScoreItem(tuple(traj.tokens[i, : int(traj.lengths[i])].tolist()), int(traj.prompt_lens[i]), traj.sample_ids[i])
+                for i in rows
             ]
-            sigs = await self.clients[name].score(items)
+            sigs = await score_items(self.clients[name], self.teachers[name], items, vocab_size=self.student_vocab_size)
             return assemble(name, self.teachers[name].signal, rows, items, sigs, R)
 
         return await gather_all([one(name, rows) for name, rows in rows_of.items()])
@@ -245,7 +322,7 @@ def assemble(name: str, kind: str, rows: list[int], items: list[P.ScoreItem], si
     """Stack per-item signals into one left-aligned, zero-padded `TeacherSignals` of width R."""
     versions = {s.weight_version for s in sigs}
     if len(versions) > 1:
-        raise TeacherError(f"teacher {name!r} answered one batch with different weight versions {sorted(versions)}")
+        raise wire.ProtocolError(f"teacher {name!r} answered one batch with different weight versions {sorted(versions)}")
     n = len(items)
     lens = torch.tensor([it.response_len for it in items], dtype=torch.long)
     fields: dict[str, torch.Tensor] = {}
@@ -255,7 +332,7 @@ def assemble(name: str, kind: str, rows: list[int], items: list[P.ScoreItem], si
             t = torch.from_numpy(np.ascontiguousarray(getattr(sig, key)))
             t = t.long() if key == "topk_ids" else t
             if t.shape[0] != items[b].response_len:
-                raise P.ProtocolError(f"teacher {name!r}: {key} of item {b} has {t.shape[0]} rows for {items[b].response_len} response tokens")
+                raise wire.ProtocolError(f"teacher {name!r}: {key} of item {b} has {t.shape[0]} rows for {items[b].response_len} response tokens")
             if out is None:
                 out = torch.zeros((n, R, *t.shape[1:]), dtype=t.dtype)
             out[b, : t.shape[0]] = t
@@ -270,4 +347,6 @@ def assemble(name: str, kind: str, rows: list[int], items: list[P.ScoreItem], si
     )
 
 
-__all__ = ["TeacherPool", "TeacherIncompatible", "RoutingError", "assemble"]
+__all__ = [
+    "TeacherPool", "TeacherIncompatible", "RoutingError", "assemble", "score_items", "client_for", "request_batches", "signal_spec",
+]  # fmt: skip

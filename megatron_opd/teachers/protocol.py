@@ -1,7 +1,9 @@
-"""SGLang's /generate wire protocol for teacher scoring and sampling: pure encode/decode, no I/O.
+"""Teacher scoring over SGLang's /generate: the requests and the checked signals (no I/O).
 
-Everything here follows `/work/shared/notes/sglang-protocol.md` (read from the sglang==0.5.23
-source) and is checked against SGLang's own contract classes in the tests:
+The wire format itself (error bodies, the binary form, logprob entry shapes, sampling keys) is
+`megatron_opd.serving.wire`; this module is what a *teacher signal* means on that wire. Everything
+follows `/work/shared/notes/sglang-protocol.md` (read from the sglang==0.5.23 source) and is checked
+against SGLang's own contract classes in the tests:
 
 - Scoring a sequence of L tokens whose prompt has p tokens is a prefill request with
   `logprob_start_len = s = p - 1`; the input lists then have L - s entries, entry 0 null, entry j
@@ -13,62 +15,41 @@ source) and is checked against SGLang's own contract classes in the tests:
 - Hidden states come in two shapes: SGLang's source appends one 2-D block per prefill, then one
   1-D row per decoded token; its contract types a list of 1-D rows. Both are decoded and the row
   count is checked against the sequence length (a prefix-cache hit or chunked prefill drops rows).
-- Our binary form (docs/teachers.md) is the JSON response with its large arrays moved into a raw
-  little-endian data section.
 
-Every decoder raises `ProtocolError` naming the teacher, URL, field and numbers rather than
-returning signals that could be misaligned.
+Every decoder raises `ProtocolError` naming the teacher, URL, field and numbers rather
+than returning signals that could be misaligned.
 """
 
 from __future__ import annotations
 
 import base64
-import difflib
-import json
 import math
-import struct
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-# SGLang's SamplingParams fields (sglang/api/v1/api_types.py, 0.5.23): a server answers 400 for
-# any other key, but a router silently drops it, so requests are checked here, on our side.
-SAMPLING_PARAM_KEYS = (
-    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k",
-    "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n",
-    "json_schema", "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens",
-    "spaces_between_special_tokens", "no_stop_trim", "stream_interval", "logit_bias",
-    "sampling_seed", "custom_params", "beam_width", "watermark", "choice",
-)  # fmt: skip
-
-BINARY_CONTENT_TYPE = "application/x-opd-signal"
-BINARY_MAGIC = b"OPDSIG\x00\x01"  # 6 bytes of name, then the format version (1) as two bytes
-# Our top-level request keys. SGLang ignores unknown top-level keys, so they are protocol-safe.
-KEY_BINARY = "return_binary_signal"
-KEY_BINARY_HIDDEN_DTYPE = "binary_hidden_dtype"
-KEY_FULL_LOGPROBS = "return_full_logprobs"
-# meta_info keys of the arrays our server fills (binary form) and of the full log-softmax rows.
-A_TOKEN_LP, A_TOKEN_ID = "opd.input_token_logprobs.logprob", "opd.input_token_logprobs.token_id"
-A_TOP_LP, A_TOP_ID = "opd.input_top_logprobs.logprob", "opd.input_top_logprobs.token_id"
-A_HIDDEN = "opd.hidden_states"
-FULL_LOGPROBS = "input_full_logprobs"
-
-
-class ProtocolError(ValueError):
-    """A request or response does not follow the protocol; the message says where and by how much."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Requests
-
+from megatron_opd.serving.wire import (
+    A_HIDDEN,
+    A_TOKEN_ID,
+    A_TOKEN_LP,
+    A_TOP_ID,
+    A_TOP_LP,
+    FULL_LOGPROBS,
+    KEY_BINARY,
+    KEY_BINARY_HIDDEN_DTYPE,
+    KEY_FULL_LOGPROBS,
+    ProtocolError,
+)
 
 @dataclass(frozen=True)
 class ScoreItem:
-    """One sequence to score: `tokens` is prompt + response, the first `prompt_len` the prompt."""
+    """One sequence to score: `tokens` is prompt + response, the first `prompt_len` the prompt.
+    `sample_id` (the trajectory's) names it in error messages."""
 
     tokens: tuple[int, ...]
     prompt_len: int
+    sample_id: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "tokens", tuple(int(t) for t in self.tokens))
@@ -97,15 +78,6 @@ class SignalSpec:
     topk_format: str = "b64"  # b64 | flat | nested
     binary: bool = False  # ask our server for the binary form
     hidden_dtype: str = "float32"
-
-
-def check_sampling_params(params: dict[str, Any]) -> None:
-    """Refuse keys SGLang does not know (a router would drop them silently)."""
-    for key in params:
-        if key not in SAMPLING_PARAM_KEYS:
-            close = difflib.get_close_matches(key, SAMPLING_PARAM_KEYS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"sampling_params has unknown key {key!r}{hint}")
 
 
 def score_request(items: Sequence[ScoreItem], spec: SignalSpec) -> dict[str, Any]:
@@ -145,169 +117,6 @@ def score_request(items: Sequence[ScoreItem], spec: SignalSpec) -> dict[str, Any
     return body
 
 
-def sample_request(
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = -1,
-    stop_token_ids: Sequence[int] = (),
-    sampling_seed: int | None = None,
-    return_logprob: bool = True,
-) -> dict[str, Any]:
-    """A /generate body that samples a continuation of each prompt (rollout use)."""
-    params: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "top_p": float(top_p)}
-    if top_k > 0:
-        params["top_k"] = int(top_k)
-    if stop_token_ids:
-        params["stop_token_ids"] = [int(t) for t in stop_token_ids]
-    if sampling_seed is not None:
-        params["sampling_seed"] = int(sampling_seed)
-    body: dict[str, Any] = {"input_ids": [list(map(int, p)) for p in prompts], "sampling_params": params}
-    if return_logprob:
-        body["return_logprob"] = True
-    return body
-
-
-# ---------------------------------------------------------------------------------------------
-# Error bodies
-
-
-def error_message(body: bytes | str | Any) -> str:
-    """The message of an SGLang error body, in any of the shapes servers and routers send.
-
-    `/generate` contract violations: {"error": "<text>"}; runtime errors: {"error": {"message":
-    ...}}; FastAPI validation: {"object": "error", "message": ...}; routers: plain text too.
-    """
-    if isinstance(body, (bytes, bytearray)):
-        body = body.decode("utf-8", "replace")
-    obj = body
-    if isinstance(body, str):
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            return body.strip()[:2000]
-    if isinstance(obj, dict):
-        err = obj.get("error", obj)
-        if isinstance(err, str):
-            return err
-        if isinstance(err, dict) and "message" in err:
-            return str(err["message"])
-    return json.dumps(obj)[:2000]
-
-
-# ---------------------------------------------------------------------------------------------
-# The binary form
-
-
-def encode_binary(responses: list[dict[str, Any]]) -> bytes:
-    """Our binary response: the SGLang JSON response with every ndarray in meta_info moved raw.
-
-    Layout (little-endian): magic (8 bytes) | u32 header length H | H bytes of UTF-8 JSON header
-    | zero padding to a multiple of 8 | data. Header: {"responses": [...], "arrays": [{"item",
-    "key", "dtype", "shape", "offset"}]}, offsets relative to the data section, 8-byte aligned.
-    """
-    arrays, chunks, offset = [], [], 0
-    out = []
-    for i, resp in enumerate(responses):
-        meta = dict(resp.get("meta_info") or {})
-        for key in [k for k, v in meta.items() if isinstance(v, np.ndarray)]:
-            arr = np.ascontiguousarray(meta.pop(key))
-            dtype = arr.dtype.newbyteorder("<")
-            raw = arr.astype(dtype, copy=False).tobytes()
-            arrays.append({"item": i, "key": key, "dtype": dtype.str, "shape": list(arr.shape), "offset": offset})
-            pad = (-len(raw)) % 8
-            chunks.append(raw + b"\0" * pad)
-            offset += len(raw) + pad
-        out.append(dict(resp, meta_info=meta))
-    header = json.dumps({"responses": out, "arrays": arrays}, separators=(",", ":")).encode()
-    head = BINARY_MAGIC + struct.pack("<I", len(header)) + header
-    return head + b"\0" * ((-len(head)) % 8) + b"".join(chunks)
-
-
-def decode_binary(body: bytes, where: str = "response") -> list[dict[str, Any]]:
-    """Inverse of `encode_binary`: the response list with numpy arrays back in meta_info."""
-    if len(body) < 12 or body[:8] != BINARY_MAGIC:
-        raise ProtocolError(f"{where}: binary signal does not start with {BINARY_MAGIC!r} (got {body[:8]!r})")
-    (hlen,) = struct.unpack("<I", body[8:12])
-    if 12 + hlen > len(body):
-        raise ProtocolError(f"{where}: binary signal truncated: header of {hlen} bytes, body of {len(body)}")
-    try:
-        header = json.loads(body[12 : 12 + hlen])
-    except ValueError as e:
-        raise ProtocolError(f"{where}: binary signal header is not JSON: {e}") from None
-    start = 12 + hlen + ((-(12 + hlen)) % 8)
-    responses = header["responses"]
-    for spec in header["arrays"]:
-        dtype = np.dtype(spec["dtype"])
-        shape = tuple(spec["shape"])
-        nbytes = dtype.itemsize * math.prod(shape)
-        lo = start + spec["offset"]
-        if lo + nbytes > len(body):
-            raise ProtocolError(
-                f"{where}: binary signal truncated: array {spec['key']!r} of item {spec['item']} needs "
-                f"bytes [{lo}, {lo + nbytes}) of a {len(body)}-byte body"
-            )
-        arr = np.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=lo).reshape(shape)
-        responses[spec["item"]]["meta_info"][spec["key"]] = arr
-    return responses
-
-
-def decode_response_body(body: bytes, content_type: str, where: str) -> list[dict[str, Any]]:
-    """A /generate 200 body (JSON or binary) as a list of response objects, one per sequence."""
-    if content_type.split(";")[0].strip() == BINARY_CONTENT_TYPE:
-        return decode_binary(body, where)
-    try:
-        obj = json.loads(body)
-    except ValueError as e:
-        raise ProtocolError(f"{where} answered 200 with a body that is not JSON ({len(body)} bytes): {e}") from None
-    if isinstance(obj, dict):
-        obj = [obj]
-    if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
-        raise ProtocolError(f"{where}: /generate answered {type(obj).__name__}, expected a response object or a list of them")
-    return obj
-
-
-# ---------------------------------------------------------------------------------------------
-# Server-side encoders (our embedded server builds SGLang's JSON with these)
-
-
-def logprob_entries(logprobs: np.ndarray, token_ids: np.ndarray, texts: Sequence[str | None] | None = None) -> list[list]:
-    """[[logprob, token_id, text], ...]; a NaN logprob is encoded as null (entry 0 of inputs)."""
-    out = []
-    for j, (lp, tid) in enumerate(zip(logprobs.tolist(), token_ids.tolist())):
-        out.append([None if lp != lp else lp, int(tid), texts[j] if texts is not None else None])
-    return out
-
-
-def top_logprob_rows(logprobs: np.ndarray, token_ids: np.ndarray, null_rows: int, texts=None) -> list:
-    """Nested top-k rows: `null_rows` leading nulls, then [[logprob, id, text] * k] per position."""
-    rows: list = [None] * null_rows
-    for r in range(null_rows, logprobs.shape[0]):
-        ids = token_ids[r]
-        rows.append(logprob_entries(logprobs[r], ids, None if texts is None else [texts(i) for i in ids.tolist()]))
-    return rows
-
-
-def flat_top_logprob_fields(side: str, logprobs: np.ndarray, token_ids: np.ndarray, null_prefix: int, b64: bool) -> dict[str, Any]:
-    """SGLang's flat top-k fields for rows `null_prefix:` of [n, k] arrays (tokenizer_manager.py)."""
-    vals = np.ascontiguousarray(logprobs[null_prefix:], dtype="<f4")
-    ids = np.ascontiguousarray(token_ids[null_prefix:], dtype="<i4")
-    fields: dict[str, Any] = {}
-    if b64:
-        fields[f"{side}_top_logprobs_val_flat_b64"] = base64.b64encode(vals.tobytes()).decode()
-        fields[f"{side}_top_logprobs_idx_flat_b64"] = base64.b64encode(ids.tobytes()).decode()
-        fields[f"{side}_top_logprobs_val_flat_b64_dtype"] = "float32"
-        fields[f"{side}_top_logprobs_idx_flat_b64_dtype"] = "int32"
-    else:
-        fields[f"{side}_top_logprobs_val_flat"] = vals.reshape(-1).tolist()
-        fields[f"{side}_top_logprobs_idx_flat"] = ids.reshape(-1).tolist()
-    fields[f"{side}_top_logprobs_shape"] = [int(vals.shape[0]), int(vals.shape[1])]
-    fields[f"{side}_top_logprobs_null_prefix"] = int(null_prefix)
-    return fields
-
-
 # ---------------------------------------------------------------------------------------------
 # Response decoding
 
@@ -327,6 +136,19 @@ class ItemSignal:
 
 def _fail(where: str, text: str) -> ProtocolError:
     return ProtocolError(f"{where} {text}")
+
+
+def _finite(values: np.ndarray, name: str, where: str) -> np.ndarray:
+    """`values` ([R, ...], one row per response token) if every entry is finite."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise _fail(
+            where,
+            f"returned non-finite {name} ({int(bad.sum())} of {values.size} values, the first at response position "
+            f"{row}); a NaN or infinite teacher signal would make the loss non-finite, so it is refused",
+        )
+    return values
 
 
 def _finish(meta: dict, where: str) -> str:
@@ -470,7 +292,8 @@ def parse_score_response(
         raise _fail(where, f"returned {len(responses)} responses for a batch of {len(items)} sequences")
     out = []
     for b, (resp, item) in enumerate(zip(responses, items)):
-        at = f"{where} (batch item {b})" if len(items) > 1 else where
+        label = ([f"batch item {b}"] if len(items) > 1 else []) + ([f"sample {item.sample_id!r}"] if item.sample_id else [])
+        at = f"{where} ({', '.join(label)})" if label else where
         meta = resp.get("meta_info")
         if not isinstance(meta, dict):
             raise _fail(at, "returned a response without meta_info")
@@ -480,7 +303,7 @@ def parse_score_response(
             raise _fail(at, f"reports prompt_tokens={meta.get('prompt_tokens')} for a sequence of {L} tokens")
         sig = ItemSignal(kind=spec.kind, weight_version=str(meta.get("weight_version") or ""))
         if spec.kind == "hidden":
-            sig.hidden = _hidden_rows(meta, item, at)
+            sig.hidden = _finite(_hidden_rows(meta, item, at), "hidden states", at)
             out.append(sig)
             continue
         n = L - s
@@ -492,7 +315,9 @@ def parse_score_response(
         if not math.isnan(vals[0]):
             raise _fail(at, f"input_token_logprobs[0] is {vals[0]}, expected null (entry 0 is never scored)")
         lp = vals[1:]
-        if lp.size and (not np.all(np.isfinite(lp)) or lp.max() > 1e-4):
+        if lp.size and not np.all(np.isfinite(lp)):
+            _finite(lp, "input logprobs", at)
+        if lp.size and lp.max() > 1e-4:
             raise _fail(at, f"returned input logprobs that are not finite log-probabilities (max {np.nanmax(lp)})")
         if spec.kind == "sampled":
             sig.sampled_logprobs = lp.copy()
@@ -502,8 +327,7 @@ def parse_score_response(
                 raise _fail(at, "input_top_logprobs[0] is not null (entry 0 is never scored)")
             tv, ti = tv[1:], ti[1:]
             if tv.size:
-                if not np.all(np.isfinite(tv)):
-                    raise _fail(at, "returned null or non-finite top logprobs after entry 0")
+                _finite(tv, "(or null) top logprobs after entry 0", at)
                 if np.any(np.diff(tv, axis=1) > 1e-6):
                     raise _fail(at, "returned top logprobs that are not sorted in descending order")
                 if ti.min() < 0 or (vocab_size and ti.max() >= vocab_size):
@@ -522,7 +346,7 @@ def parse_score_response(
             full = np.asarray(rows, np.float32) if len(rows) else np.zeros((0, vocab_size), np.float32)
             if full.ndim != 2 or full.shape[0] != R or (vocab_size and full.shape[1] != vocab_size):
                 raise _fail(at, f"returned {FULL_LOGPROBS} of shape {tuple(full.shape)}; expected ({R}, {vocab_size or 'V'})")
-            sig.logits = np.array(full)
+            sig.logits = _finite(np.array(full), FULL_LOGPROBS, at)
         else:
             raise ValueError(f"unknown signal kind {spec.kind!r}")
         out.append(sig)

@@ -1,11 +1,11 @@
-"""Start embedded teacher servers (and the real sglang-router in front of them) as subprocesses.
+"""Start our servers (and the real sglang-router in front of them) as subprocesses.
 
 Used by the default job, the benchmark and the tests:
 
     with start_teacher_server(model_dir="runs/math-teacher") as server:
         pool = TeacherPool({"math": TeacherConfig(endpoints=[server.url], domains=["add"])}, ...)
 
-A server is `python -m megatron_opd.teachers.server ... --port 0`: it binds a free port itself
+A server is `python -m megatron_opd.serving ... --port 0`: it binds a free port itself
 and prints it in its ready line, which this module reads from the server's log file (a pipe
 could fill and stall the server). Several servers start in parallel with `wait=False` followed
 by `wait_ready(handles)`. Nothing here imports torch.
@@ -117,6 +117,8 @@ def start_teacher_server(
     host: str = "127.0.0.1",
     port: int = 0,
     api_key: str = "",
+    weights_dir: str | os.PathLike = "",
+    weight_groups: bool = False,
     seed: int = 1234,
     threads: int = 1,
     extra_args: Sequence[str] = (),
@@ -124,8 +126,9 @@ def start_teacher_server(
     wait: bool = True,
     startup_timeout_s: float = 180.0,
 ) -> ServerHandle:
-    """Launch `python -m megatron_opd.teachers.server` and (by default) wait for its ready line."""
-    cmd = [sys.executable, "-m", "megatron_opd.teachers.server", "--host", host, "--port", str(port), "--seed", str(seed)]
+    """Launch `python -m megatron_opd.serving` (a teacher or rollout server) and, by default, wait
+    for its ready line."""
+    cmd = [sys.executable, "-m", "megatron_opd.serving", "--host", host, "--port", str(port), "--seed", str(seed)]
     if model_dir:
         cmd += ["--model-dir", str(model_dir)]
     if random_init:
@@ -138,6 +141,10 @@ def start_teacher_server(
     if api_key:  # through the environment: a command line is readable by every user (ps)
         env["MEGATRON_OPD_SERVER_API_KEY"] = api_key
         cmd += ["--api-key-env", "MEGATRON_OPD_SERVER_API_KEY"]
+    if weights_dir:
+        cmd += ["--weights-dir", str(weights_dir)]
+    if weight_groups:
+        cmd += ["--weight-groups"]
     if threads:
         cmd += ["--threads", str(threads)]
     cmd += list(extra_args)

@@ -23,6 +23,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 PINNED = "0.5.23"
 MEMBER = "sglang/api/v1/api_types.py"
@@ -31,7 +32,7 @@ FETCH_HINT = f"pip download --no-deps sglang=={PINNED} -d .whl"
 
 def _wheel_member(member: str) -> Path | None:
     """A file of the pinned wheel, extracted once into the temp dir, or None without the wheel."""
-    from megatron_opd.teachers.launch import REPO_ROOT
+    from megatron_opd.serving.launch import REPO_ROOT
 
     candidates = [Path(os.environ["OPD_SGLANG_WHEEL"])] if os.environ.get("OPD_SGLANG_WHEEL") else []
     candidates.append(REPO_ROOT / ".whl")
@@ -75,6 +76,27 @@ def request_fields(class_name: str) -> dict[str, bool]:
     raise KeyError(f"{class_name} is not in {IO_STRUCT} of sglang=={PINNED}")
 
 
+SAMPLER = "sglang/srt/layers/sampler.py"
+
+
+def wheel_function(member: str, name: str, namespace: dict) -> Callable:
+    """A top-level function of the pinned wheel's `member`, compiled on its own (with `ast`) in
+    `namespace`: how the tests run SGLang's own torch sampler without importing sglang."""
+    import ast
+
+    path = _wheel_member(member)
+    if path is None:
+        raise FileNotFoundError(f"sglang=={PINNED} wheel not found; fetch it with: {FETCH_HINT}")
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            node.decorator_list = []
+            scope = dict(namespace)
+            exec(compile(ast.Module(body=[node], type_ignores=[]), f"{member}:{name}", "exec"), scope)
+            return scope[name]
+    raise KeyError(f"{name} is not a function of {member} in sglang=={PINNED}")
+
+
 def fetch_wheel(directory: Path) -> None:
     """Download the pinned wheel (no dependencies) from the package index into `directory`."""
     import subprocess
@@ -93,7 +115,7 @@ def load_contract(*, fetch: bool = False) -> ModuleType:
     otherwise a missing wheel raises FileNotFoundError with the command that fetches it."""
     path = find_api_types()
     if path is None and fetch:
-        from megatron_opd.teachers.launch import REPO_ROOT
+        from megatron_opd.serving.launch import REPO_ROOT
 
         fetch_wheel(REPO_ROOT / ".whl")
         path = find_api_types()
