@@ -1,7 +1,7 @@
 """The local launcher: every role of a distillation job on one machine (`megatron-opd run`).
 
 Roles, in order:
-  1. experts   each teacher whose model directory holds no checkpoint is trained by SFT on its
+  1. experts   each teacher whose model directory holds no finished run is trained by SFT on its
                own domains (`pipeline.expert_overrides`);
   2. student   an optional SFT warm start on all domains (`pipeline.student_overrides`), in the
                same pool as the experts (`pipeline.parallel_jobs` SFT jobs at a time);
@@ -13,6 +13,13 @@ Roles, in order:
 
 Each training role is its own world of spawned ranks (megatron keeps global state per process),
 exactly like torchrun would start it; the servers are subprocesses stopped on exit.
+
+A phase is done when its run reached its last step (its summary.json says finished at
+train.steps: stages/run_dir.py); a rerun skips what is done and resumes what is not from its
+newest checkpoint. A stop signal to this launcher (SIGTERM, SIGINT, SIGUSR1) reaches the ranks
+of every world in flight, which save and return (runtime/spawn.py, forward_stop_signals); no
+later phase starts, every server started here is stopped, and the command exits 75
+(EXIT_STOPPED_EARLY), as it does when any phase stopped before its last step.
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from megatron_opd.config import JobConfig, derive, load_config, to_dict
-from megatron_opd.runtime.checkpoint import latest_complete
-from megatron_opd.runtime.spawn import spawn_world, terminate_all
+from megatron_opd.runtime.spawn import StopRequested, forward_stop_signals, spawn_world, stop_requested, terminate_all
+from megatron_opd.stages.run_dir import is_finished, read_summary
 
 
 def _run_world(cfg: JobConfig, threads: int | None = None) -> dict[str, Any]:
@@ -66,28 +73,56 @@ def sft_jobs(cfg: JobConfig) -> tuple[dict[str, JobConfig], JobConfig | None]:
     return experts, student
 
 
-def run_sft_jobs(jobs: dict[str, JobConfig], parallel: int) -> None:
-    """Run the jobs that have no complete checkpoint yet, `parallel` at a time, longest first."""
-    missing = [n for n, job in jobs.items() if latest_complete(job.run_dir / "checkpoints") is None]
-    if not missing:
-        return
-    missing.sort(key=lambda n: -jobs[n].train.steps)  # longest first: the pool then packs the rest
-    concurrent = max(1, min(parallel, len(missing)))
-    _say(f"SFT: {', '.join(f'{n} ({jobs[n].train.steps} steps)' for n in missing)}; {concurrent} at a time")
-    threads = max(1, (os.cpu_count() or 1) // concurrent) if concurrent > 1 else None
-    with ThreadPoolExecutor(concurrent) as pool:
-        try:
-            list(pool.map(lambda n: _run_world(jobs[n], threads), missing))
-        except BaseException:  # Ctrl-C reaches this thread only: stop the worlds of the others
-            terminate_all()
-            raise
+def run_sft_jobs(jobs: dict[str, JobConfig], parallel: int) -> list[str]:
+    """Run the jobs that have not reached their last step (resuming those a stop interrupted),
+    `parallel` at a time, longest first. Once one stops early, or the launcher was asked to stop,
+    no further job starts. Returns the names of the jobs still unfinished."""
+    todo = [n for n, job in jobs.items() if not is_finished(job.run_dir, job.train.steps) and not _foreign(job.run_dir)]
+    if todo:
+        todo.sort(key=lambda n: -jobs[n].train.steps)  # longest first: the pool then packs the rest
+        concurrent = max(1, min(parallel, len(todo)))
+        _say(f"SFT: {', '.join(f'{n} ({jobs[n].train.steps} steps)' for n in todo)}; {concurrent} at a time")
+        threads = max(1, (os.cpu_count() or 1) // concurrent) if concurrent > 1 else None
+        stopped: list[str] = []
+
+        def run(name: str) -> None:
+            if stopped or stop_requested():
+                return
+            try:
+                if not _run_world(jobs[name], threads).get("finished"):
+                    stopped.append(name)
+            except StopRequested:
+                pass
+
+        with ThreadPoolExecutor(concurrent) as pool:
+            try:
+                list(pool.map(run, todo))
+            except BaseException:  # a failed job: stop the worlds of the others
+                terminate_all()
+                raise
+    return [n for n, job in jobs.items() if not is_finished(job.run_dir, job.train.steps) and not _foreign(job.run_dir)]
+
+
+def _foreign(run_dir: Path) -> bool:
+    """A model directory with checkpoints that no `megatron-opd train` run left (a converted or
+    copied teacher): it is served as it is, never trained on."""
+    from megatron_opd.runtime.checkpoint import latest_complete
+
+    return latest_complete(run_dir / "checkpoints") is not None and not any(
+        (run_dir / name).exists() for name in ("summary.json", "config.yaml")
+    )
 
 
 def expert_accuracy(cfg: JobConfig, experts: dict[str, JobConfig]) -> dict[str, dict[str, float]]:
     """Each expert's final held-out accuracy per domain, from its run's summary.json."""
     accuracy = {}
     for name, job in experts.items():
-        summary = json.loads((job.run_dir / "summary.json").read_text())
+        summary = read_summary(job.run_dir)
+        if summary is None:
+            raise ValueError(
+                f"expert {name!r} ({job.run_dir}) has no summary.json, so its accuracy is unknown: it was "
+                f"not trained by `megatron-opd train`; unset teachers.{name}.model_dir to train it here"
+            )
         missing = [d for d in cfg.teachers[name].domains if f"acc/{d}" not in summary]
         if missing:
             raise ValueError(
@@ -135,27 +170,38 @@ def start_servers(cfg: JobConfig, stack: ExitStack) -> dict[str, list[str]]:
     return endpoints
 
 
-def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
+def run_pipeline(cfg: JobConfig) -> dict[str, Any] | None:
+    """Every phase that is not done yet, then the report. Returns the summary, or None when a
+    phase stopped before its last step (a rerun resumes it)."""
     t0 = time.monotonic()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     experts, student = sft_jobs(cfg)
-    run_sft_jobs({**experts, **({"student": student} if student else {})}, cfg.pipeline.parallel_jobs)
+    unfinished = run_sft_jobs({**experts, **({"student": student} if student else {})}, cfg.pipeline.parallel_jobs)
+    if unfinished:
+        _say(f"stopped before SFT of {', '.join(unfinished)} finished; checkpoints saved, rerun to resume")
+        return None
     teacher_acc = expert_accuracy(cfg, experts)
     init_from = str(student.run_dir) if student else cfg.train.init_from
-    with ExitStack() as stack:
-        endpoints = start_servers(cfg, stack)
-        teachers = {
-            name: replace(t, endpoints=endpoints[name], model_dir=str(_expert_dir(cfg, name)))
-            for name, t in cfg.teachers.items()
-        }
-        opd = replace(
-            cfg,
-            teachers=teachers,
-            train=replace(cfg.train, init_from=init_from),
-            run=replace(cfg.run, name=f"{cfg.run.name}/opd"),
-        )
-        _say(f"distilling {len(teachers)} experts into the student ({opd.train.steps} OPD steps, {opd.run.nproc} ranks)")
-        _run_world(opd)
+    opd = replace(
+        cfg,
+        teachers={name: replace(t, model_dir=str(_expert_dir(cfg, name))) for name, t in cfg.teachers.items()},
+        train=replace(cfg.train, init_from=init_from),
+        run=replace(cfg.run, name=f"{cfg.run.name}/opd"),
+    )
+    if not is_finished(opd.run_dir, opd.train.steps):
+        with ExitStack() as stack:
+            if stop_requested():
+                return None
+            endpoints = start_servers(cfg, stack)
+            opd = replace(opd, teachers={n: replace(t, endpoints=endpoints[n]) for n, t in opd.teachers.items()})
+            _say(f"distilling {len(opd.teachers)} experts into the student ({opd.train.steps} OPD steps, {opd.run.nproc} ranks)")
+            try:
+                final = _run_world(opd)
+            except StopRequested:
+                return None
+        if not final.get("finished"):
+            _say(f"OPD stopped at step {final.get('step')} of {opd.train.steps}; checkpoint saved, rerun to resume")
+            return None
     summary = report(cfg, opd.run_dir, teacher_acc, wall_time_s=time.monotonic() - t0)
     return summary
 
@@ -242,5 +288,8 @@ def run_command(args) -> int:
         raise SystemExit(f"megatron-opd run expects a distillation config (stage: opd), {args.config} has stage={cfg.stage!r}")
     # Before anything starts; this pipeline trains the experts and starts their servers itself.
     cfg.check(cfg.run.nproc, by_pipeline=True)
-    run_pipeline(cfg)
-    return 0
+    from megatron_opd.stages.launch import EXIT_STOPPED_EARLY
+
+    with forward_stop_signals():
+        summary = run_pipeline(cfg)
+    return 0 if summary is not None else EXIT_STOPPED_EARLY

@@ -46,7 +46,11 @@ def _submit_args(p: argparse.ArgumentParser) -> None:
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     # Each benchmark declares its own flags; they are parsed by the benchmark itself.
-    p.add_argument("which", choices=["loss", "teachers"], help="loss: reverse-KL kernels; teachers: wire formats")
+    p.add_argument(
+        "which",
+        choices=["loss", "teachers", "rollout"],
+        help="loss: reverse-KL kernels; teachers: wire formats; rollout: embedded KV cache vs none",
+    )
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags (see: bench WHICH --help)")
 
 
@@ -97,7 +101,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]]
         for tool, text in _CHECKPOINT_TOOLS.items()
     },
     "bench": (
-        "benchmarks that print a table: loss (reverse-KL kernels), teachers (signal wire formats)",
+        "benchmarks that print a table: loss (reverse-KL kernels), teachers (signal wire formats), "
+        "rollout (embedded rollout tokens/s with and without the KV cache)",
         _bench_args,
         "megatron_opd.cli:bench_command",
     ),
@@ -105,7 +110,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]]
 
 
 def bench_command(args) -> int:
-    module = {"loss": "megatron_opd.losses.bench", "teachers": "megatron_opd.teachers.bench"}[args.which]
+    module = {
+        "loss": "megatron_opd.losses.bench",
+        "teachers": "megatron_opd.teachers.bench",
+        "rollout": "megatron_opd.rollout.bench",
+    }[args.which]
     return int(importlib.import_module(module).main(args.args) or 0)
 
 

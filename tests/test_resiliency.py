@@ -89,3 +89,13 @@ def test_a_signal_on_one_rank_stops_every_rank(tmp_path):
     assert [received for _, _, received in results] == [None, "SIGTERM"]
     # Rank 0 writes the marker even though the signal reached rank 1 only.
     assert marker.read_text().splitlines() == ["step 3", "signal on another rank"]
+
+
+def test_a_signal_before_the_trainer_exists_is_held_not_fatal(restore_signals):
+    from megatron_opd.runtime.resiliency import hold_stop_signals
+
+    hold_stop_signals()
+    os.kill(os.getpid(), signal.SIGTERM)  # would end this process without the hold
+    r = Resiliency(ResiliencyConfig())
+    assert r.received == "SIGTERM" and r.should_stop()
+    assert Resiliency(ResiliencyConfig()).received is None  # taken over once

@@ -88,3 +88,61 @@ def test_spawn_world_reports_failing_rank_traceback():
 def test_spawn_world_deadline():
     with pytest.raises(WorldFailed, match="ran past its 3 s deadline"):
         spawn_world(_hang, 2, timeout_s=3)
+
+
+# -- a launcher's stop signal reaches its ranks (forward_stop_signals) -------------------------------
+
+
+def _wait_for_stop(ready_dir: str, honour: bool):
+    """A rank that holds stop signals, says it is ready, and returns the one it got (or ignores it)."""
+    from megatron_opd.runtime import resiliency
+
+    resiliency.hold_stop_signals()
+    open(os.path.join(ready_dir, os.environ["RANK"]), "w").close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if resiliency._held and honour:
+            return list(resiliency._held)
+        time.sleep(0.05)
+    return []
+
+
+def _signal_when_ready(ready_dir, ranks: int, sig) -> None:
+    """Send `sig` to this (launcher) process once every rank is ready, from another thread."""
+    import threading
+
+    def send():
+        deadline = time.monotonic() + 60
+        while len(os.listdir(ready_dir)) < ranks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=send, daemon=True).start()
+
+
+def test_a_launcher_forwards_its_stop_signal_to_every_rank_and_starts_no_new_world(tmp_path):
+    import signal
+
+    from megatron_opd.runtime.spawn import StopRequested, forward_stop_signals, stop_requested
+
+    with forward_stop_signals():
+        _signal_when_ready(str(tmp_path), 2, signal.SIGINT)
+        out = spawn_world(_wait_for_stop, 2, (str(tmp_path), True), timeout_s=90)
+        assert out == [["SIGTERM"], ["SIGTERM"]]  # SIGINT to the launcher, SIGTERM to the ranks
+        assert stop_requested() == "SIGINT"
+        with pytest.raises(StopRequested, match="received SIGINT"):
+            spawn_world(_wait_for_stop, 1, (str(tmp_path), True), timeout_s=30)
+    assert stop_requested() is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ranks_that_do_not_stop_are_killed_after_the_stop_timeout(tmp_path):
+    import signal
+
+    from megatron_opd.runtime.spawn import forward_stop_signals
+
+    with forward_stop_signals():
+        _signal_when_ready(str(tmp_path), 2, signal.SIGTERM)
+        start = time.monotonic()
+        with pytest.raises(WorldFailed, match="did not save and return within 2 s"):
+            spawn_world(_wait_for_stop, 2, (str(tmp_path), False), timeout_s=90, stop_timeout_s=2)
+        assert time.monotonic() - start < 40

@@ -80,7 +80,11 @@ class TrainConfig:
     # Checkpoint every N steps (0: only at the end); resume from the newest complete one.
     checkpoint_every: int = 0
     keep_checkpoints: int = 2  # 0: keep every checkpoint
+    # Continue from the newest complete checkpoint of the run. false refuses a run directory that
+    # holds checkpoints; restart=true moves the old run aside and starts at step 0, on every
+    # attempt it is given to (megatron_opd/stages/run_dir.py, docs/architecture.md "Resume").
     resume: bool = True
+    restart: bool = False
     # Initialise the model from this checkpoint directory (a step_* dir or a root holding them).
     init_from: str = ""
     eval_every: int = 0

@@ -34,7 +34,13 @@ class Trajectories:
     behavior_logprobs: torch.Tensor | None = None  # [B, R] sampler's log p of each response token
     finish_reasons: list[str] = field(default_factory=list)  # "stop" or "length" per row
     rewards: torch.Tensor | None = None  # [B] float
-    sampling_mask: torch.Tensor | None = None  # [B, R, V] bool, top-p/top-k support when sampling
+    # Keep sampling mask (GRPO): the token ids the sampler could draw at each response position,
+    # [B, R, K] long, most probable first, -1 padded (K: the batch's largest kept set), never a
+    # dense [B, R, V] mask; with `kept_logprobs` [B, R] float, each response token's log-prob
+    # renormalised over its kept set (`behavior_logprobs` is before truncation, as SGLang
+    # reports it). None when not recorded or when the sampler kept the whole vocabulary.
+    kept_ids: torch.Tensor | None = None
+    kept_logprobs: torch.Tensor | None = None
     routed_experts: torch.Tensor | None = None  # [B, T, layers, topk] long, experts chosen when sampling
     weight_version: str = ""  # policy version that sampled these rows
 

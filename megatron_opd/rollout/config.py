@@ -64,6 +64,10 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
+    # Embedded engine: megatron-core's static KV cache, O(length) forward tokens per response
+    # instead of O(length^2); false re-runs every prefix (the reference path; both sample the same
+    # tokens under the same seed). Held-out evaluation calls the same `generate` with the cache.
+    kv_cache: bool = True
     # SGLang engine: "disk" exports weights and calls /update_weights_from_disk; "distributed"
     # broadcasts them under their Hugging Face names from trainer rank 0 through a process group
     # joining it and the servers (/init_weights_update_group, /begin_weight_update,
@@ -96,6 +100,8 @@ class RolloutConfig:
         problems = sampling_problems(self, "rollout.")
         if self.max_new_tokens < 1:
             problems.append(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not isinstance(self.kv_cache, bool):  # a string "false" would be truthy
+            problems.append(f"rollout.kv_cache must be true or false, got {self.kv_cache!r}")
         if problems:
             raise RolloutConfigError("; ".join(problems))
         if self.timeout_s <= 0:

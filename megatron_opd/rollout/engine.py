@@ -30,7 +30,8 @@ class RolloutEngine(Protocol):
 
 
 class EmbeddedRolloutEngine:
-    """The student samples its own trajectories in-job (collective over its TP group)."""
+    """The student samples its own trajectories in-job (collective over its TP group), with the KV
+    cache unless rollout.kv_cache=false, recording kept sets when the sampling truncates."""
 
     def __init__(self, cfg: RolloutConfig, model: torch.nn.Module, tokenizer: Tokenizer, *, max_len: int, seed: int):
         self.cfg, self.model, self.tokenizer, self.max_len, self.seed = cfg, model, tokenizer, max_len, seed
@@ -42,7 +43,10 @@ class EmbeddedRolloutEngine:
         # run would have sampled at this step, without restoring any RNG state.
         replica = parallel_state.get_data_parallel_rank()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + replica)
-        batch = generate(self.model, prompts, self.tokenizer, self.cfg.sampling, max_len=self.max_len, generator=generator)
+        batch = generate(
+            self.model, prompts, self.tokenizer, self.cfg.sampling,
+            max_len=self.max_len, generator=generator, kv_cache=self.cfg.kv_cache,
+        )  # fmt: skip
         batch.weight_version = str(step)
         return batch
 

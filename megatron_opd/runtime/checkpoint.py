@@ -63,6 +63,20 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     return int(match.group(1))
 
 
+def read_common_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The common state a complete checkpoint was saved with (step, layout, what the trainer added),
+    read without a process group or a model."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dict(dist_checkpointing.load_common_state_dict(str(path))["common"])
+    except Exception as e:
+        corruption = find_corruption(path)
+        if corruption is None:
+            raise
+        raise CorruptCheckpointError(corruption.describe(RESUME_FALLBACK)) from e
+
+
 def checkpoint_id(path: str | os.PathLike) -> str | None:
     """The unique id of the complete checkpoint at `path` (None for a marker written before ids)."""
     marker = Path(path) / COMPLETE

@@ -16,6 +16,10 @@ when `should_stop()` says so, then `close()` at the end. What happens behind tho
 - After a stop, `close()` on rank 0 (the checkpoint is complete by then) writes the file named by
   OPD_STOP_MARKER: the SLURM batch script requeues the job when it finds it.
 
+A signal that arrives before the trainer's `Resiliency` exists (while a rank imports, builds the
+model or loads its checkpoint) is held by `hold_stop_signals()`, which the stage launcher calls
+first thing on every rank, and acted on after the first step.
+
 Without a `ResiliencyConfig`, the settings come from the environment (`ResiliencyConfig.from_env`),
 so a launcher can set them for every rank without touching the job config:
 
@@ -68,13 +72,29 @@ class ResiliencyConfig:
         return cfg
 
 
+_held: list[str] = []  # stop signals received before a Resiliency existed (hold_stop_signals)
+
+
+def _hold(signum, frame) -> None:
+    _held.append(signal.Signals(signum).name)
+
+
+def hold_stop_signals(cfg: ResiliencyConfig | None = None) -> None:
+    """Record the stop signals from now on instead of dying of them; the next `Resiliency` takes
+    them over (a launcher may forward a stop while the ranks are still setting up)."""
+    for name in (cfg or ResiliencyConfig.from_env()).stop_signals:
+        if hasattr(signal, name):  # Resiliency itself names an unknown one
+            signal.signal(getattr(signal, name), _hold)
+
+
 class Resiliency:
     def __init__(self, cfg: ResiliencyConfig | None = None):
         self.cfg = cfg or ResiliencyConfig.from_env()
         for name in self.cfg.stop_signals:
             if not hasattr(signal, name):
                 raise ValueError(f"unknown stop signal {name!r}; use names such as SIGTERM, SIGUSR1")
-        self.received: str | None = None
+        self.received: str | None = _held[-1] if _held else None
+        _held.clear()
         self.stopped_at: int | None = None  # the step at which should_stop() said yes
         self.last_step = 0
         self._monitor = self._connect_monitor()

@@ -4,6 +4,14 @@ Each rank is a fresh `spawn`ed process with RANK / WORLD_SIZE / LOCAL_RANK / MAS
 MASTER_PORT set exactly as torchrun sets them, so the code under test initialises its process
 groups through the same path as a real job. The parent enforces a deadline, kills the whole
 world on the first failure, and re-raises with the failing rank's traceback.
+
+A launcher that runs worlds (`megatron-opd train` with run.nproc > 1, `megatron-opd run`) wraps
+its work in `forward_stop_signals()`: SIGTERM, SIGINT and SIGUSR1 to the launcher then reach every
+rank of every world in flight as the ranks' stop signal (they save a checkpoint and return), each
+world is given `stop_timeout_s` (OPD_STOP_TIMEOUT_S, default 300) to do so before it is killed,
+no new world starts (`StopRequested`), and a second signal kills the ranks at once. Without it
+the launcher would die of the signal and its ranks with it (they die with their parent), saving
+nothing.
 """
 
 from __future__ import annotations
@@ -14,12 +22,29 @@ import pickle
 import queue
 import signal
 import socket
+import threading
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 
 _LIVE: set = set()  # rank processes of every world in flight, for terminate_all()
+DEFAULT_STOP_TIMEOUT_S = 300.0
+
+
+@dataclass
+class _Stop:
+    signal: str | None = None  # the signal the launcher received
+    at: float = 0.0  # time.monotonic() when it did
+
+
+_STOP = _Stop()
+
+
+class StopRequested(RuntimeError):
+    """The launcher was asked to stop before this world started; it was not started."""
 
 
 def terminate_all() -> None:
@@ -28,6 +53,72 @@ def terminate_all() -> None:
     for p in list(_LIVE):
         if p.is_alive():
             p.kill()
+
+
+def stop_requested() -> str | None:
+    """The stop signal the launcher received inside `forward_stop_signals()`, if any."""
+    return _STOP.signal
+
+
+def _rank_stop_signal() -> signal.Signals:
+    """What the ranks treat as "save and stop": SIGTERM unless OPD_STOP_SIGNALS leaves it out."""
+    names = [s.strip() for s in os.environ.get("OPD_STOP_SIGNALS", "").split(",") if s.strip()]
+    if not names or "SIGTERM" in names:
+        return signal.SIGTERM
+    return getattr(signal, names[0])
+
+
+def _forward(procs) -> None:
+    sig = _rank_stop_signal()
+    for p in procs:
+        if p.is_alive():
+            try:
+                os.kill(p.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def _say(text: str) -> None:
+    os.write(2, f"[megatron-opd] {text}\n".encode())  # no print(): a handler may interrupt one
+
+
+def _on_stop_signal(signum, frame) -> None:
+    name = signal.Signals(signum).name
+    if _STOP.signal is None:
+        _STOP.signal, _STOP.at = name, time.monotonic()
+        live = [p for p in list(_LIVE) if p.is_alive()]  # list(): one atomic copy
+        _say(f"{name}: asking {len(live)} ranks to save a checkpoint and stop (again to kill them now)")
+        _forward(live)
+    else:
+        _say(f"{name} again: killing the ranks")
+        terminate_all()
+
+
+@contextmanager
+def forward_stop_signals(signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)) -> Iterator[None]:
+    """Within this block, a stop signal to this process is forwarded to the ranks instead of
+    ending it (see the module docstring). Only the main thread can install handlers; elsewhere
+    this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in signals}
+    for s in signals:
+        signal.signal(s, _on_stop_signal)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _STOP.signal, _STOP.at = None, 0.0
+
+
+def _stop_timeout_s() -> float:
+    value = os.environ.get("OPD_STOP_TIMEOUT_S", "")
+    try:
+        return float(value) if value else DEFAULT_STOP_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"OPD_STOP_TIMEOUT_S={value!r} is not a number of seconds") from None
 
 
 class WorldFailed(RuntimeError):
@@ -111,13 +202,19 @@ def spawn_world(
     *,
     timeout_s: float = 180.0,
     env: dict[str, str] | None = None,
+    stop_timeout_s: float | None = None,
 ) -> list[Any]:
     """Run `fn(*args)` on `world_size` ranks; return the per-rank return values, rank order.
 
     `fn` must be importable by name (a module-level function) and its return value picklable.
+    After a stop signal forwarded by `forward_stop_signals`, the ranks get `stop_timeout_s`
+    (default: OPD_STOP_TIMEOUT_S or 300 s) to return before they are killed.
     """
     if not 1 <= world_size <= 16:
         raise ValueError(f"world_size must be between 1 and 16, got {world_size}")
+    if _STOP.signal:
+        raise StopRequested(f"not started: the launcher received {_STOP.signal}")
+    stop_timeout_s = _stop_timeout_s() if stop_timeout_s is None else stop_timeout_s
     ctx = mp.get_context("spawn")
     results: Any = ctx.Queue()
     port = free_port()
@@ -133,12 +230,22 @@ def spawn_world(
     for p in procs:
         p.start()
         _LIVE.add(p)
+    if _STOP.signal:  # it came while the ranks were starting: they were not in _LIVE yet
+        _forward(procs)
     deadline = time.monotonic() + timeout_s
     values: dict[int, Any] = {}
     failure: str | None = None
     try:
         while len(values) < world_size and failure is None:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            if _STOP.signal and now > _STOP.at + stop_timeout_s:
+                failure = (
+                    f"stopped by {_STOP.signal}: ranks {sorted(set(range(world_size)) - set(values))} did not "
+                    f"save and return within {stop_timeout_s:.0f} s (OPD_STOP_TIMEOUT_S) and were killed; a "
+                    f"rerun resumes from the newest complete checkpoint"
+                )
+                break
+            remaining = deadline - now
             if remaining <= 0:
                 failure = (
                     f"world of {world_size} ranks ran past its {timeout_s:.0f} s deadline; "

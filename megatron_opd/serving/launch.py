@@ -99,7 +99,12 @@ def _spawn(cmd: list[str], name: str, log_path: str | os.PathLike | None, env: d
         fd, log_path = tempfile.mkstemp(prefix=f"{name}-", suffix=".log")
         os.close(fd)
     log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(REPO_ROOT))
+    # Its own session: a Ctrl-C on the launcher's terminal must not take the servers down while
+    # the trainer's ranks still finish their step and save; the launcher stops them afterwards.
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(REPO_ROOT),
+        start_new_session=True,
+    )
     return ServerHandle(process=proc, log_path=Path(log_path), name=name, _log=log)
 
 

@@ -4,19 +4,22 @@
 against the world it will run on) before any rank starts, and again on every rank before it
 builds anything; then every rank builds the runtime, the trainer and the stage (found through
 the stage registry, config/stages.py), runs the shared loop, and rank 0 prints a summary and
-writes `summary.json`.
+writes `summary.json`. The command exits 0 when the run reached train.steps, and
+EXIT_STOPPED_EARLY (75) when a stop signal ended it earlier with a checkpoint (a rerun resumes
+it). Spawning the ranks itself, it forwards SIGTERM/SIGINT/SIGUSR1 to them (runtime/spawn.py,
+forward_stop_signals).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from typing import Any
 
 from megatron_opd.config import ConfigError, JobConfig, build, load_config, stage_spec, to_dict
 from megatron_opd.data.tokenizer import Tokenizer, run_tokenizer
-from megatron_opd.runtime.spawn import spawn_world
+from megatron_opd.runtime.spawn import forward_stop_signals, spawn_world
+from megatron_opd.stages.run_dir import plan_start, write_summary
 
 
 def make_stage(cfg: JobConfig, trainer, tokenizer):
@@ -54,25 +57,24 @@ def job_tokenizer(cfg: JobConfig) -> Tokenizer:
 
 def run_stage(cfg: JobConfig) -> dict[str, Any]:
     """Run `cfg` on this rank (collective); returns the final metrics (on every rank)."""
-    from megatron_opd.models.model_dir import write_model_dir
     from megatron_opd.runtime.distributed import init_runtime, process_env, shutdown
+    from megatron_opd.runtime.resiliency import hold_stop_signals
     from megatron_opd.stages.trainer import Trainer
 
+    hold_stop_signals()  # a stop during set-up is acted on after the first step, not fatal
     # Every rank checks again: a launcher (megatron-opd run, a test) may start it with a derived config.
     cfg.check(process_env().world_size)
     tokenizer = job_tokenizer(cfg)
     layout = init_runtime(cfg.parallel, cfg.run.seed)
     try:
-        trainer = Trainer(cfg, layout)
-        if trainer.is_logger:
-            write_model_dir(cfg.run_dir, cfg.model, tokenizer)
+        trainer = Trainer(cfg, layout, tokenizer)
         stage = make_stage(cfg, trainer, tokenizer)
         try:
             final = trainer.fit(stage)
         finally:
             stage.close()
         if trainer.is_logger:
-            (cfg.run_dir / "summary.json").write_text(json.dumps(final, indent=1))
+            write_summary(cfg.run_dir, final)
             _print_summary(cfg, final)
         trainer.close()
         return final
@@ -84,7 +86,8 @@ def _print_summary(cfg: JobConfig, final: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{cfg.stage} run '{cfg.run.name}' finished: {cfg.run_dir}")
+    state = "finished" if final.get("finished") else f"stopped at step {final.get('step')} of {final.get('steps')}"
+    table = Table(title=f"{cfg.stage} run '{cfg.run.name}' {state}: {cfg.run_dir}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in sorted(final.items()):
@@ -100,7 +103,8 @@ def launch(cfg: JobConfig) -> dict[str, Any]:
     """Run under an existing launcher (torchrun/SLURM env present), else spawn `run.nproc` ranks."""
     if _launched() or cfg.run.nproc == 1:
         return run_stage(cfg)
-    return spawn_world(_rank_entry, cfg.run.nproc, (to_dict(cfg),), timeout_s=24 * 3600)[0]
+    with forward_stop_signals():
+        return spawn_world(_rank_entry, cfg.run.nproc, (to_dict(cfg),), timeout_s=24 * 3600)[0]
 
 
 # A run stopped by a preemption signal saved a checkpoint and wants to be run again (EX_TEMPFAIL).
@@ -111,6 +115,7 @@ def train_command(args) -> int:
     cfg = load_config(args.config, args.overrides)
     # Before any rank starts (a ConfigError: the CLI prints it as one line and exits 2).
     cfg.check(world_size(cfg))
-    job_tokenizer(cfg)
+    tokenizer = job_tokenizer(cfg)
+    plan_start(cfg, tokenizer.fingerprint, act=False)  # a refused resume, too, before any rank starts
     final = launch(cfg)
-    return EXIT_STOPPED_EARLY if final.get("stopped_early") else 0
+    return 0 if final.get("finished") else EXIT_STOPPED_EARLY

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,17 +17,31 @@ from typing import Any
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, enabled: bool):
+    """Appends to `metrics.jsonl` and TensorBoard events from step `start` on.
+
+    Rows of steps after `start` (logged by an attempt that was interrupted before its next
+    checkpoint, and redone by this one) are dropped from metrics.jsonl, as the sample ledger drops
+    them; TensorBoard is told to hide its events of those steps (`purge_step`: the event files are
+    append-only, TensorBoard discards the earlier events from that step on when it reads them).
+    A fresh run (`start` = -1) keeps nothing of an earlier attempt that never checkpointed."""
+
+    def __init__(self, run_dir: Path, enabled: bool, start: int = -1):
         self.enabled = enabled
         self._tb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self._jsonl = open(path, "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
         except ImportError:  # tensorboard is a declared dependency; JSONL still works without it
             self._tb = None
 

@@ -29,12 +29,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.config import JobConfig, dump_config
+from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.models.gpt import build_gpt_model
+from megatron_opd.models.model_dir import write_model_dir
 from megatron_opd.runtime import checkpoint as ckpt
-from megatron_opd.runtime.distributed import device, replica_group_and_src
+from megatron_opd.runtime.distributed import broadcast_object, device, replica_group_and_src
 from megatron_opd.runtime.layout import ParallelLayout
 from megatron_opd.runtime.resiliency import Resiliency
 from megatron_opd.stages.reporting import MetricsWriter, Progress
+from megatron_opd.stages.run_dir import StartPlan, plan_start, saved_config
 
 
 @dataclass
@@ -115,7 +118,10 @@ def split_micro_batches(tokens: torch.Tensor, micro_batch_size: int, **data: tor
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig, layout: ParallelLayout):
+    """The shared loop. `tokenizer` (when given) is written into the run directory beside
+    model.yaml, and its fingerprint is checked on resume."""
+
+    def __init__(self, cfg: JobConfig, layout: ParallelLayout, tokenizer: Tokenizer | None = None):
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -152,6 +158,8 @@ class Trainer:
             ),
             self.model,
         )
+        # The class values win over a checkpoint's (override): a resumed run follows the schedule
+        # of its new config from the checkpoint's step (stages/run_dir.py, RESUME_RULES).
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0 if o.warmup_steps else o.lr,
@@ -164,6 +172,8 @@ class Trainer:
             end_wd=o.weight_decay,
             wd_incr_steps=max(t.steps, 1),
             wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=False,
+            override_opt_param_scheduler=True,
         )
         config = model.config
         config.finalize_model_grads_func = finalize_model_grads
@@ -171,13 +181,19 @@ class Trainer:
         config.no_sync_func = self.model[0].no_sync
         self.step = 0
         self.run_dir = cfg.run_dir
+        self.tokenizer = tokenizer
         self.is_logger = self.rank == 0
-        self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger)
+        self.writer = MetricsWriter(self.run_dir, enabled=False)  # opened by resume()
         self.ledger = SampleLedger(self.run_dir / "samples.jsonl", enabled=self.is_logger)
         self.resiliency = Resiliency()
         self.stopped_by: str | None = None  # the signal that ended the run early, if any
-        if self.is_logger:
-            dump_config(cfg, self.run_dir / "config.yaml")
+        self.last_metrics: dict[str, float] = {}  # of the newest step (and its evaluation)
+        self.wall_time_s = 0.0  # training time of the steps this run holds, over all attempts
+        # How this attempt starts, decided on rank 0 before anything is written: a refused resume
+        # raises here on every rank and leaves the run directory as it was.
+        self.plan: StartPlan = _on_rank0(lambda: plan_start(cfg, tokenizer.fingerprint if tokenizer else None))
+        if self.plan.checkpoint is None:  # a fresh run: nothing to protect, write its identity now
+            self._write_identity()
 
     @property
     def module(self) -> torch.nn.Module:
@@ -315,8 +331,12 @@ class Trainer:
             "trainer": {
                 "step": self.step,
                 "scheduler": self.scheduler.state_dict(),
+                "metrics": dict(self.last_metrics),
+                "wall_time_s": self.wall_time_s,
             },
             "stage": stage.state_dict() if stage is not None else {},
+            "config": saved_config(self.cfg),  # what resume compares
+            "tokenizer": self.tokenizer.fingerprint if self.tokenizer else None,
         }
         return ckpt.save_checkpoint(
             self.checkpoint_root,
@@ -328,22 +348,60 @@ class Trainer:
         )
 
     def resume(self, stage: Stage | None) -> bool:
-        """Continue from the newest complete checkpoint of this run, if any. Returns whether it did."""
-        path = ckpt.latest_complete(self.checkpoint_root) if self.cfg.train.resume else None
+        """Start as `self.plan` says: continue from its checkpoint (returns True), or fresh from
+        `train.init_from` or random weights. The run's files follow only once the checkpoint has
+        loaded: config.yaml and the model directory, metrics and ledger cut back to its step."""
+        path = self.plan.checkpoint
         if path is None:
+            if self.is_logger and self.plan.moved_aside:
+                print(f"train.restart=true: moved the previous run to {self.plan.moved_aside}", flush=True)
             if self.cfg.train.init_from:
                 self.load_weights(self.cfg.train.init_from)
+            self._open_records(-1)
             return False
         common = ckpt.load_checkpoint(path, self.model, self.optimizer)
         trainer_state = common["trainer"]
         self.step = trainer_state["step"]
-        self.ledger.truncate(self.step)
-        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        self._apply_optimizer_settings()
+        self.scheduler.load_state_dict(trainer_state["scheduler"])  # its step; the values are the config's
+        self.last_metrics = dict(trainer_state.get("metrics", {}))
+        self.wall_time_s = float(trainer_state.get("wall_time_s", 0.0))
         if stage is not None:
             stage.load_state_dict(common["stage"])
+        self._write_identity()
+        self._open_records(self.step)
         if self.is_logger:
             print(f"resumed from {path} at step {self.step}", flush=True)
+            for change in self.plan.changes:
+                print(f"resume: {change} (applied)", flush=True)
         return True
+
+    def _apply_optimizer_settings(self) -> None:
+        """Loading the optimizer restores its param groups from the checkpoint, and with them the
+        old Adam settings and the `max_lr`/`min_lr` each group carries for the scheduler (megatron
+        prefers those to its own): the config's win. lr and weight decay follow at every step."""
+        o = self.cfg.train.optim
+        for group in self.optimizer.param_groups:
+            if "max_lr" in group:
+                group["max_lr"], group["min_lr"] = o.lr, o.min_lr
+            if "betas" in group:
+                group["betas"] = (o.adam_beta1, o.adam_beta2)
+            if "eps" in group:
+                group["eps"] = o.adam_eps
+
+    def _write_identity(self) -> None:
+        """config.yaml and the model directory (model.yaml, tokenizer.json) of this attempt."""
+        if not self.is_logger:
+            return
+        dump_config(self.cfg, self.run_dir / "config.yaml")
+        if self.tokenizer is not None:
+            write_model_dir(self.run_dir, self.cfg.model, self.tokenizer)
+
+    def _open_records(self, step: int) -> None:
+        """Metrics and ledger from `step` on: what an interrupted attempt logged after it is dropped."""
+        self.writer.close()
+        self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger, start=step)
+        self.ledger.truncate(step)
 
     def load_weights(self, path: str | Path) -> None:
         """Initialise the model (not the optimizer) from a checkpoint dir or a root holding them."""
@@ -357,17 +415,20 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def fit(self, stage: Stage) -> dict[str, float]:
+    def fit(self, stage: Stage) -> dict[str, Any]:
+        """Train to `train.steps` (or until a stop signal). Returns the final metrics (those of the
+        last step and its evaluation), `step`, `steps`, `finished` (step == steps), `stopped_early`
+        and `wall_time_s` (training time over all attempts): what summary.json holds. A rerun of a
+        finished run returns the same, from its checkpoint."""
         t = self.cfg.train
         resumed = self.resume(stage)
         progress = Progress(
             stage.name, t.steps, self.step, enabled=self.is_logger, mode=self.cfg.run.progress, every=self.cfg.run.log_every
         )
-        last: dict[str, float] = {}
         if not resumed and t.eval_every and t.eval_at_start:
-            last = stage.evaluate(self.step)
-            self.writer.write(self.step, last, prefix="eval/")
-        start_time = time.monotonic()
+            self.last_metrics = stage.evaluate(self.step)
+            self.writer.write(self.step, self.last_metrics, prefix="eval/")
+        start_time, start_wall = time.monotonic(), self.wall_time_s
         try:
             while self.step < t.steps:
                 batch = stage.make_batch(self.step)
@@ -385,7 +446,8 @@ class Trainer:
                     self.writer.write(self.step, evaluation, prefix="eval/")
                     metrics.update(evaluation)
                 progress.update(self.step, metrics, stage.progress_keys)
-                last = metrics
+                self.last_metrics = metrics
+                self.wall_time_s = start_wall + (time.monotonic() - start_time)
                 self.resiliency.on_step(self.step)
                 if self.resiliency.should_stop():
                     self.stopped_by = self.resiliency.received or "a signal on another rank"
@@ -397,15 +459,35 @@ class Trainer:
             progress.close()
         if ckpt.latest_complete(self.checkpoint_root) != ckpt.step_dir(self.checkpoint_root, self.step):
             self.save(stage)  # (a rerun of a finished run has nothing new to save)
-        if self.stopped_by and self.is_logger:
+        finished = self.step >= t.steps
+        if self.stopped_by and not finished and self.is_logger:
             print(f"stopped by {self.stopped_by} at step {self.step}; checkpoint saved, rerun to resume", flush=True)
-        last["stopped_early"] = float(self.stopped_by is not None)
-        last["wall_time_s"] = time.monotonic() - start_time
-        return last
+        return {
+            **self.last_metrics,
+            "step": self.step,
+            "steps": t.steps,
+            "finished": finished,
+            "stopped_early": float(not finished),
+            "wall_time_s": self.wall_time_s,
+        }
 
     def close(self) -> None:
         self.writer.close()
         self.resiliency.close()
+
+
+def _on_rank0(decide: Callable[[], Any]) -> Any:
+    """`decide()` on rank 0 (it may touch files), its result or its exception on every rank."""
+    outcome: tuple[Any, BaseException | None] = (None, None)
+    if dist.get_rank() == 0:
+        try:
+            outcome = (decide(), None)
+        except Exception as e:  # noqa: BLE001 - raised on every rank below
+            outcome = (None, e)
+    result, error = broadcast_object(outcome, 0, dist.group.WORLD)
+    if error is not None:
+        raise error
+    return result
 
 
 def inject_fault(step: int) -> None:
