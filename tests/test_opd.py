@@ -119,8 +119,9 @@ def _loss_paths_worker(cfg_tree: dict, temperature: float):
     # log-softmax as its server computes it (signal=logits), at every response position.
     ref_cfg = derive(cfg, **{f"teachers.{t}.signal": "logits" for t in cfg.teachers})
     ref_stage = OPDStage(ref_cfg, trainer, tok)
-    traj = stages["unfused"]._last_batch
-    _, signals = ref_stage._score(traj, 0)
+    rollout = stages["unfused"].current
+    traj = rollout.batch
+    signals = ref_stage.score(rollout)
     with torch.no_grad():
         positions = torch.arange(traj.tokens.shape[1]).expand_as(traj.tokens)
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(trainer.module(traj.tokens, positions, None))
@@ -272,6 +273,48 @@ def test_bad_input_fails_before_any_step(teachers, tmp_path):
         assert not (cfg.run_dir / "metrics.jsonl").exists() or not (cfg.run_dir / "metrics.jsonl").read_text()
 
 
+def _nan_signal_worker(cfg_tree: dict) -> str:
+    from megatron_opd.config import build
+    from megatron_opd.data.tokenizer import CharTokenizer
+    from megatron_opd.runtime.distributed import init_runtime
+    from megatron_opd.stages.opd import OPDStage
+    from megatron_opd.stages.trainer import Trainer
+
+    cfg = build(JobConfig, cfg_tree)
+    trainer = Trainer(cfg, init_runtime(cfg.parallel, cfg.run.seed))
+    stage = OPDStage(cfg, trainer, CharTokenizer())
+    real = stage.scorer
+
+    class OneNaN:
+        """A Scorer that passes one non-finite value through, as a broken teacher would."""
+
+        route, close = real.route, real.close
+
+        def score(self, traj):
+            signals = real.score(traj)
+            signals[0].hidden[0, 0] = float("nan")
+            return signals
+
+    stage.scorer = OneNaN()
+    try:
+        trainer.fit(stage)
+        return "no error"
+    except FloatingPointError as e:
+        return f"FloatingPointError: {e} (trainer at step {trainer.step})"
+    finally:
+        stage.close()
+
+
+def test_non_finite_kl_stops_the_run_naming_metric_and_step(teachers, tmp_path):
+    """One NaN teacher hidden state: the stage's own loss metric (kl) is checked, the run stops at
+    step 1 before its optimizer update (it used to run to the end with kl NaN)."""
+    cfg = _job(teachers, tmp_path, "run.nproc=1", "parallel.tp=1", "train.steps=2")
+    message = spawn_world(_nan_signal_worker, 1, (to_dict(cfg),), timeout_s=240)[0]
+    assert message.startswith("FloatingPointError: kl became nan at step 1"), message
+    assert "trainer at step 0" in message
+    assert not (cfg.run_dir / "metrics.jsonl").exists() or "train/kl" not in (cfg.run_dir / "metrics.jsonl").read_text()
+
+
 # -- the SGLang rollout engine against our SGLang-compatible server ---------------------------------
 
 
@@ -303,9 +346,9 @@ def _rollout_worker(cfg_tree: dict, rollout_url: str):
     # Train two steps (weights synced after each), then compare again.
     for step in range(2):
         batch = stage.make_batch(step)
-        trainer.train_step(batch.micro_batches, stage.loss, stage.forward)
+        trainer.train_step(batch.micro_batches, stage.loss, stage.forward, stage.finite_metrics)
         stage.after_step(step)
-    versions = stage._last_batch.weight_version
+    versions = stage.current.batch.weight_version
     http.sync_weights(2)
     remote = http.generate(prompts, 2)
     local = generate(trainer.module, prompts, tok, SamplingParams(max_new_tokens=6, temperature=0.0), max_len=cfg.model.max_seq_len)

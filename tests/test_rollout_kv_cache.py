@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_opd.data.domains import Prompt, PromptSource
+from megatron_opd.data.domains import TinyDomains
+from megatron_opd.data.prompts import Prompt
 from megatron_opd.data.tokenizer import CharTokenizer
 from megatron_opd.rollout.config import RolloutConfig, RolloutConfigError, SamplingParams
 from megatron_opd.runtime.spawn import spawn_world
@@ -44,7 +45,7 @@ def _build(layout, **moe):
 
 
 def _prompts(start: int = 0, count: int = 6) -> list[Prompt]:
-    prompts = PromptSource(["add", "reverse", "sort"], seed=0, eval_size=0).prompts(start, count)
+    prompts = TinyDomains(["add", "reverse", "sort"], seed=0, eval_size=0).prompts(start, count)
     assert len({len(p.text) for p in prompts}) > 1, "the batch must mix prompt lengths"
     return prompts
 

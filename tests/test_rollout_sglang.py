@@ -63,7 +63,7 @@ def _first_rollout_worker(cfg_tree: dict) -> dict:
         resumed = trainer.resume(stage)  # what Trainer.fit does first
         start = trainer.step
         prompts = stage.source.prompts(start * cfg.train.global_batch_size, 8)
-        remote = stage.rollout.generate(prompts, start)
+        remote = stage.engine.generate(prompts, start)
         local = greedy(prompts)
         loaded = greedy(stage.source.prompts(0, 8))
         final = trainer.fit(stage)

@@ -168,7 +168,7 @@ def test_stop_tokens_and_refused_params():
 def test_embedded_generation_uses_the_sampler_and_stops(tmp_path):
     """The in-job engine: greedy equals the argmax chain, its behaviour log-probs are the
     sampler's, and a stop id ends a row with finish reason 'stop' (the stop token kept)."""
-    from megatron_opd.data.domains import PromptSource
+    from megatron_opd.data.domains import TinyDomains
     from megatron_opd.data.tokenizer import CharTokenizer
     from megatron_opd.models.config import ModelConfig
     from megatron_opd.models.gpt import build_gpt_model
@@ -180,7 +180,7 @@ def test_embedded_generation_uses_the_sampler_and_stops(tmp_path):
     init_runtime(ParallelLayout(), seed=3)
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_attention_heads=4, max_seq_len=64, init_std=0.3)
     model = build_gpt_model(cfg, ParallelLayout()).eval()
-    prompts = PromptSource(["add"], seed=0, eval_size=0).prompts(0, 3)
+    prompts = TinyDomains(["add"], seed=0, eval_size=0).prompts(0, 3)
     greedy = generate(model, prompts, tok, SamplingParams(max_new_tokens=6, temperature=0.0), max_len=64)
     for i in range(len(prompts)):
         seq = greedy.tokens[i, : int(greedy.prompt_lens[i])].tolist()

@@ -1,1 +1,2 @@
-"""Data: tokenizers, the tiny verifiable domains and prompt source, the Trajectories batch type."""
+"""Data: the Tokenizer and PromptSource protocols and their implementations (the character
+tokenizer, the tiny domains), the data cursor, and the Trajectories batch type."""

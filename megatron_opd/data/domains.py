@@ -1,7 +1,7 @@
-"""Tiny verifiable domains and the prompt source that feeds every stage.
+"""Tiny verifiable domains: prompt generators, the rules that solve them, and their `PromptSource`.
 
-A domain is a prompt generator plus a rule that solves its prompts; the verifier is exact match
-against that rule. They are small enough that a 2-layer model masters one in a minute on a CPU,
+A domain is a prompt generator plus a rule that solves its prompts; its verifier (rewards/tiny.py)
+is exact match against that rule. They are small enough that a 2-layer model masters one in a minute on a CPU,
 and different enough that one student must learn all of them from separate teachers:
 
     add      "37+45="   -> "82"      two-digit addition
@@ -11,9 +11,9 @@ and different enough that one student must learn all of them from separate teach
 
 Prompts are short on purpose: with BOS and EOS every sequence fits in 16 tokens.
 
-`PromptSource` maps a global sample index to a prompt deterministically, so a data cursor is one
-integer, a resumed run sees exactly the samples an uninterrupted run would, and every sample has
-a stable id. Held-out evaluation prompts are drawn from a separate stream and never trained on.
+`TinyDomains` is their `PromptSource` (data/prompts.py): a global sample index maps to a prompt
+deterministically (round-robin over the domains), held-out prompts come from a separate stream,
+and each domain is verified by the reward of its own name.
 """
 
 from __future__ import annotations
@@ -23,20 +23,16 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
-from megatron_opd.data.tokenizer import CharTokenizer
-from megatron_opd.data.trajectories import Trajectories
+from megatron_opd.data.prompts import Prompt, encode_prompts
+from megatron_opd.data.tokenizer import Tokenizer
+from megatron_opd.data.trajectories import Trajectories, pack
 
 
 @dataclass(frozen=True)
 class Domain:
     name: str
     sample_prompt: Callable[[random.Random], str]
-    solve: Callable[[str], str]
-
-    def verify(self, prompt: str, response: str) -> bool:
-        return response == self.solve(prompt)
+    solve: Callable[[str], str]  # the correct response (demonstrations; the verifier compares with it)
 
 
 def _add_prompt(rng: random.Random) -> str:
@@ -89,23 +85,17 @@ def _rng(*parts) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
-@dataclass(frozen=True)
-class Prompt:
-    text: str
-    domain: str
-    sample_id: str
-
-
-class PromptSource:
-    """Deterministic, resumable stream of prompts over several domains (round-robin by index)."""
+class TinyDomains:
+    """The `PromptSource` of the tiny domains: deterministic, resumable, round-robin by index."""
 
     def __init__(self, domains: list[str], seed: int, eval_size: int):
         if not domains:
             raise ValueError("data.domains is empty; name at least one of " + str(sorted(DOMAINS)))
-        self.domains = [get_domain(d) for d in domains]
+        self.specs = [get_domain(d) for d in domains]
+        self.domains = [d.name for d in self.specs]
         self.seed = seed
         self.eval_size = eval_size
-        self._held_out = {d.name: self._eval_prompts(d) for d in self.domains}
+        self._held_out = {d.name: self._eval_prompts(d) for d in self.specs}
         self._held_out_text = {d: {p.text for p in ps} for d, ps in self._held_out.items()}
 
     def _eval_prompts(self, domain: Domain) -> list[Prompt]:
@@ -122,7 +112,7 @@ class PromptSource:
 
     def prompt(self, index: int) -> Prompt:
         """The training prompt at global position `index` (never a held-out prompt)."""
-        domain = self.domains[index % len(self.domains)]
+        domain = self.specs[index % len(self.specs)]
         rng = _rng("train", self.seed, index)
         for _ in range(1000):
             text = domain.sample_prompt(rng)
@@ -133,33 +123,11 @@ class PromptSource:
     def prompts(self, start: int, count: int) -> list[Prompt]:
         return [self.prompt(i) for i in range(start, start + count)]
 
-
-def encode_prompts(prompts: list[Prompt], tokenizer: CharTokenizer) -> list[list[int]]:
-    return [[tokenizer.bos_id, *tokenizer.encode(p.text)] for p in prompts]
-
-
-def pack(
-    rows: list[list[int]], prompt_lens: list[int], prompts: list[Prompt], tokenizer: CharTokenizer, max_len: int
-) -> Trajectories:
-    """Right-pad token rows into a `Trajectories` batch, as wide as its longest row rounded up to 8
-    (sequence parallelism needs the length divisible by TP)."""
-    longest = max(len(r) for r in rows)
-    if longest > max_len:
-        raise ValueError(f"a sequence of {longest} tokens does not fit model.max_seq_len={max_len}")
-    width = min(max_len, -(-longest // 8) * 8)
-    tokens = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return Trajectories(
-        tokens=tokens,
-        lengths=torch.tensor([len(r) for r in rows], dtype=torch.long),
-        prompt_lens=torch.tensor(prompt_lens, dtype=torch.long),
-        domain=[p.domain for p in prompts],
-        sample_ids=[p.sample_id for p in prompts],
-    )
+    def reward_name(self, domain: str) -> str:
+        return domain  # rewards/tiny.py registers each domain's rule verifier under its name
 
 
-def demonstrations(prompts: list[Prompt], tokenizer: CharTokenizer, max_len: int) -> Trajectories:
+def demonstrations(prompts: list[Prompt], tokenizer: Tokenizer, max_len: int) -> Trajectories:
     """Prompts with their correct answers and EOS as responses: the SFT batch."""
     encoded = encode_prompts(prompts, tokenizer)
     rows = [

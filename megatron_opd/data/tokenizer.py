@@ -1,8 +1,16 @@
-"""Tokenizers with a fingerprint, so that a student and its teachers can prove they share one.
+"""Tokenizers: the `Tokenizer` protocol the rest of the code is written against, and its implementations.
 
-The tiny domains use `CharTokenizer`: one token per character of a fixed alphabet plus the
-special tokens. Its fingerprint is a hash of the exact id <-> string mapping; teachers report it
-and the `TeacherPool` refuses a teacher whose fingerprint differs from the student's.
+A tokenizer maps text to ids and back, renders a prompt the way the model was trained to see it
+(`encode_prompt`: chat messages through a chat template with the generation prompt; plain text for
+models without one), names the ids that end a response (`stop_ids`), and has a fingerprint, so
+that a student and its teachers can prove they share one (the `TeacherPool` refuses a teacher
+whose fingerprint differs from the student's).
+
+Implementations:
+- `CharTokenizer` (the tiny domains): one token per character of a fixed alphabet plus the
+  special tokens; its fingerprint hashes the exact id <-> string table; a prompt is BOS + text.
+- Hugging Face tokenizers with chat templates come next (issue 15); `load_tokenizer` is where a
+  model directory's files decide which implementation loads them.
 """
 
 from __future__ import annotations
@@ -12,9 +20,51 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 TINY_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz+-*=:,;|>() "
+
+# A prompt as a stage hands it to a tokenizer: plain text, or chat turns {"role", "content"}.
+PromptInput = str | Sequence[Mapping[str, str]]
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What stages, rollout engines, teachers and servers may ask of a tokenizer."""
+
+    @property
+    def vocab_size(self) -> int: ...  # ids lie in [0, vocab_size) (megatron pads the model's beyond it)
+
+    @property
+    def pad_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int | None: ...  # None for tokenizers without one (many chat models)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]: ...  # ids that end a response: EOS, and end-of-turn tokens
+
+    @property
+    def fingerprint(self) -> str: ...  # equal iff every id means the same token (and template)
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int], *, stop_at_eos: bool = True) -> str:
+        """The text of `ids` without special tokens; with `stop_at_eos`, up to the first stop id."""
+        ...
+
+    def encode_prompt(self, prompt: PromptInput) -> list[int]:
+        """The ids a response is generated after: chat turns rendered with the generation prompt,
+        or plain text as the model was trained to see it."""
+        ...
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the files `load_tokenizer(directory)` reads back; returns the main file."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -44,6 +94,10 @@ class CharTokenizer:
     def eos_id(self) -> int:
         return self.specials.index(EOS)
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return (self.eos_id,)
+
     def encode(self, text: str) -> list[int]:
         try:
             return [self._index[c] for c in text]
@@ -52,7 +106,7 @@ class CharTokenizer:
                 f"character {e.args[0]!r} is not in the tokenizer alphabet {self.alphabet!r}"
             ) from None
 
-    def decode(self, ids, *, stop_at_eos: bool = True) -> str:
+    def decode(self, ids: Iterable[int], *, stop_at_eos: bool = True) -> str:
         out = []
         n = len(self.specials)
         for i in ids:
@@ -62,6 +116,18 @@ class CharTokenizer:
             if i >= n:
                 out.append(self.alphabet[i - n])
         return "".join(out)
+
+    def encode_prompt(self, prompt: PromptInput) -> list[int]:
+        """BOS + the text. There is no chat template: chat input must be a single user turn."""
+        if not isinstance(prompt, str):
+            turns = list(prompt)
+            if len(turns) != 1 or turns[0].get("role") != "user":
+                raise ValueError(
+                    f"the character tokenizer has no chat template: it encodes one user turn, got "
+                    f"{[t.get('role') for t in turns]}; give the prompt as text"
+                )
+            prompt = turns[0]["content"]
+        return [self.bos_id, *self.encode(prompt)]
 
     def to_json(self) -> dict:
         return {"type": "char", "alphabet": self.alphabet, "specials": list(self.specials)}
@@ -79,12 +145,51 @@ class CharTokenizer:
         return path
 
 
-def load_tokenizer(path: str | os.PathLike) -> CharTokenizer:
-    """Load `tokenizer.json` (a file or the directory holding it)."""
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer a model directory holds (or the `tokenizer.json` file itself), by what is there.
+
+    - `tokenizer.json` of type "char": the `CharTokenizer` written by `write_model_dir`;
+    - Hugging Face tokenizer files (`tokenizer_config.json`, or a `tokenizer.json` in the
+      `tokenizers` library's format), in the directory or its `hf/`: refused until that
+      implementation lands, with the message saying so.
+    """
     path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    spec = json.loads(path.read_text())
-    if spec.get("type") != "char":
-        raise ValueError(f"{path}: unknown tokenizer type {spec.get('type')!r} (supported: 'char')")
-    return CharTokenizer(alphabet=spec["alphabet"], specials=tuple(spec["specials"]))
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if file.is_file():
+        spec = json.loads(file.read_text())
+        if spec.get("type") == "char":
+            return CharTokenizer(alphabet=spec["alphabet"], specials=tuple(spec["specials"]))
+        if "model" in spec and "type" not in spec:
+            raise ValueError(_HF_NOT_YET.format(path=file))
+        raise ValueError(f"{file}: unknown tokenizer type {spec.get('type')!r} (supported: 'char')")
+    directory = path if path.is_dir() else path.parent
+    for d in (directory, directory / "hf"):
+        if (d / "tokenizer_config.json").is_file():
+            raise ValueError(_HF_NOT_YET.format(path=d / "tokenizer_config.json"))
+    raise FileNotFoundError(
+        f"{path} holds no tokenizer: expected tokenizer.json (the character tokenizer a model "
+        f"directory of megatron-opd carries)"
+    )
+
+
+_HF_NOT_YET = (
+    "{path} is a Hugging Face tokenizer, which megatron-opd cannot load yet; models trained here use "
+    "the character tokenizer (tokenizer.json with type 'char')"
+)
+
+
+def run_tokenizer(run_dir: str | os.PathLike, init_from: str | os.PathLike = "") -> Tokenizer:
+    """The tokenizer a run trains with: the one its directory already holds (a resumed run keeps
+    its own), else that of the model it starts from (`train.init_from`: a model directory, or its
+    `checkpoints/` or one `checkpoints/step_N` in it), else the tiny domains' character tokenizer
+    (a model trained from scratch here). Torch-free: checked before launch."""
+    candidates = [Path(run_dir)]
+    if init_from:
+        path = Path(init_from)
+        if path.name.startswith("step_") and path.parent.name == "checkpoints":
+            path = path.parent
+        candidates.append(path.parent if path.name == "checkpoints" else path)
+    for directory in candidates:
+        if (directory / "tokenizer.json").is_file() or (directory / "hf" / "tokenizer_config.json").is_file():
+            return load_tokenizer(directory)
+    return CharTokenizer()

@@ -10,9 +10,13 @@ as [B, R] / [B, R, ...] with R = the longest response in the batch, left-aligned
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron_opd.data.prompts import Prompt
+    from megatron_opd.data.tokenizer import Tokenizer
 
 SignalKind = Literal["hidden", "topk", "sampled", "logits"]
 
@@ -102,6 +106,27 @@ def gather_response(values: torch.Tensor, prompt_lens: torch.Tensor, response_le
     out = values[torch.arange(b)[:, None], pos]
     out[j[None, :] >= response_lens[:, None]] = 0
     return out
+
+
+def pack(
+    rows: list[list[int]], prompt_lens: list[int], prompts: Sequence[Prompt], tokenizer: Tokenizer, max_len: int
+) -> Trajectories:
+    """Right-pad token rows into a `Trajectories` batch, as wide as its longest row rounded up to 8
+    (sequence parallelism needs the length divisible by TP)."""
+    longest = max(len(r) for r in rows)
+    if longest > max_len:
+        raise ValueError(f"a sequence of {longest} tokens does not fit model.max_seq_len={max_len}")
+    width = min(max_len, -(-longest // 8) * 8)
+    tokens = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return Trajectories(
+        tokens=tokens,
+        lengths=torch.tensor([len(r) for r in rows], dtype=torch.long),
+        prompt_lens=torch.tensor(prompt_lens, dtype=torch.long),
+        domain=[p.domain for p in prompts],
+        sample_ids=[p.sample_id for p in prompts],
+    )
 
 
 # The per-token fields each teacher signal kind carries.

@@ -1,8 +1,9 @@
 """The model directory: what a stage leaves behind so that anyone can load the model again.
 
     <dir>/model.yaml        the ModelConfig
-    <dir>/tokenizer.json    our character tokenizer (its fingerprint proves compatibility);
-                            models imported from Hugging Face keep theirs under <dir>/hf/ instead
+    <dir>/tokenizer.json    the tokenizer (data/tokenizer.py: `load_tokenizer` reads it back; its
+                            fingerprint proves compatibility); models imported from Hugging
+                            Face keep theirs under <dir>/hf/ instead
     <dir>/checkpoints/step_NNNNNNNN/   megatron dist checkpoints (runtime.checkpoint)
 
 Teacher servers, rollout servers, conversion tools and later stages all load models this way.
@@ -17,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from megatron_opd.config import load_config, to_dict
-from megatron_opd.data.tokenizer import CharTokenizer, load_tokenizer
+from megatron_opd.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_opd.models.config import ModelConfig
 from megatron_opd.runtime.checkpoint import latest_complete
 
@@ -26,7 +27,7 @@ from megatron_opd.runtime.checkpoint import latest_complete
 class ModelDir:
     path: Path
     model: ModelConfig
-    tokenizer: CharTokenizer | None  # None: an imported model whose tokenizer lives in hf/
+    tokenizer: Tokenizer | None  # None: an imported model whose tokenizer lives in hf/
 
     @property
     def checkpoints(self) -> Path:
@@ -42,7 +43,7 @@ class ModelDir:
         return ckpt
 
 
-def write_model_dir(directory: str | os.PathLike, model: ModelConfig, tokenizer: CharTokenizer) -> ModelDir:
+def write_model_dir(directory: str | os.PathLike, model: ModelConfig, tokenizer: Tokenizer) -> ModelDir:
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     (path / "model.yaml").write_text(yaml.safe_dump(to_dict(model), sort_keys=False))
@@ -57,3 +58,4 @@ def read_model_dir(directory: str | os.PathLike) -> ModelDir:
     model = load_config(path / "model.yaml", cls=ModelConfig)
     tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
     return ModelDir(path, model, tokenizer)
+

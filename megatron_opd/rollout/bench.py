@@ -56,7 +56,8 @@ def _measure(config: str, lengths: list[int], groups: list[int], n_prompts: int,
     import torch
 
     from megatron_opd.config import load_config
-    from megatron_opd.data.domains import PromptSource, encode_prompts
+    from megatron_opd.data.domains import TinyDomains
+    from megatron_opd.data.prompts import encode_prompts
     from megatron_opd.data.tokenizer import CharTokenizer
     from megatron_opd.models.gpt import build_gpt_model
     from megatron_opd.rollout.config import SamplingParams
@@ -68,7 +69,7 @@ def _measure(config: str, lengths: list[int], groups: list[int], n_prompts: int,
         torch.set_num_threads(threads)
     cfg = load_config(config)
     tokenizer = CharTokenizer()
-    prompts = PromptSource(cfg.data.domains, seed=cfg.run.seed, eval_size=0).prompts(0, n_prompts)
+    prompts = TinyDomains(cfg.data.domains, seed=cfg.run.seed, eval_size=0).prompts(0, n_prompts)
     longest = max(len(e) for e in encode_prompts(prompts, tokenizer))
     max_len = -(-(longest + max(lengths)) // 8) * 8
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, max_len)

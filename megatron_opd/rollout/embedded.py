@@ -57,9 +57,9 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from megatron_opd.data.domains import Prompt, encode_prompts, pack
-from megatron_opd.data.tokenizer import CharTokenizer
-from megatron_opd.data.trajectories import Trajectories
+from megatron_opd.data.prompts import Prompt, encode_prompts
+from megatron_opd.data.tokenizer import Tokenizer
+from megatron_opd.data.trajectories import Trajectories, pack
 from megatron_opd.rollout.config import SamplingParams
 from megatron_opd.rollout.sampler import filters, is_greedy, reported_logprobs, sample, stops, token_logprobs
 
@@ -207,7 +207,7 @@ def kept_set_logprobs(reported: torch.Tensor, tokens: torch.Tensor, kept: torch.
 def generate(
     model: torch.nn.Module,
     prompts: list[Prompt],
-    tokenizer: CharTokenizer,
+    tokenizer: Tokenizer,
     params: SamplingParams,
     *,
     max_len: int,
@@ -320,6 +320,6 @@ def generate(
     return batch
 
 
-def responses(batch: Trajectories, tokenizer: CharTokenizer) -> list[str]:
+def responses(batch: Trajectories, tokenizer: Tokenizer) -> list[str]:
     """The decoded response of each row (up to its EOS)."""
     return [tokenizer.decode(row[p:n]) for row, p, n in zip(batch.tokens.tolist(), batch.prompt_lens.tolist(), batch.lengths.tolist())]

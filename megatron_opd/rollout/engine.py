@@ -14,8 +14,8 @@ from typing import Protocol
 
 import torch
 
-from megatron_opd.data.domains import Prompt
-from megatron_opd.data.tokenizer import CharTokenizer
+from megatron_opd.data.prompts import Prompt
+from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.data.trajectories import Trajectories
 from megatron_opd.rollout.config import RolloutConfig
 from megatron_opd.rollout.embedded import generate
@@ -33,7 +33,7 @@ class EmbeddedRolloutEngine:
     """The student samples its own trajectories in-job (collective over its TP group), with the KV
     cache unless rollout.kv_cache=false, recording kept sets when the sampling truncates."""
 
-    def __init__(self, cfg: RolloutConfig, model: torch.nn.Module, tokenizer: CharTokenizer, *, max_len: int, seed: int):
+    def __init__(self, cfg: RolloutConfig, model: torch.nn.Module, tokenizer: Tokenizer, *, max_len: int, seed: int):
         self.cfg, self.model, self.tokenizer, self.max_len, self.seed = cfg, model, tokenizer, max_len, seed
 
     def generate(self, prompts: list[Prompt], step: int) -> Trajectories:

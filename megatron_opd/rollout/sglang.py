@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_opd.data.domains import Prompt, encode_prompts, pack
-from megatron_opd.data.tokenizer import CharTokenizer
-from megatron_opd.data.trajectories import Trajectories
+from megatron_opd.data.prompts import Prompt, encode_prompts
+from megatron_opd.data.tokenizer import Tokenizer
+from megatron_opd.data.trajectories import Trajectories, pack
 from megatron_opd.rollout.config import RolloutConfig
 from megatron_opd.runtime import checkpoint as ckpt
 from megatron_opd.runtime.distributed import broadcast_object, first_error, replica_group_and_src
@@ -62,7 +62,7 @@ def sample_seed(seed: int, sample_id: str) -> int:
 
 
 class SGLangRolloutEngine:
-    def __init__(self, cfg: RolloutConfig, trainer, tokenizer: CharTokenizer, *, max_len: int, seed: int):
+    def __init__(self, cfg: RolloutConfig, trainer, tokenizer: Tokenizer, *, max_len: int, seed: int):
         self.cfg, self.trainer, self.tokenizer, self.max_len, self.seed = cfg, trainer, tokenizer, max_len, seed
         self.group, self.src = replica_group_and_src()
         self.is_src = dist.get_rank() == self.src

@@ -232,3 +232,22 @@ def first_error(error: str | None) -> str | None:
     errors: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     return next((e for e in errors if e), None)
+
+
+def on_replica_source(compute, src: int, group: dist.ProcessGroup):
+    """`compute()` run on rank `src` only (servers, verifiers, judges), its result on every rank of
+    `group`. If it raises, `src` raises its error and the group's other ranks a RuntimeError with
+    its message, instead of waiting for a result that never comes."""
+    result, error = None, None
+    if dist.get_rank() == src:
+        try:
+            result = ("ok", compute())
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+            result = ("error", f"{type(e).__name__}: {e}")
+    status, value = broadcast_object(result, src, group)
+    if error is not None:
+        raise error
+    if status == "error":
+        raise RuntimeError(f"rank {src} failed: {value}")
+    return value

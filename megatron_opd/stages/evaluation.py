@@ -1,28 +1,62 @@
-"""Held-out accuracy per domain: greedy decoding checked by each domain's rule-based verifier."""
+"""Verification per domain, reduced over replicas: held-out accuracy and rollout accuracy.
+
+`verify_by_domain` is the one path from responses to per-domain counts: the replica's first rank
+verifies (a judge or a sandbox runs once per replica), the results reach the rest of the replica,
+and [correct, total] per domain is all-reduced over the replicas. `held_out_accuracy` decodes the
+held-out prompts greedily and counts through it; on-policy stages count their samples through it.
+"""
 
 from __future__ import annotations
+
+from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
-from megatron_opd.data.domains import PromptSource, get_domain
-from megatron_opd.data.tokenizer import CharTokenizer
+from megatron_opd.data.prompts import Prompt, PromptSource
+from megatron_opd.data.tokenizer import Tokenizer
+from megatron_opd.rewards.base import Reward, is_correct, score_responses
+from megatron_opd.rewards.types import RewardResult
 from megatron_opd.rollout.config import SamplingParams
 from megatron_opd.rollout.embedded import generate, responses
+from megatron_opd.runtime.distributed import on_replica_source, replica_group_and_src
 
 
-def domain_accuracy(
+def verify_by_domain(
+    domains: Sequence[str], prompts: Sequence[Prompt], texts: Sequence[str], reward_of: Mapping[str, Reward]
+) -> tuple[list[RewardResult], torch.Tensor]:
+    """(each response's reward result, on every rank of its replica; [D, 4] float64 [correct,
+    score sum, samples, timed out] per domain of `domains`, summed over the data-parallel replicas).
+
+    Collective over the whole world (every rank calls it, each with its replica's rows)."""
+    from megatron.core import parallel_state
+
+    group, src = replica_group_and_src()
+    results = on_replica_source(lambda: score_responses(prompts, texts, reward_of), src, group)
+    counts = torch.zeros(len(domains), 4, dtype=torch.float64)
+    # One rank per replica counts (its TP/PP ranks hold copies; CP ranks share its rows).
+    if dist.get_rank() == src and parallel_state.get_context_parallel_rank() == 0:
+        index = {d: i for i, d in enumerate(domains)}
+        for p, r in zip(prompts, results):
+            row = [float(is_correct(r)), r.score, 1.0, float(r.timed_out)]
+            counts[index[p.domain]] += torch.tensor(row, dtype=torch.float64)
+    dist.all_reduce(counts)
+    return results, counts
+
+
+def held_out_accuracy(
     model: torch.nn.Module,
     source: PromptSource,
-    tokenizer: CharTokenizer,
+    tokenizer: Tokenizer,
+    reward_of: Mapping[str, Reward],
     *,
     max_len: int,
     max_new_tokens: int,
     batch_size: int = 64,
     limit: int = 0,
 ) -> dict[str, float]:
-    """{'acc/<domain>': accuracy, 'acc/mean': their mean} on the held-out prompts, split across
-    data-parallel replicas.
+    """{'acc/<domain>': accuracy, 'acc/mean': their mean} on the held-out prompts (greedy decoding
+    of up to `max_new_tokens`), split across data-parallel replicas.
 
     Collective over the whole world (every rank calls it).
     """
@@ -31,25 +65,24 @@ def domain_accuracy(
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    counts = torch.zeros(len(source.domains), 2, dtype=torch.float64)
-    for d, domain in enumerate(source.domains):
-        prompts = source.eval_prompts(domain.name)
-        prompts = prompts[:limit] if limit else prompts
-        mine = prompts[dp_rank::dp_size]
+    prompts: list[Prompt] = []
+    texts: list[str] = []
+    for domain in source.domains:
+        held_out = source.eval_prompts(domain)
+        mine = (held_out[:limit] if limit else held_out)[dp_rank::dp_size]
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
-            batch = generate(model, chunk, tokenizer, params, max_len=max_len)
-            correct = sum(get_domain(p.domain).verify(p.text, r) for p, r in zip(chunk, responses(batch, tokenizer)))
-            counts[d] += torch.tensor([correct, len(chunk)], dtype=torch.float64)
-    # Only one rank per data-parallel replica counts (TP/PP ranks of a replica hold copies).
-    first_of_replica = (
-        parallel_state.get_tensor_model_parallel_rank() == 0
-        and parallel_state.get_pipeline_model_parallel_rank() == 0
-        and parallel_state.get_context_parallel_rank() == 0
-    )
-    if not first_of_replica:
-        counts.zero_()
-    dist.all_reduce(counts)
-    acc = {f"acc/{d.name}": float(c / n) if n else float("nan") for d, (c, n) in zip(source.domains, counts.tolist())}
+            prompts += chunk
+            texts += responses(generate(model, chunk, tokenizer, params, max_len=max_len), tokenizer)
+    _, counts = verify_by_domain(source.domains, prompts, texts, reward_of)
+    acc = {f"acc/{d}": float(c / n) if n else float("nan") for d, (c, _, n, _) in zip(source.domains, counts.tolist())}
     acc["acc/mean"] = sum(acc.values()) / len(acc)
     return acc
+
+
+def evaluate_held_out(cfg, model: torch.nn.Module, source: PromptSource, tokenizer: Tokenizer, reward_of) -> dict[str, float]:
+    """A stage's evaluation: held-out accuracy with the job's response budget
+    (`rollout.max_new_tokens`, the same for every stage) and sequence limit."""
+    return held_out_accuracy(
+        model, source, tokenizer, reward_of, max_len=cfg.model.max_seq_len, max_new_tokens=cfg.rollout.max_new_tokens
+    )

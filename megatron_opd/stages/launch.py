@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from megatron_opd.config import ConfigError, JobConfig, build, load_config, stage_spec, to_dict
-from megatron_opd.data.tokenizer import CharTokenizer
+from megatron_opd.data.tokenizer import Tokenizer, run_tokenizer
 from megatron_opd.runtime.spawn import forward_stop_signals, spawn_world
 from megatron_opd.stages.run_dir import plan_start, write_summary
 
@@ -43,9 +43,10 @@ def world_size(cfg: JobConfig) -> int:
     return cfg.run.nproc
 
 
-def job_tokenizer(cfg: JobConfig) -> CharTokenizer:
-    """The job's tokenizer, checked against `model.vocab_size` (a rank-free check that needs it)."""
-    tokenizer = CharTokenizer()
+def job_tokenizer(cfg: JobConfig) -> Tokenizer:
+    """The job's tokenizer (the run's own, else its init_from model's, else the character
+    tokenizer), checked against `model.vocab_size` (a rank-free check that needs it)."""
+    tokenizer = run_tokenizer(cfg.run_dir, cfg.train.init_from)
     if cfg.model.vocab_size != tokenizer.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} tokens; "

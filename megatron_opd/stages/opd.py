@@ -12,31 +12,28 @@ What the loss sees per teacher signal kind (docs/architecture.md, "OPD losses"):
 - topk: the top-k-plus-tail lower bound (`topk_reverse_kl`);
 - sampled: the sampled-token estimator as a policy-gradient surrogate (`sampled_kl_surrogate`).
 
-Within a data-parallel replica only the first model-parallel rank talks to the teachers; it
-broadcasts the signals to the rest of its group.
+Prompts, rollouts, verification, weight sync and evaluation are the on-policy skeleton's
+(stages/on_policy.py); this stage adds the scoring (route each trajectory to its domain's teacher,
+score it through the `Scorer`, optionally keep the signals in a TeacherStore) and the loss. Within a
+data-parallel replica only the first model-parallel rank talks to the teachers; the signals reach
+the rest of its group from it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import replace
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from megatron_opd.config import JobConfig
-from megatron_opd.data.domains import PromptSource, get_domain
-from megatron_opd.data.tokenizer import CharTokenizer
-from megatron_opd.data.trajectories import SIGNAL_FIELDS, TeacherSignals, Trajectories
+from megatron_opd.data.trajectories import SIGNAL_FIELDS, TeacherSignals
 from megatron_opd.models.heads import load_output_layer_shard
 from megatron_opd.models.model_dir import read_model_dir
-from megatron_opd.rollout.embedded import responses
-from megatron_opd.rollout.engine import EmbeddedRolloutEngine, RolloutEngine
-from megatron_opd.runtime.distributed import broadcast_object, device, first_error, replica_group_and_src
-from megatron_opd.stages.evaluation import domain_accuracy
-from megatron_opd.stages.trainer import MicroBatch, StepBatch, Trainer, logits_forward, metric
+from megatron_opd.runtime.distributed import device, first_error
+from megatron_opd.stages.on_policy import OnPolicyStage, Rollout
+from megatron_opd.stages.trainer import MicroBatch, logits_forward, metric
+from megatron_opd.teachers.scorer import Scorer
 
 
 @contextlib.contextmanager
@@ -74,19 +71,19 @@ def _flatten_responses(values: torch.Tensor, response_lens: torch.Tensor) -> tor
     return values[keep]
 
 
-class OPDStage:
+class OPDStage(OnPolicyStage):
     name = "opd"
     progress_keys = ["kl", "rollout_acc", "acc/mean"]
+    finite_metrics = ["kl"]
 
-    def __init__(self, cfg: JobConfig, trainer: Trainer, tokenizer: CharTokenizer):
-        from megatron.core import parallel_state
+    # -- set-up -----------------------------------------------------------------------------------
 
-        self.cfg, self.trainer, self.tokenizer = cfg, trainer, tokenizer
-        self.source = PromptSource(cfg.data.domains, cfg.data.seed, cfg.data.eval_size)
+    def setup(self) -> None:
+        # The config's checks (teachers for every domain, signal and temperature, fused output
+        # layer) ran before launch: JobConfig.check, config/stages.py.
+        cfg = self.cfg
         self.teacher_names = sorted(cfg.teachers)
-        self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        self.mp_group, self.mp_src = replica_group_and_src()
-        self.pool = self._start_pool()
+        self.scorer: Scorer | None = self._start_pool()
         self.store = None
         if cfg.opd.signal_store and dist.get_rank() == self.mp_src:
             from megatron_opd.teachers.store import TeacherStore
@@ -94,11 +91,8 @@ class OPDStage:
             # float32: signals read back after a restart must equal the ones first scored.
             self.store = TeacherStore(cfg.opd.signal_store, hidden_dtype="float32")
         self.heads = self._load_teacher_heads()
-        self.rollout = self._make_rollout_engine()
 
-    # -- set-up -----------------------------------------------------------------------------------
-
-    def _start_pool(self):
+    def _start_pool(self) -> Scorer | None:
         """Start the pool on the replica's first rank; every rank raises the same error if it fails."""
         from megatron_opd.teachers.pool import TeacherPool
 
@@ -140,91 +134,39 @@ class OPDStage:
             ).to(device())
         return heads
 
-    def _make_rollout_engine(self) -> RolloutEngine:
-        r = self.cfg.rollout
-        if r.engine == "embedded":
-            return EmbeddedRolloutEngine(
-                r, self.trainer.module, self.tokenizer, max_len=self.cfg.model.max_seq_len, seed=self.cfg.run.seed
-            )
-        from megatron_opd.rollout.sglang import SGLangRolloutEngine
+    # -- scoring and micro-batches ----------------------------------------------------------------
 
-        return SGLangRolloutEngine(r, self.trainer, self.tokenizer, max_len=self.cfg.model.max_seq_len, seed=self.cfg.run.seed)
+    def score(self, rollout: Rollout) -> list[TeacherSignals]:
+        """Route and score on the replica's first rank (or read a rollout already in the signal
+        store, as after a restart); every rank of the replica gets the routing and the signals."""
+        batch, step = rollout.batch, rollout.index * self.updates_per_rollout
 
-    # -- one step ---------------------------------------------------------------------------------
-
-    def make_batch(self, step: int) -> StepBatch:
-        n = self.trainer.samples_per_rank
-        start = step * self.cfg.train.global_batch_size + self.trainer.dp_rank * n
-        prompts = self.source.prompts(start, n)
-        t0 = time.perf_counter()
-        batch = self.rollout.generate(prompts, step)
-        t_rollout = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        batch, signals = self._score(batch, step)
-        t_score = time.perf_counter() - t0
-        metrics = self._rollout_metrics(batch)
-        metrics.update(rollout_time_s=t_rollout, score_time_s=t_score)
-        metrics["rollout_tokens_per_s"] = float(batch.response_lens.sum()) * self.trainer.dp_size / max(t_rollout, 1e-9)
-        self._last_batch = batch
-        return StepBatch(self._micro_batches(batch, signals), batch.sample_ids, metrics)
-
-    def _score(self, batch: Trajectories, step: int) -> tuple[Trajectories, list[TeacherSignals]]:
-        """Route and score on the replica's first rank (or read a step already in the signal store,
-        as after a restart), then broadcast to the replica."""
-        result = None
-        if dist.get_rank() == self.mp_src:
-            routed = self.pool.route(batch)
+        def route_and_score():
+            routed = self.scorer.route(batch)
             part = self.trainer.dp_rank
             if self.store is not None and self.store.is_written(step, part):
                 signals = self.store.read(step, routed.sample_ids)
             else:
-                signals = self.pool.score(routed)
+                signals = self.scorer.score(routed)
                 if self.store is not None:
                     self.store.write(step, part, routed.sample_ids, signals)
-            result = (routed.teacher, signals)
-        teachers, signals = broadcast_object(result, self.mp_src, self.mp_group)
-        batch.teacher = teachers
-        return batch, signals
+            return routed.teacher, signals
 
-    def _rollout_metrics(self, batch: Trajectories) -> dict[str, float]:
-        """Rule-verified accuracy of this step's samples, per domain and overall (all replicas)."""
-        texts = responses(batch, self.tokenizer)
-        names = [d.name for d in self.source.domains]
-        counts = torch.zeros(len(names), 2, dtype=torch.float64)
-        for prompt_text, response, domain in zip(self._prompt_texts(batch), texts, batch.domain):
-            counts[names.index(domain)] += torch.tensor([float(get_domain(domain).verify(prompt_text, response)), 1.0])
-        if dist.get_rank() != self.mp_src:
-            counts.zero_()
-        dist.all_reduce(counts)
-        out = {f"rollout_acc/{d}": float(c / n) for d, (c, n) in zip(names, counts.tolist()) if n}
-        total = counts.sum(0)
-        out["rollout_acc"] = float(total[0] / total[1])
-        out["response_len"] = float(batch.response_lens.float().mean())
-        return out
+        batch.teacher, signals = self.on_replica_source(route_and_score)
+        return signals
 
-    def _prompt_texts(self, batch: Trajectories) -> list[str]:
-        # The prompt is everything after BOS up to prompt_len.
-        return [self.tokenizer.decode(row[1:p], stop_at_eos=False) for row, p in zip(batch.tokens.tolist(), batch.prompt_lens.tolist())]
-
-    def _micro_batches(self, batch: Trajectories, signals: list[TeacherSignals]) -> list[MicroBatch]:
-        mbs = []
-        size = self.cfg.train.micro_batch_size
-        domain_ids = torch.tensor([self.source.domains.index(get_domain(d)) for d in batch.domain])
-        positions = torch.arange(batch.tokens.shape[1]).expand_as(batch.tokens)
-        for start in range(0, len(batch), size):
-            rows = range(start, min(start + size, len(batch)))
-            mbs.append(
-                MicroBatch(
-                    batch.tokens[start : rows.stop],
-                    positions[start : rows.stop],
-                    host={
-                        "prompt_lens": batch.prompt_lens[start : rows.stop],
-                        "domain_ids": domain_ids[start : rows.stop],
-                        "signals": _signals_for_rows(signals, rows),
-                    },
-                )
-            )
-        return mbs
+    def micro_batches(self, rollout: Rollout, rows: range) -> list[MicroBatch]:
+        batch, signals = rollout.batch, rollout.scores
+        domain_ids = torch.tensor([self.source.domains.index(d) for d in batch.domain])
+        return self.row_micro_batches(
+            batch,
+            rows,
+            lambda r: {
+                "prompt_lens": batch.prompt_lens[r.start : r.stop],
+                "domain_ids": domain_ids[r.start : r.stop],
+                "signals": _signals_for_rows(signals, r),
+            },
+        )
 
     # -- forward and loss -------------------------------------------------------------------------
 
@@ -282,7 +224,7 @@ class OPDStage:
             self._add_domain(per_domain, mb.host["domain_ids"][row_of], kl)
         for d, (ksum, n) in zip(self.source.domains, per_domain.tolist()):
             if n:
-                reports[f"kl_domain/{d.name}"] = metric(ksum, n)
+                reports[f"kl_domain/{d}"] = metric(ksum, n)
         reports["kl"] = metric(per_domain[:, 0].sum(), per_domain[:, 1].sum())
         if count == 0:  # every row empty: keep the graph connected so backward still runs
             total = output.sum() * 0.0
@@ -337,29 +279,6 @@ class OPDStage:
 
     # -- around the step --------------------------------------------------------------------------
 
-    def after_step(self, step: int) -> dict[str, float]:
-        if (step + 1) % self.cfg.rollout.sync_every == 0:
-            return self.rollout.sync_weights(step + 1)
-        return {}
-
-    def evaluate(self, step: int) -> dict[str, float]:
-        return domain_accuracy(
-            self.trainer.module,
-            self.source,
-            self.tokenizer,
-            max_len=self.cfg.model.max_seq_len,
-            max_new_tokens=self.cfg.rollout.max_new_tokens,
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        # Prompts and sampling seeds derive from the step, so the step (saved by the trainer) is the
-        # whole data cursor; the ledger of consumed samples is kept by the trainer's sample log.
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-        self.rollout.close()
+    def teardown(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()

@@ -11,26 +11,29 @@ from typing import Any
 import torch
 
 from megatron_opd.config import JobConfig
-from megatron_opd.data.domains import PromptSource, demonstrations
-from megatron_opd.data.tokenizer import CharTokenizer
+from megatron_opd.data.domains import demonstrations
+from megatron_opd.data.prompts import replica_slice
+from megatron_opd.data.sources import prompt_source
+from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.models.gpt import mask_vocab_padding
-from megatron_opd.stages.evaluation import domain_accuracy
+from megatron_opd.rewards.registry import rewards_for
+from megatron_opd.stages.evaluation import evaluate_held_out
 from megatron_opd.stages.trainer import MicroBatch, StepBatch, Trainer, logits_forward, metric, split_micro_batches
 
 
 class SFTStage:
     name = "sft"
     progress_keys = ["loss", "acc/mean"]
+    finite_metrics = ["loss"]
 
-    def __init__(self, cfg: JobConfig, trainer: Trainer, tokenizer: CharTokenizer):
+    def __init__(self, cfg: JobConfig, trainer: Trainer, tokenizer: Tokenizer):
         self.cfg, self.trainer, self.tokenizer = cfg, trainer, tokenizer
-        self.source = PromptSource(cfg.data.domains, cfg.data.seed, cfg.data.eval_size)
-        self.max_new_tokens = 8
+        self.source = prompt_source(cfg.data)
+        self.reward_of = rewards_for(self.source)  # held-out accuracy verifies with them
 
     def make_batch(self, step: int) -> StepBatch:
-        g, n = self.cfg.train.global_batch_size, self.trainer.samples_per_rank
-        start = step * g + self.trainer.dp_rank * n
-        batch = demonstrations(self.source.prompts(start, n), self.tokenizer, self.cfg.model.max_seq_len)
+        rows = replica_slice(step, self.cfg.train.global_batch_size, self.trainer.dp_rank, self.trainer.dp_size)
+        batch = demonstrations(self.source.prompts(rows.start, len(rows)), self.tokenizer, self.cfg.model.max_seq_len)
         labels = torch.roll(batch.tokens, -1, dims=1)
         micro_batches = split_micro_batches(
             batch.tokens, self.cfg.train.micro_batch_size, labels=labels, loss_mask=batch.prediction_mask()
@@ -53,13 +56,7 @@ class SFTStage:
         return {}
 
     def evaluate(self, step: int) -> dict[str, float]:
-        return domain_accuracy(
-            self.trainer.module,
-            self.source,
-            self.tokenizer,
-            max_len=self.cfg.model.max_seq_len,
-            max_new_tokens=self.max_new_tokens,
-        )
+        return evaluate_held_out(self.cfg, self.trainer.module, self.source, self.tokenizer, self.reward_of)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -23,13 +23,13 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
 
 from megatron_opd.config import JobConfig, dump_config
-from megatron_opd.data.tokenizer import CharTokenizer
+from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.models.gpt import build_gpt_model
 from megatron_opd.models.model_dir import write_model_dir
 from megatron_opd.runtime import checkpoint as ckpt
@@ -60,6 +60,8 @@ class MicroBatch:
 LossFunc = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 # forward(model, micro_batch) -> what the last pipeline stage hands to the loss
 ForwardFunc = Callable[[torch.nn.Module, MicroBatch], torch.Tensor]
+# collect(micro_batch, output) -> what a forward-only pass keeps of a micro-batch (log-probs, ...)
+CollectFunc = Callable[[MicroBatch, torch.Tensor], Any]
 
 
 def logits_forward(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
@@ -78,6 +80,9 @@ class StepBatch:
 class Stage(Protocol):
     name: str
     progress_keys: list[str]
+    # Metrics of the stage's loss that must stay finite: the trainer stops the run, naming the
+    # metric and the step, the first time one is not (grad_norm is always checked).
+    finite_metrics: list[str]
 
     def make_batch(self, step: int) -> StepBatch: ...
 
@@ -116,7 +121,7 @@ class Trainer:
     """The shared loop. `tokenizer` (when given) is written into the run directory beside
     model.yaml, and its fingerprint is checked on resume."""
 
-    def __init__(self, cfg: JobConfig, layout: ParallelLayout, tokenizer: CharTokenizer | None = None):
+    def __init__(self, cfg: JobConfig, layout: ParallelLayout, tokenizer: Tokenizer | None = None):
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -230,10 +235,17 @@ class Trainer:
         return self.reduce_reports(reports)
 
     def train_step(
-        self, micro_batches: list[MicroBatch], loss: LossFunc, forward: ForwardFunc = logits_forward
+        self,
+        micro_batches: list[MicroBatch],
+        loss: LossFunc,
+        forward: ForwardFunc = logits_forward,
+        finite: Sequence[str] = ("loss",),
     ) -> dict[str, float]:
+        """One optimizer step; raises FloatingPointError before it if a metric in `finite` is not
+        finite (so a NaN never reaches the weights), and after it if the gradient norm is not."""
         t0 = time.perf_counter()
         metrics = self.forward_backward(micro_batches, loss, forward)
+        check_finite(metrics, finite, self.step + 1)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         elapsed = time.perf_counter() - t0
@@ -246,8 +258,50 @@ class Trainer:
         )
         if not ok:
             metrics["skipped_step"] = 1.0
-        check_finite(metrics, ["loss", "grad_norm"])
+        check_finite(metrics, ["grad_norm"], self.step + 1)
         return metrics
+
+    def forward_only(
+        self,
+        micro_batches: list[MicroBatch],
+        collect: CollectFunc,
+        forward: ForwardFunc = logits_forward,
+        model: list[torch.nn.Module] | None = None,
+    ) -> list[Any]:
+        """`collect(mb, output)` of every micro-batch after a forward pass without gradients
+        (megatron's schedule with forward_only=True, pipeline stages included), in eval mode:
+        old-policy log-probs, or with `model` (chunks built for the same layout, e.g. frozen
+        reference weights) reference log-probs. The list is filled on the last pipeline stage,
+        where the outputs are; other stages get []. Collective like a training step."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        on = device()
+        chunks = self.model if model is None else model
+        modes = [chunk.training for chunk in chunks]
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            output = forward(model, mb.to(on))
+            # Megatron's non-loss path: whatever this returns is what the schedule keeps.
+            return output, lambda out, non_loss_data=True: collect(mb, out)
+
+        for chunk in chunks:
+            chunk.eval()
+        try:
+            with torch.no_grad():
+                return get_forward_backward_func()(
+                    forward_step_func=forward_step,
+                    data_iterator=iter(micro_batches),
+                    model=chunks,
+                    num_microbatches=len(micro_batches),
+                    seq_length=micro_batches[0].tokens.shape[1],
+                    micro_batch_size=micro_batches[0].tokens.shape[0],
+                    forward_only=True,
+                    collect_non_loss_data=True,
+                )
+        finally:
+            for chunk, mode in zip(chunks, modes):
+                chunk.train(mode)
 
     def reduce_reports(self, reports: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Average loss-reported (sum, count) metrics over micro-batches and all ranks.
@@ -378,7 +432,7 @@ class Trainer:
         try:
             while self.step < t.steps:
                 batch = stage.make_batch(self.step)
-                metrics = self.train_step(batch.micro_batches, stage.loss, stage.forward)
+                metrics = self.train_step(batch.micro_batches, stage.loss, stage.forward, stage.finite_metrics)
                 metrics.update(batch.metrics)
                 metrics.update(stage.after_step(self.step))
                 self.step += 1
@@ -506,7 +560,10 @@ def _broadcast_names(names: list[str]) -> list[str]:
     return holder[0] if holder[0] is not None else names
 
 
-def check_finite(metrics: dict[str, float], keys: list[str]) -> None:
+def check_finite(metrics: dict[str, float], keys: Sequence[str], step: int) -> None:
     for k in keys:
         if k in metrics and not math.isfinite(metrics[k]):
-            raise FloatingPointError(f"{k} became {metrics[k]} at this step; lower train.optim.lr or check the data")
+            raise FloatingPointError(
+                f"{k} became {metrics[k]} at step {step}; check the data that step trained on (teacher "
+                f"signals, rewards) or lower train.optim.lr"
+            )

@@ -1,0 +1,16 @@
+"""Which `PromptSource` a job's `data` section describes: the one place new sources are added."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from megatron_opd.data.domains import TinyDomains
+from megatron_opd.data.prompts import PromptSource
+
+if TYPE_CHECKING:
+    from megatron_opd.config import DataConfig
+
+
+def prompt_source(data: "DataConfig") -> PromptSource:
+    """The tiny domains named by `data.domains` (prompt files come next, issue 15)."""
+    return TinyDomains(data.domains, data.seed, data.eval_size)

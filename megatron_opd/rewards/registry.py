@@ -1,0 +1,36 @@
+"""Rewards by name: the one table a config's or a prompt source's reward names resolve through
+(a GRM judge will be added here too)."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+from megatron_opd.data.prompts import PromptSource
+from megatron_opd.rewards import tiny
+from megatron_opd.rewards.base import Reward
+from megatron_opd.rewards.code import CodeVerifier
+from megatron_opd.rewards.match import ExactMatch, RegexMatch
+from megatron_opd.rewards.math import MathVerifier
+
+# name -> a factory of the reward with its default settings
+REWARDS: dict[str, Callable[[], Reward]] = {
+    **tiny.REWARDS,  # add, reverse, sort, count
+    "math": MathVerifier,
+    "code": CodeVerifier,
+    "exact": ExactMatch,
+    "regex": RegexMatch,
+}
+
+
+def get_reward(name: str) -> Reward:
+    if name not in REWARDS:
+        close = difflib.get_close_matches(name, list(REWARDS), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known rewards: {sorted(REWARDS)}"
+        raise ValueError(f"unknown reward {name!r}; {hint}")
+    return REWARDS[name]()
+
+
+def rewards_for(source: PromptSource) -> dict[str, Reward]:
+    """The reward of each of the source's domains (refusing unknown names before any step)."""
+    return {domain: get_reward(source.reward_name(domain)) for domain in source.domains}
