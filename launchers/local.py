@@ -5,8 +5,9 @@ Roles, in order:
                own domains (`pipeline.expert_overrides`);
   2. student   an optional SFT warm start on all domains (`pipeline.student_overrides`), in the
                same pool as the experts (`pipeline.parallel_jobs` SFT jobs at a time);
-  3. servers   one embedded SGLang-compatible teacher server per expert on 127.0.0.1
-               (`pipeline.replicas` per teacher, behind the real sglang-router when > 1);
+  3. servers   one embedded SGLang-compatible teacher server per served expert on 127.0.0.1
+               (`pipeline.replicas` per teacher, behind the real sglang-router when > 1); experts
+               with `teachers.<name>.placement: in_job` get none: the trainer loads them itself;
   4. distill   the OPD stage on `run.nproc` trainer ranks, talking HTTP to those servers;
   5. report    a per-domain table (teacher, student before, student after), summary.json and a
                plot of the training curves in the run directory.
@@ -134,7 +135,8 @@ def expert_accuracy(cfg: JobConfig, experts: dict[str, JobConfig]) -> dict[str, 
 
 
 def start_servers(cfg: JobConfig, stack: ExitStack) -> dict[str, list[str]]:
-    """One embedded teacher server per expert replica (and a router in front of replicas > 1)."""
+    """One embedded teacher server per served expert replica (and a router in front of replicas
+    > 1); in-job teachers get none (their endpoints stay empty)."""
     from megatron_opd.serving.launch import start_router, start_teacher_server, wait_ready
 
     endpoints: dict[str, list[str]] = {}
@@ -142,6 +144,9 @@ def start_servers(cfg: JobConfig, stack: ExitStack) -> dict[str, list[str]]:
     logs = cfg.run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     for name in sorted(cfg.teachers):
+        if cfg.teachers[name].placement == "in_job":
+            endpoints[name] = []
+            continue
         if cfg.teachers[name].endpoints:
             endpoints[name] = list(cfg.teachers[name].endpoints)
             continue
@@ -166,7 +171,11 @@ def start_servers(cfg: JobConfig, stack: ExitStack) -> dict[str, list[str]]:
                 router = stack.enter_context(start_router(urls, log_path=logs / f"router-{name}.log"))
                 urls = [router.url]
             endpoints[name] = urls
-    _say("teacher servers ready: " + ", ".join(f"{n} -> {u}" for n, u in endpoints.items()))
+    if handles or any(endpoints.values()):
+        _say("teacher servers ready: " + ", ".join(f"{n} -> {u}" for n, u in endpoints.items() if u))
+    in_job = [n for n, u in endpoints.items() if not u]
+    if in_job:
+        _say(f"in-job teachers (loaded by the trainer): {', '.join(in_job)}")
     return endpoints
 
 
