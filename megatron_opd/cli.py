@@ -48,8 +48,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     # Each benchmark declares its own flags; they are parsed by the benchmark itself.
     p.add_argument(
         "which",
-        choices=["loss", "teachers", "rollout"],
-        help="loss: reverse-KL kernels; teachers: wire formats; rollout: embedded KV cache vs none",
+        choices=["loss", "teachers", "rollout", "placement"],
+        help="loss: reverse-KL kernels; teachers: wire formats; rollout: embedded KV cache vs none; "
+        "placement: an OPD step with served vs in-job teachers",
     )
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags (see: bench WHICH --help)")
 
@@ -114,6 +115,7 @@ def bench_command(args) -> int:
         "loss": "megatron_opd.losses.bench",
         "teachers": "megatron_opd.teachers.bench",
         "rollout": "megatron_opd.rollout.bench",
+        "placement": "megatron_opd.stages.placement_bench",
     }[args.which]
     return int(importlib.import_module(module).main(args.args) or 0)
 

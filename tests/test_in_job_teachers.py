@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_opd.config import ConfigError, JobConfig, derive, to_dict
+from megatron_opd.config import ConfigError, JobConfig, derive, load_config, to_dict
 from megatron_opd.runtime.spawn import WorldFailed, spawn_world
 from megatron_opd.stages.trainer import read_ledger
-from test_opd import DOMAINS, _expect_failure, _final_weights, _job, _per_step, _run, teachers  # noqa: F401 (fixture)
+from test_opd import DOMAINS, REPO, _expect_failure, _final_weights, _job, _per_step, _run, teachers  # noqa: F401 (fixture)
 
 
 def _in_job(cfg: JobConfig, names=tuple(DOMAINS), *overrides: str) -> JobConfig:
@@ -96,7 +96,9 @@ def _by_teacher(signals):
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_in_job_signals_and_loss_equal_the_server_path(teachers, tmp_path, tp):
-    cfg = _job(teachers, tmp_path, f"run.nproc={tp}", f"parallel.tp={tp}", "model.tie_embeddings=false")
+    # TP=1 with the default tied embeddings (the head is the embedding), TP=2 with an output layer.
+    tied = "true" if tp == 1 else "false"
+    cfg = _job(teachers, tmp_path, f"run.nproc={tp}", f"parallel.tp={tp}", f"model.tie_embeddings={tied}")
     out = spawn_world(_equality_worker, tp, (to_dict(cfg), tp == 2), timeout_s=300)
     res = out[0]
     server, in_job = _by_teacher(res["server"][0]), _by_teacher(res["in_job"][0])
@@ -129,3 +131,201 @@ def test_in_job_signals_and_loss_equal_the_server_path(teachers, tmp_path, tp):
     teachers_scored, loaded, resident = res["single"]
     assert teachers_scored == ["sorter"] and loaded == ["sorter"]
     assert resident["sorter"] > 0 and resident["arith"] == resident["rev"] == 0
+
+
+# -- bad input fails before any training step -------------------------------------------------------
+
+
+def _copy_teacher(src: str, dst: Path, damage) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    damage(dst)
+    return str(dst)
+
+
+def _truncate_shard(d: Path) -> None:
+    shard = sorted(d.glob("checkpoints/step_*/*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def _other_vocab(d: Path) -> None:
+    text = (d / "model.yaml").read_text()
+    assert "vocab_size: 51" in text
+    (d / "model.yaml").write_text(text.replace("vocab_size: 51", "vocab_size: 60"))
+
+
+def test_bad_in_job_teacher_fails_before_any_step_naming_it(teachers, tmp_path):
+    import shutil
+
+    base = _in_job(_job(teachers, tmp_path / "base", "run.nproc=1", "parallel.tp=1"))
+    damaged = {
+        "missing": ("rev", _copy_teacher(teachers["rev"][0], tmp_path / "missing", lambda d: shutil.rmtree(d / "checkpoints"))),
+        "corrupt": ("arith", _copy_teacher(teachers["arith"][0], tmp_path / "corrupt", _truncate_shard)),
+        "tokenizer": ("sorter", teachers["mismatch"][0]),
+        "vocab": ("rev", _copy_teacher(teachers["rev"][0], tmp_path / "vocab", _other_vocab)),
+    }
+    messages = {}
+    for case, (name, model_dir) in damaged.items():
+        cfg = derive(base, **{f"teachers.{name}.model_dir": model_dir, "run.output_dir": str(tmp_path / case)})
+        messages[case] = spawn_world(_expect_failure, 1, (to_dict(cfg),), timeout_s=240)[0]
+        assert "in-job teachers failed to load, before any training step" in messages[case], messages[case]
+        assert f"in-job teacher {name!r}" in messages[case], messages[case]
+        assert not (cfg.run_dir / "metrics.jsonl").exists() or not (cfg.run_dir / "metrics.jsonl").read_text()
+    assert "no complete checkpoint" in messages["missing"]
+    assert "CorruptCheckpoint" in messages["corrupt"] and ".distcp" in messages["corrupt"]
+    assert "fingerprint" in messages["tokenizer"]
+    assert "vocabulary size 60" in messages["vocab"] and "51" in messages["vocab"]
+
+
+def test_in_job_config_errors_name_the_key(teachers, tmp_path):
+    cfg = _job(teachers, tmp_path)
+    _in_job(cfg).check()  # the in-job job itself is valid
+    bad = {
+        r"teachers\.rev\.endpoints=.*placement is 'in_job'": {"teachers.rev.placement": "in_job"},  # endpoints kept
+        r"teachers\.rev\.signal='topk'.*set teachers\.rev\.signal=hidden": {
+            "teachers.rev.placement": "in_job", "teachers.rev.endpoints": [], "teachers.rev.signal": "topk", "teachers.rev.topk": 8,
+        },
+        r"teachers\.rev\.placement: 'gpu' is not one of": {"teachers.rev.placement": "gpu"},
+        r"opd\.resident_teachers must be >= 1": {"opd.resident_teachers": 0},
+    }
+    for message, changes in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            derive(cfg, **changes).check()
+
+
+# -- memory grows with the resident count, not with the teacher count -------------------------------
+
+MEMORY_DOMAINS = ["add", "reverse", "sort", "count"]
+# Teachers much wider and deeper than the tiny student (~72 MB of float32 weights each), so that
+# one teacher's weights stand well above the noise of a process's peak RSS.
+BIG_TEACHER = {"hidden_size": 512, "num_layers": 6, "num_attention_heads": 8, "num_query_groups": 2, "ffn_hidden_size": 1536}
+
+
+def _make_sized_teachers(root: str, count: int, model_changes: dict) -> list[str]:
+    from dataclasses import replace
+
+    from megatron_opd.config import load_config
+    from megatron_opd.data.tokenizer import CharTokenizer
+    from megatron_opd.models.gpt import build_gpt_model
+    from megatron_opd.models.model_dir import write_model_dir
+    from megatron_opd.runtime import checkpoint as ckpt
+    from megatron_opd.runtime.distributed import init_runtime, seed_everything
+    from megatron_opd.runtime.layout import ParallelLayout
+
+    cfg = replace(load_config(REPO / "configs/tiny/opd.yaml").model, **model_changes)
+    layout = init_runtime(ParallelLayout(), 0)
+    out = []
+    for i in range(count):
+        seed_everything(300 + i)
+        d = write_model_dir(Path(root) / f"t{i}", cfg, CharTokenizer())
+        ckpt.save_checkpoint(d.checkpoints, 0, [build_gpt_model(cfg, layout)])
+        out.append(str(d.path))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sized_teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sized")
+    big = spawn_world(_make_sized_teachers, 1, (str(root / "big"), 4, BIG_TEACHER))[0]
+    tiny = spawn_world(_make_sized_teachers, 1, (str(root / "tiny"), 4, {}))[0]
+    return {"big": big, "tiny": tiny}
+
+
+def _memory_job(dirs: list[str], run_dir: Path, *overrides: str) -> JobConfig:
+    owners = [MEMORY_DOMAINS[i :: len(dirs)] for i in range(len(dirs))]  # 2 teachers: two domains each
+    teachers = {f"t{i}": {"placement": "in_job", "model_dir": d, "domains": owners[i], "signal": "hidden"} for i, d in enumerate(dirs)}
+    base = [
+        "run.nproc=1", "parallel.tp=1", "train.steps=2", "train.global_batch_size=24", "train.micro_batch_size=12",
+        "train.eval_every=0", "train.eval_at_start=false", "train.checkpoint_every=0", "data.eval_size=8",
+        f"data.domains=[{','.join(MEMORY_DOMAINS)}]",
+    ]
+    changes = {"teachers": teachers, "run.output_dir": str(run_dir), "run.name": "mem", "run.progress": "none", "run.log_every": 1}
+    return derive(load_config(REPO / "configs/tiny/opd.yaml"), base + list(overrides), **changes)
+
+
+def _peak_rss_worker(cfg_tree: dict) -> dict:
+    import resource
+
+    from megatron_opd.stages.launch import _rank_entry
+
+    _rank_entry(cfg_tree)
+    return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _teacher_bytes(model_dir: str) -> int:
+    from megatron_opd.models.model_dir import read_model_dir
+
+    m = read_model_dir(model_dir).model
+    h, f, L = m.hidden_size, m.ffn_hidden_size, m.num_layers
+    kv = h // m.num_attention_heads * m.num_query_groups
+    per_layer = h * (h + 2 * kv) + h * h + 2 * h * f + h * f + 2 * h  # qkv, proj, fc1 (SwiGLU), fc2, norms
+    return 4 * (L * per_layer + m.padded_vocab_size(1) * h + h)  # float32, embedding, final norm
+
+
+def test_peak_memory_does_not_grow_with_teachers(sized_teachers, tmp_path):
+    """Peak RSS of the trainer rank (a spawned world each) for: four tiny teachers (the student-only
+    baseline: their weights are ~1% of one big teacher's), 2 and 4 big teachers with one resident
+    (read from disk, the next one prefetched), 4 without prefetch, and 4 big teachers all kept in
+    host memory (the control: the measurement does see teachers' weights). Growth is in units of
+    one teacher's weights. Reading a teacher holds about half a teacher more for a moment (SwiGLU's
+    fc1 halves are read apart and merged: models/weights.py), so with prefetch the peak is the
+    resident teacher + the one being read + that transient, without it the resident one + the
+    transient: either way a constant, not a multiple of the teacher count."""
+    one = _teacher_bytes(sized_teachers["big"][0])
+    runs = {
+        "baseline": _memory_job(sized_teachers["tiny"], tmp_path / "baseline"),
+        "2 teachers": _memory_job(sized_teachers["big"][:2], tmp_path / "two"),
+        "4 teachers": _memory_job(sized_teachers["big"], tmp_path / "four"),
+        "4, no prefetch": _memory_job(sized_teachers["big"], tmp_path / "serial", "opd.prefetch_teachers=false"),
+        "4 in host memory": _memory_job(sized_teachers["big"], tmp_path / "host", "opd.teacher_weights=host"),
+    }
+    peak = {name: spawn_world(_peak_rss_worker, 1, (to_dict(cfg),), timeout_s=300)[0]["peak_rss"] for name, cfg in runs.items()}
+    growth = {name: (p - peak["baseline"]) / one for name, p in peak.items()}
+    print("teacher weights", one / 2**20, "MiB; peak RSS", {n: round(p / 2**20, 1) for n, p in peak.items()},
+          "MiB; growth in teachers", {n: round(g, 2) for n, g in growth.items()})
+    (tmp_path / "memory.json").write_text(json.dumps({"teacher_bytes": one, "peak_rss": peak}))
+    loads = _per_step(runs["4 teachers"].run_dir, "train/teacher_loads")
+    assert loads and all(v >= 3 for v in loads.values()), loads  # the teachers really were swapped in and out
+    assert growth["4 in host memory"] >= 3.0, growth  # the control: four resident teachers are seen
+    # One resident teacher plus the one staging buffer the prefetch fills (and the read's
+    # transient), whatever the count; without prefetch, one teacher and the transient.
+    assert growth["2 teachers"] <= 3.0 and growth["4 teachers"] <= 3.0, growth
+    assert growth["4 teachers"] - growth["2 teachers"] <= 0.5, growth
+    assert growth["4, no prefetch"] <= 2.0, growth
+
+
+# -- restart with the signal store ------------------------------------------------------------------
+
+
+def test_rank_killed_resumes_exactly_and_redone_steps_read_the_store(teachers, tmp_path):
+    steps = ["train.steps=4", "train.checkpoint_every=2"]
+    straight = _in_job(_job(teachers, tmp_path / "a", *steps))
+    spawn_world(_run, 2, (to_dict(straight),), timeout_s=300)
+
+    store = tmp_path / "signals"
+    killed = _in_job(_job(teachers, tmp_path / "b", *steps, f"opd.signal_store={store}"))
+    with pytest.raises(WorldFailed, match="exit code 17"):
+        spawn_world(_run, 2, (to_dict(killed),), timeout_s=300, env={"MEGATRON_OPD_FAULT": "exit:1:3"})
+    assert [e["step"] for e in read_ledger(killed.run_dir)] == [1, 2, 3]  # step 3 finished, then rank 1 died
+    assert sorted(p.name for p in store.iterdir()) == [f"step_{s:08d}" for s in range(3)]
+    first_rows = _per_step(killed.run_dir, "train/teacher_rows")
+    assert first_rows == {1: 24.0, 2: 24.0, 3: 24.0}, first_rows
+    spawn_world(_run, 2, (to_dict(killed),), timeout_s=300)
+
+    # The resumed run redid step 3 (from the checkpoint of step 2) with the stored signals: no
+    # teacher was loaded or run for it; step 4 was scored by the teachers.
+    rows, loads = _per_step(killed.run_dir, "train/teacher_rows"), _per_step(killed.run_dir, "train/teacher_loads")
+    forward = _per_step(killed.run_dir, "train/teacher_forward_s")
+    assert rows[3] == 0.0 and loads[3] == 0.0 and forward[3] == 0.0, (rows, loads, forward)
+    assert rows[4] == 24.0 and loads[4] >= 1 and forward[4] > 0, (rows, loads, forward)
+    a, b = _per_step(straight.run_dir, "train/kl"), _per_step(killed.run_dir, "train/kl")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6, f"step {step}: {a[step]} vs {b[step]} after resume"
+    wa, wb = _final_weights(straight.run_dir), _final_weights(killed.run_dir)
+    assert wa.keys() == wb.keys() and len(wa) > 5
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+    samples = [s for e in read_ledger(killed.run_dir) for s in e["samples"]]
+    assert len(samples) == len(set(samples)) == 4 * 24, "a sample was lost or repeated"

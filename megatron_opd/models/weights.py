@@ -24,6 +24,9 @@ for a model built by `models/gpt.py`; Hugging Face model directories (models/hf/
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,3 +214,22 @@ def release_weights(model: torch.nn.Module, names: Sequence[str]) -> None:
 def resident_bytes(model: torch.nn.Module) -> int:
     """Bytes of `model`'s parameters that hold memory (not on meta)."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+def return_freed_host_memory() -> None:
+    """Give freed host memory back to the operating system (glibc's `malloc_trim`; a no-op
+    elsewhere). glibc raises its mmap threshold each time a large block is freed, so later
+    weight buffers come from its heap, and freed heap memory stays in the process: without this,
+    a process that swaps teachers in and out grows to about the sum of every teacher it held."""
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)

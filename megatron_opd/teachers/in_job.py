@@ -49,7 +49,15 @@ import torch.distributed as dist
 
 from megatron_opd.data.trajectories import TeacherSignals, Trajectories, gather_response
 from megatron_opd.models.model_dir import ModelDir, read_model_dir
-from megatron_opd.models.weights import WeightPlan, bind_weights, check_readable, read_weights, release_weights, weight_plan
+from megatron_opd.models.weights import (
+    WeightPlan,
+    bind_weights,
+    check_readable,
+    read_weights,
+    release_weights,
+    return_freed_host_memory,
+    weight_plan,
+)
 from megatron_opd.runtime.layout import ParallelLayout
 from megatron_opd.teachers.config import TeacherConfig, check_teachers
 from megatron_opd.teachers.scorer import route_by_domain, rows_by_teacher
@@ -199,6 +207,7 @@ class InJobTeachers:
                 host = read_weights(plan, checkpoint, pin_memory=self.pin)
             else:
                 check_readable(plan, checkpoint)
+                return_freed_host_memory()
             self._read_s += time.perf_counter() - t0
         except (OSError, ValueError, CheckpointError) as e:
             raise InJobTeacherError(f"{where} failed to load: {type(e).__name__}: {e}") from None
@@ -224,6 +233,7 @@ class InJobTeachers:
         t = self.teachers[name]
         t0 = time.perf_counter()
         tensors = read_weights(t.plan, t.checkpoint, pin_memory=self.pin)
+        return_freed_host_memory()  # the checkpoint reader's own buffers
         return tensors, time.perf_counter() - t0
 
     def _prefetch(self, name: str) -> None:
@@ -242,6 +252,8 @@ class InJobTeachers:
             self._read_s += future.result()[1]
         except Exception:  # noqa: BLE001 - a prefetch nobody needs; the read that is needed reports its own error
             pass
+        del future
+        return_freed_host_memory()
 
     def _staged_or_read(self, name: str) -> dict[str, torch.Tensor]:
         if self._staged is not None and self._staged[0] == name:
@@ -274,6 +286,7 @@ class InJobTeachers:
 
     def _release(self, name: str) -> None:
         release_weights(self.teachers[name].model, list(self.resident.pop(name)))
+        return_freed_host_memory()
 
     def _agree(self, error: str | None) -> None:
         """Collective over the replica: if any rank failed to load, every rank raises (the forward
