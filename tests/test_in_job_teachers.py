@@ -85,6 +85,10 @@ def _equality_worker(cfg_tree: dict, extra: bool):
         out["single"] = ([s.teacher for s in single], list(fresh.load_log), {n: resident_bytes(t.model) for n, t in fresh.teachers.items()})
         fresh.close()
         in_job.in_job = kept
+        # One job, both placements: rev in the job, the others served.
+        mixed = OPDStage(_in_job(cfg, ("rev",)), trainer, tok)
+        out["mixed"] = (mixed.score(rollout), list(mixed.in_job.load_log))
+        mixed.close()
     for stage in (served, in_job):
         stage.close()
     return out
@@ -131,6 +135,13 @@ def test_in_job_signals_and_loss_equal_the_server_path(teachers, tmp_path, tp):
     teachers_scored, loaded, resident = res["single"]
     assert teachers_scored == ["sorter"] and loaded == ["sorter"]
     assert resident["sorter"] > 0 and resident["arith"] == resident["rev"] == 0
+    mixed, mixed_loads = res["mixed"]
+    assert [s.teacher for s in mixed] == [s.teacher for s in res["server"][0]] and mixed_loads == ["rev"]
+    for s in mixed:
+        a = server[s.teacher]
+        assert torch.equal(s.rows, a.rows)
+        for i, n in enumerate(a.response_lens.tolist()):
+            assert (s.hidden[i, :n] - a.hidden[i, :n]).abs().max().item() <= 1e-5, s.teacher
 
 
 # -- bad input fails before any training step -------------------------------------------------------
