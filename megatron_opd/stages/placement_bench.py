@@ -14,10 +14,11 @@ from the same seed in a fresh spawned world:
 The teachers are the experts of a finished run (`--experts`, e.g. runs/tiny/experts) or random
 ones of the job's model config. Each column is the median over the steps after the first (the
 warm-up): rollout (the student generates), teacher (scoring, wall time), of which the in-job
-teacher forward, the time the forward waited for weights ("load wait": the critical path), the
-weight reads (disk to host, background ones included), and training (forward, backward,
-optimizer). "prefetch hidden" is 1 - load wait / read: the share of the reads that the
-background thread took off the critical path.
+teacher forward, "loading" (making teachers resident: reads waited for, binding, the replica
+agreeing that every rank loaded), "read wait" (the part blocked on weight reads: what the
+prefetch left on the critical path), the weight reads themselves (disk to host, background ones
+included), and training (forward, backward, optimizer). "prefetch hidden" is 1 - read wait /
+read: the share of the reads that the background thread took off the critical path.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Row:
     teacher_s: float
     forward_s: float
     load_wait_s: float
+    load_s: float
     read_s: float
     train_s: float
     loads: float  # teachers made resident per step
@@ -91,6 +93,7 @@ def _row(case: str, run_dir: Path) -> Row:
         teacher_s=teacher,
         forward_s=_median(timed, "teacher_forward_s"),
         load_wait_s=_median(timed, "teacher_load_wait_s"),
+        load_s=_median(timed, "teacher_load_s"),
         read_s=_median(timed, "teacher_read_s"),
         train_s=trained,
         loads=_median(timed, "teacher_loads"),
@@ -156,14 +159,14 @@ def render(rows: list[Row], title: str) -> None:
 
     server = next((r for r in rows if r.case == "server"), rows[0])
     table = Table(title=title)
-    columns = ("case", "step (s)", "vs server", "rollout", "teacher", "forward", "load wait", "weight read", "training",
+    columns = ("case", "step (s)", "vs server", "rollout", "teacher", "forward", "loading", "read wait", "weight read", "training",
                "prefetch hidden", "loads/step", "kl")
     for col in columns:
         table.add_column(col, justify="left" if col == "case" else "right")
     for r in rows:
         table.add_row(
             r.case, f"{r.step_s:.3f}", f"{r.step_s / server.step_s:.2f}x", f"{r.rollout_s:.3f}", f"{r.teacher_s:.3f}",
-            f"{r.forward_s:.3f}", f"{r.load_wait_s:.4f}", f"{r.read_s:.4f}", f"{r.train_s:.3f}",
+            f"{r.forward_s:.3f}", f"{r.load_s:.4f}", f"{r.load_wait_s:.4f}", f"{r.read_s:.4f}", f"{r.train_s:.3f}",
             "-" if r.prefetch_hidden != r.prefetch_hidden else f"{r.prefetch_hidden:.0%}", f"{r.loads:.0f}", f"{r.kl:.4f}",
         )
     Console(width=160).print(table)

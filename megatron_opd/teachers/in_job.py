@@ -93,7 +93,8 @@ class ScoreStats:
     order: list[str] = field(default_factory=list)  # teachers in the order they ran
     loads: list[str] = field(default_factory=list)  # teachers made resident by this call
     forward_s: float = 0.0  # teacher forward passes
-    load_wait_s: float = 0.0  # time the forward waited for weights (critical path)
+    load_wait_s: float = 0.0  # time blocked on weight reads (the reads left on the critical path)
+    load_s: float = 0.0  # whole loads: reads waited for, binding, the replica agreeing on the outcome
     read_s: float = 0.0  # disk reads finished for this call, background ones included
     rows: int = 0
 
@@ -101,6 +102,7 @@ class ScoreStats:
         return {
             "teacher_forward_s": self.forward_s,
             "teacher_load_wait_s": self.load_wait_s,
+            "teacher_load_s": self.load_s,
             "teacher_read_s": self.read_s,
             "teacher_loads": float(len(self.loads)),
             "teacher_rows": float(self.rows),
@@ -255,7 +257,14 @@ class InJobTeachers:
         del future
         return_freed_host_memory()
 
-    def _staged_or_read(self, name: str) -> dict[str, torch.Tensor]:
+    def _staged_or_read(self, name: str, stats: ScoreStats) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        try:
+            return self._take_or_read(name)
+        finally:
+            stats.load_wait_s += time.perf_counter() - t0
+
+    def _take_or_read(self, name: str) -> dict[str, torch.Tensor]:
         if self._staged is not None and self._staged[0] == name:
             _, future = self._staged
             self._staged = None
@@ -277,7 +286,7 @@ class InJobTeachers:
         from megatron_opd.runtime.distributed import device
 
         on = device()
-        source = t.host if t.host is not None else self._staged_or_read(name)
+        source = t.host if t.host is not None else self._staged_or_read(name, stats)
         tensors = {k: v.to(on, non_blocking=True) for k, v in source.items()} if on.type != "cpu" else source
         bind_weights(t.model, tensors)
         self.resident[name] = tensors
@@ -324,7 +333,7 @@ class InJobTeachers:
             later = [n for n in order[k + 1 :] if n not in self.resident]
             if later:
                 self._prefetch(later[0])
-            stats.load_wait_s += time.perf_counter() - t0
+            stats.load_s += time.perf_counter() - t0
             rows = rows_of[name]
             sub = batch.select(rows)
             t0 = time.perf_counter()
