@@ -403,15 +403,20 @@ class Trainer:
         self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger, start=step)
         self.ledger.truncate(step)
 
-    def load_weights(self, path: str | Path) -> None:
-        """Initialise the model (not the optimizer) from a checkpoint dir or a root holding them."""
+    def load_weights(
+        self, path: str | Path, model: list[torch.nn.Module] | None = None, *, key: str = "train.init_from"
+    ) -> Path:
+        """Initialise the model (not the optimizer), or other chunks of its layout (`model`: a
+        frozen reference), from a checkpoint dir or a root holding them (a run or model directory);
+        returns the checkpoint. `key`: the config key that named `path`, for the error."""
         path = Path(path)
         if not (path / ckpt.COMPLETE).exists():
             found = ckpt.latest_complete(path) or ckpt.latest_complete(path / "checkpoints")
             if found is None:
-                raise FileNotFoundError(f"train.init_from={path} holds no complete checkpoint")
+                raise FileNotFoundError(f"{key}={path} holds no complete checkpoint")
             path = found
-        ckpt.load_checkpoint(path, self.model, None, load_rng=False)
+        ckpt.load_checkpoint(path, self.model if model is None else model, None, load_rng=False)
+        return path
 
     # -- the loop ---------------------------------------------------------------------------------
 
