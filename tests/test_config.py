@@ -254,6 +254,7 @@ SHIPPED = {
     "tiny/grpo.yaml": "train",
     "cluster/opd-4node.yaml": "submit",
     "cluster/tiny-sft-one-node.yaml": "submit",
+    "cluster/grpo-3node.yaml": "submit",
 }
 
 
