@@ -13,6 +13,8 @@ rollout.keep_routing=true (megatron-core's RouterReplay in every router):
   on the others;
 - the same weights behind our server over real HTTP (the SGLang rollout engine, disk weight sync,
   `return_routed_experts`) give the same greedy tokens and the same routed experts as in-job;
+- held-out evaluation at EP=2 whose replicas' shares need different numbers of generate calls
+  finishes (every replica calls generate equally often);
 - keep routing is refused for a dense model (config check and trainer), and without
   --enable-return-routed-experts the SGLang engine stops before any step, naming server and flag.
 """
@@ -163,6 +165,14 @@ def _ep2_worker(run_dir: str, model_dir: str) -> dict:
     out["r1"] = _record(trainer, batch)
     out["after_replayed"], out["after_free"] = logprobs(r0), logprobs(None)
     out["after_own"] = logprobs(out["r1"])
+    # Held-out evaluation with shares of 3 and 2 prompts in chunks of 2: replica 0 needs two
+    # generate calls, replica 1 one, yet every forward's all-to-all needs both (a hang before).
+    from megatron_opd.data.domains import TinyDomains
+    from megatron_opd.rewards.registry import rewards_for
+    from megatron_opd.stages.evaluation import held_out_accuracy
+
+    source = TinyDomains(["add"], seed=0, eval_size=5)
+    out["held_out"] = held_out_accuracy(model, source, tok, rewards_for(source), max_len=48, max_new_tokens=3, batch_size=2)
     return out
 
 
@@ -232,6 +242,13 @@ def test_replayed_routing_reproduces_the_samplers_logprobs_and_differs_after_an_
             if after.any():
                 assert diff[i][after].max().item() > 1e-4, f"row {i}: routing changed at {t}, replay made no difference"
         assert (diff.amax(-1) > 1e-4).any()
+
+
+def test_held_out_evaluation_at_ep2_with_uneven_shares_finishes(ep2):
+    ranks, _ = ep2
+    accs = [out["held_out"] for out in ranks]
+    assert accs[0] == accs[1] and set(accs[0]) == {"acc/add", "acc/mean"}  # all-reduced over both replicas
+    assert 0.0 <= accs[0]["acc/add"] <= 1.0
 
 
 # -- our server over HTTP ----------------------------------------------------------------------------

@@ -12,8 +12,9 @@ set from the server, in SGLang 0.5.23's own fields, and our server returns them 
   and for top-k alone;
 - a kept-set request to a server that cannot return them (a stock SGLang without the field,
   played by our server with --plain-sglang; a top_k beyond the server's
-  --sampling-mask-max-tokens) is an error naming the server and the fix, before any weights
-  are pushed.
+  --sampling-mask-max-tokens; any server behind the real sglang-router 0.3.2, which drops the
+  fields it does not know) is an error naming the server and the fix, before any weights are
+  pushed.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 from megatron_opd.runtime.spawn import WorldFailed, spawn_world
 from megatron_opd.serving import wire
-from megatron_opd.serving.launch import start_teacher_server
+from megatron_opd.serving.launch import start_router, start_teacher_server
 from megatron_opd.serving.sglang_contract import load_contract, request_fields, wheel_function, wheel_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,12 +172,19 @@ def test_a_server_that_cannot_return_kept_sets_is_refused_before_any_weights_are
         "plain": (["--plain-sglang"], ["rollout.top_p=0.8"], "cannot return sampling masks"),
         "cap": (["--sampling-mask-max-tokens", "3"], ["rollout.top_k=5"], "increase --sampling-mask-max-tokens"),
     }
+    # The real sglang-router 0.3.2 forwards only the request fields it knows: not these.
+    cases["router"] = ([], ["rollout.top_p=0.8"], "behind an sglang-router")
     for name, (flags, overrides, says) in cases.items():
         run = tmp_path / name
         with start_teacher_server(model_dir=model_dir, weights_dir=run / "rollout_weights", extra_args=flags) as server:
-            with pytest.raises(WorldFailed) as failure:
-                spawn_world(_kept_sets_worker, 1, (_cfg(model_dir, run, server.url, *overrides), [{}]), timeout_s=300)
+            front = start_router([server.url]) if name == "router" else server
+            try:
+                with pytest.raises(WorldFailed) as failure:
+                    spawn_world(_kept_sets_worker, 1, (_cfg(model_dir, run, front.url, *overrides), [{}]), timeout_s=300)
+            finally:
+                if front is not server:
+                    front.stop()
         message = str(failure.value)
-        assert f"rollout server at {server.url} cannot return sampling masks" in message, message[-2000:]
+        assert f"rollout server at {front.url} cannot return sampling masks" in message, message[-2000:]
         assert says in message and "rollout.keep_sampling_mask=false" in message, message[-2000:]
         assert not (run / "rollout_weights").exists(), f"{name}: weights were pushed before the refusal"

@@ -146,7 +146,9 @@ class SGLangRolloutEngine:
                 "routed experts (return_routed_experts: start the server with --enable-return-routed-experts, not "
                 "--plain-sglang; or set rollout.keep_routing=false)"
             )
-        return RolloutServerError(f"rollout server at {url} cannot return {' and '.join(needs)}: {what}")
+        # sglang-router 0.3.2 forwards only the fields it knows, and it knows neither of these.
+        router = "; behind an sglang-router, which drops these fields, list the servers themselves in rollout.endpoints"
+        return RolloutServerError(f"rollout server at {url} cannot return {' and '.join(needs)}{router}: {what}")
 
     def _probe(self, prompt: Prompt | None) -> None:
         """One-token requests to every server asking for the extras the run needs (collective:
