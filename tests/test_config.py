@@ -451,3 +451,15 @@ def test_dumped_config_round_trips_without_keys(tmp_path):
     text = (tmp_path / "c.yaml").read_text()
     assert "api_key:" not in text and "api_key_env: OPD_KEY" in text and "api_key_file: /run/key" in text
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_mla_refuses_query_groups_and_moe_layers_follow_the_layer_pattern():
+    from megatron_opd.models.config import ModelConfig
+    from megatron_opd.runtime.layout import ParallelLayout
+
+    mla = dict(multi_latent_attention=True, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=8, v_head_dim=8)
+    ModelConfig(**mla).check(ParallelLayout())
+    with pytest.raises(ValueError, match=r"model.multi_latent_attention does not take model.num_query_groups=2 .* set model.num_query_groups=0"):
+        ModelConfig(num_query_groups=2, **mla).check(ParallelLayout())
+    assert ModelConfig(num_layers=3, num_experts=4, moe_layer_freq=[1, 0, 1]).moe_layers == [0, 2]
+    assert ModelConfig(num_layers=2, num_experts=4).moe_layers == [0, 1] and ModelConfig().moe_layers == []

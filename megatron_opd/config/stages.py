@@ -90,7 +90,7 @@ def check_opd(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
         )
     if cfg.opd.fused_chunk_size < 1:
         problems.append(f"opd.fused_chunk_size must be >= 1, got {cfg.opd.fused_chunk_size}")
-    problems += _raised(cfg.rollout.check, endpoints_required=ctx.endpoints_given)
+    problems += _raised(cfg.rollout.check, endpoints_required=ctx.endpoints_given, model=cfg.model, layout=ctx.layout)
     if ctx.by_pipeline:  # only `megatron-opd run` reads the pipeline: section
         problems += _raised(cfg.pipeline.check, cfg.teachers)
     return problems

@@ -59,6 +59,8 @@ RESUME_RULES: list[tuple[str, Kind, str]] = [
     ("teachers.*.model_dir", "fixed", "the teacher itself"),
     ("teachers.*", "changeable", "endpoints, keys, timeouts, batching, wire format: how the teacher is reached"),
     ("parallel.*", "changeable", "checkpoints reshard to another layout (RNG states restore only under the same one)"),
+    ("rollout.keep_routing", "fixed", "the training forward's routing: replayed experts are part of the objective"),
+    ("rollout.keep_sampling_mask", "fixed", "the policy's action space: log-probs renormalised over the kept sets"),
     ("rollout.*", "changeable", "sampling settings and the engine"),
     ("opd.*", "changeable", "numerically equivalent paths and the signal cache"),
     ("grpo.eps_low", "changeable", "the clip range: applied to the updates after the resumed step"),
