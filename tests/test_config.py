@@ -107,16 +107,16 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
 
 def test_unknown_and_unimplemented_stages_are_refused_at_load(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("stage: grpo\n")
-    with pytest.raises(ConfigError, match=r"^stage: 'grpo' is not implemented yet; the stages that run are: sft, opd$"):
+    path.write_text("stage: grm\n")
+    with pytest.raises(ConfigError, match=r"^stage: 'grm' is not implemented yet; the stages that run are: sft, opd, grpo$"):
         load_config(path)
-    with pytest.raises(ConfigError, match=r"stage: 'distil' is not a stage; the stages that run are: sft, opd"):
+    with pytest.raises(ConfigError, match=r"stage: 'distil' is not a stage; the stages that run are: sft, opd, grpo"):
         load_config(None, ["stage=distil"])
     with pytest.raises(ConfigError, match="is not implemented yet"):
-        JobConfig(stage="grpo")  # no path around the load-time refusal, derive() and ranks included
-    assert "grpo" in STAGES and STAGES["grpo"] is None
+        JobConfig(stage="grm")  # no path around the load-time refusal, derive() and ranks included
+    assert "grm" in STAGES and STAGES["grm"] is None
     # Before anything is built: the CLI answers in one line, fast, without torch.
-    assert "not implemented yet" in _one_line_error(_cli("train", str(TINY_SFT), "stage=grpo", cwd=tmp_path))
+    assert "not implemented yet" in _one_line_error(_cli("train", str(TINY_SFT), "stage=grm", cwd=tmp_path))
 
 
 def test_every_implemented_stage_resolves_to_its_class():
@@ -251,8 +251,10 @@ def test_layout_checks_the_model():
 SHIPPED = {
     "tiny/sft.yaml": "train",
     "tiny/opd.yaml": "run",
+    "tiny/grpo.yaml": "train",
     "cluster/opd-4node.yaml": "submit",
     "cluster/tiny-sft-one-node.yaml": "submit",
+    "cluster/grpo-3node.yaml": "submit",
 }
 
 
@@ -449,3 +451,15 @@ def test_dumped_config_round_trips_without_keys(tmp_path):
     text = (tmp_path / "c.yaml").read_text()
     assert "api_key:" not in text and "api_key_env: OPD_KEY" in text and "api_key_file: /run/key" in text
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_mla_refuses_query_groups_and_moe_layers_follow_the_layer_pattern():
+    from megatron_opd.models.config import ModelConfig
+    from megatron_opd.runtime.layout import ParallelLayout
+
+    mla = dict(multi_latent_attention=True, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=8, v_head_dim=8)
+    ModelConfig(**mla).check(ParallelLayout())
+    with pytest.raises(ValueError, match=r"model.multi_latent_attention does not take model.num_query_groups=2 .* set model.num_query_groups=0"):
+        ModelConfig(num_query_groups=2, **mla).check(ParallelLayout())
+    assert ModelConfig(num_layers=3, num_experts=4, moe_layer_freq=[1, 0, 1]).moe_layers == [0, 2]
+    assert ModelConfig(num_layers=2, num_experts=4).moe_layers == [0, 1] and ModelConfig().moe_layers == []

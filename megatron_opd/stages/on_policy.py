@@ -135,16 +135,27 @@ class OnPolicyStage:
         return repeat_for_group(self.source.prompts(indices.start, len(indices)), self.group_size)
 
     def make_rollout(self, index: int) -> Rollout:
-        prompts = self.replica_prompts(index)
-        t0 = time.perf_counter()
-        batch = self.engine.generate(prompts, index * self.updates_per_rollout)
-        t_rollout = time.perf_counter() - t0
-        rollout = Rollout(index, prompts, batch)
-        rollout.metrics = metrics = self.verify(rollout)
+        rollout = self.sample(index)
         t0 = time.perf_counter()
         rollout.scores = self.score(rollout)  # which may add its own metrics to rollout.metrics
-        metrics.update(rollout_time_s=t_rollout, score_time_s=time.perf_counter() - t0)
-        metrics["rollout_tokens_per_s"] = float(batch.response_lens.sum()) * self.trainer.dp_size / max(t_rollout, 1e-9)
+        rollout.metrics["score_time_s"] = time.perf_counter() - t0
+        return rollout
+
+    def sample(self, index: int) -> Rollout:
+        """Rollout `index` of this replica, generated and verified (`batch.rewards`, the rollout
+        metrics). A stage that draws further prompts (GRPO's dynamic sampling) overrides it."""
+        return self.sample_prompts(index, self.replica_prompts(index))
+
+    def sample_prompts(self, index: int, prompts: list[Prompt], refill: int = 0) -> Rollout:
+        """`prompts` sampled for rollout `index` (refill batch `refill` of it: its own seeds) and
+        verified, with the generation's time and tokens/s (collective over the world)."""
+        t0 = time.perf_counter()
+        batch = self.engine.generate(prompts, index * self.updates_per_rollout, refill=refill)
+        t_rollout = time.perf_counter() - t0
+        rollout = Rollout(index, prompts, batch)
+        rollout.metrics = self.verify(rollout)
+        rollout.metrics["rollout_time_s"] = t_rollout
+        rollout.metrics["rollout_tokens_per_s"] = float(batch.response_lens.sum()) * self.trainer.dp_size / max(t_rollout, 1e-9)
         return rollout
 
     def verify(self, rollout: Rollout) -> dict[str, float]:
@@ -170,14 +181,29 @@ class OnPolicyStage:
 
     def row_micro_batches(self, batch: Trajectories, rows: range, host: Callable[[range], dict[str, Any]]) -> list[MicroBatch]:
         """Rows `rows` of `batch` cut into micro-batches of train.micro_batch_size; `host(r)` gives
-        the host-side loss inputs of the micro-batch of rows r."""
+        the host-side loss inputs of the micro-batch of rows r. With rollout.keep_routing each
+        micro-batch carries its rows' routed experts, which the trainer's forwards replay."""
         size = self.cfg.train.micro_batch_size
         positions = torch.arange(batch.tokens.shape[1]).expand_as(batch.tokens)
+        routed = self.routed_experts_of(batch)
         out = []
         for start in range(rows.start, rows.stop, size):
             r = range(start, min(start + size, rows.stop))
-            out.append(MicroBatch(batch.tokens[r.start : r.stop], positions[r.start : r.stop], host=host(r)))
+            mb = MicroBatch(batch.tokens[r.start : r.stop], positions[r.start : r.stop], host=host(r))
+            mb.routed_experts = routed[r.start : r.stop] if routed is not None else None
+            out.append(mb)
         return out
+
+    def routed_experts_of(self, batch: Trajectories) -> torch.Tensor | None:
+        """The batch's routed experts when rollout.keep_routing is on (an error if the rollout
+        engine did not record them), else None."""
+        if not self.cfg.rollout.keep_routing:
+            return None
+        if batch.routed_experts is None:
+            raise RuntimeError(
+                f"rollout.keep_routing=true but the {self.cfg.rollout.engine} rollout engine returned no routed experts"
+            )
+        return batch.routed_experts
 
     def rollout_logprobs(self, batch: Trajectories, model: list[torch.nn.Module] | None = None) -> torch.Tensor | None:
         """[B, T - 1] next-token log-probs of a whole rollout batch from a forward-only pass with

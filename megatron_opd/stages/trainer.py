@@ -32,6 +32,8 @@ from megatron_opd.config import JobConfig, dump_config
 from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.models.gpt import build_gpt_model
 from megatron_opd.models.model_dir import write_model_dir
+from megatron_opd.models.routing import replaying
+from megatron_opd.rollout.config import keep_routing_problems
 from megatron_opd.runtime import checkpoint as ckpt
 from megatron_opd.runtime.distributed import broadcast_object, device, replica_group_and_src
 from megatron_opd.runtime.layout import ParallelLayout
@@ -50,10 +52,14 @@ class MicroBatch:
     # Bookkeeping the loss reads on the host (row indices, teacher signals): never moved, so the
     # loss does not sync the device to read it back.
     host: dict[str, Any] = field(default_factory=dict)
+    # Keep routing: [b, s, moe_layers, topk] experts the sampler chose for these rows
+    # (Trajectories.routed_experts), replayed in the trainer's own forwards (models/routing.py).
+    routed_experts: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "MicroBatch":
         data = {k: v.to(device) for k, v in self.data.items()}
-        return MicroBatch(self.tokens.to(device), self.position_ids.to(device), data, self.host)
+        routed = self.routed_experts.to(device) if self.routed_experts is not None else None
+        return MicroBatch(self.tokens.to(device), self.position_ids.to(device), data, self.host, routed)
 
 
 # loss(micro_batch, output) -> (sum of per-token losses, number of tokens, {metric: [sum, count]})
@@ -134,7 +140,10 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         t = cfg.train
         self.dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
-        model = build_gpt_model(cfg.model, layout, dtype=self.dtype)
+        keep_routing = cfg.rollout.keep_routing
+        if keep_routing and (problems := keep_routing_problems(cfg.model, layout)):
+            raise ValueError("; ".join(problems))
+        model = build_gpt_model(cfg.model, layout, dtype=self.dtype, routing_replay=keep_routing)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -221,7 +230,9 @@ class Trainer:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator).to(on)
-            return forward(model, mb), partial(loss, mb)
+            with replaying(model, mb.routed_experts):  # keep routing: the sampler's experts
+                output = forward(model, mb)
+            return output, partial(loss, mb)
 
         reports = get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -272,16 +283,21 @@ class Trainer:
         (megatron's schedule with forward_only=True, pipeline stages included), in eval mode:
         old-policy log-probs, or with `model` (chunks built for the same layout, e.g. frozen
         reference weights) reference log-probs. The list is filled on the last pipeline stage,
-        where the outputs are; other stages get []. Collective like a training step."""
+        where the outputs are; other stages get []. Collective like a training step. Micro-batches
+        that carry routed experts replay them in the trainer's own chunks, not in `model`'s (a
+        reference routes as it would)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         on = device()
+        own = model is None
         chunks = self.model if model is None else model
         modes = [chunk.training for chunk in chunks]
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            output = forward(model, mb.to(on))
+            on_device = mb.to(on)
+            with replaying(model, on_device.routed_experts if own else None):
+                output = forward(model, on_device)
             # Megatron's non-loss path: whatever this returns is what the schedule keeps.
             return output, lambda out, non_loss_data=True: collect(mb, out)
 
@@ -309,7 +325,7 @@ class Trainer:
         Only the last pipeline stage holds reports; tensor-parallel ranks hold identical copies,
         which cancel in sum/count. Every rank must call this (it is a collective)."""
         names = sorted({k for r in reports for k in r})
-        names = _broadcast_names(names)
+        names = _all_names(names)
         if not names:
             return {}
         stacked = torch.zeros(len(names), 2, dtype=torch.float64)
@@ -403,15 +419,20 @@ class Trainer:
         self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger, start=step)
         self.ledger.truncate(step)
 
-    def load_weights(self, path: str | Path) -> None:
-        """Initialise the model (not the optimizer) from a checkpoint dir or a root holding them."""
+    def load_weights(
+        self, path: str | Path, model: list[torch.nn.Module] | None = None, *, key: str = "train.init_from"
+    ) -> Path:
+        """Initialise the model (not the optimizer), or other chunks of its layout (`model`: a
+        frozen reference), from a checkpoint dir or a root holding them (a run or model directory);
+        returns the checkpoint. `key`: the config key that named `path`, for the error."""
         path = Path(path)
         if not (path / ckpt.COMPLETE).exists():
             found = ckpt.latest_complete(path) or ckpt.latest_complete(path / "checkpoints")
             if found is None:
-                raise FileNotFoundError(f"train.init_from={path} holds no complete checkpoint")
+                raise FileNotFoundError(f"{key}={path} holds no complete checkpoint")
             path = found
-        ckpt.load_checkpoint(path, self.model, None, load_rng=False)
+        ckpt.load_checkpoint(path, self.model if model is None else model, None, load_rng=False)
+        return path
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -549,15 +570,16 @@ def _gather_replica_ids(ids: list[str]) -> list[str]:
     return [i for part in gathered for i in part]
 
 
-def _broadcast_names(names: list[str]) -> list[str]:
-    """The metric names from the last pipeline stage, known to every rank."""
-    from megatron.core import parallel_state
-
-    src = dist.get_world_size() - 1  # the last rank is always on the last pipeline stage
-    holder = [names if dist.get_rank() == src else None]
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast_object_list(holder, src=src)
-    return holder[0] if holder[0] is not None else names
+def _all_names(names: list[str]) -> list[str]:
+    """The union of every rank's metric names, sorted, known to every rank: pipeline stages
+    before the last report nothing, and data-parallel replicas may report different names (a
+    replica whose rows hold no sample of a domain has no per-domain metric for it), yet the
+    all-reduce of their (sum, count) rows needs one order everywhere."""
+    if dist.get_world_size() == 1:
+        return names
+    gathered: list[list[str]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, names)
+    return sorted({n for part in gathered for n in part})
 
 
 def check_finite(metrics: dict[str, float], keys: Sequence[str], step: int) -> None:
