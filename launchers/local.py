@@ -56,7 +56,8 @@ def _expert_dir(cfg: JobConfig, name: str) -> Path:
 
 def sft_jobs(cfg: JobConfig) -> tuple[dict[str, JobConfig], JobConfig | None]:
     """The SFT jobs the distillation needs: one per expert, and the student's warm start (or None)."""
-    sft = {"stage": "sft", "teachers": {}, "train.init_from": ""}
+    # Only the distilled student is released (train.export_hf), not the experts or the warm start.
+    sft = {"stage": "sft", "teachers": {}, "train.init_from": "", "train.export_hf": ""}
     experts = {}
     for name in sorted(cfg.teachers):
         out = _expert_dir(cfg, name)

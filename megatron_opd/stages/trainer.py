@@ -31,7 +31,8 @@ import torch.distributed as dist
 from megatron_opd.config import JobConfig, dump_config
 from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.models.gpt import build_gpt_model
-from megatron_opd.models.model_dir import write_model_dir
+from megatron_opd.models.hf.config_json import is_hf_model_dir
+from megatron_opd.models.model_dir import load_model_dir_weights, write_model_dir
 from megatron_opd.runtime import checkpoint as ckpt
 from megatron_opd.runtime.distributed import broadcast_object, device, replica_group_and_src
 from megatron_opd.runtime.layout import ParallelLayout
@@ -395,7 +396,7 @@ class Trainer:
             return
         dump_config(self.cfg, self.run_dir / "config.yaml")
         if self.tokenizer is not None:
-            write_model_dir(self.run_dir, self.cfg.model, self.tokenizer)
+            write_model_dir(self.run_dir, self.cfg.model, self.tokenizer, origin=self.cfg.train.init_from)
 
     def _open_records(self, step: int) -> None:
         """Metrics and ledger from `step` on: what an interrupted attempt logged after it is dropped."""
@@ -404,14 +405,23 @@ class Trainer:
         self.ledger.truncate(step)
 
     def load_weights(self, path: str | Path) -> None:
-        """Initialise the model (not the optimizer) from a checkpoint dir or a root holding them."""
+        """Initialise the model (not the optimizer state) from `train.init_from`: a checkpoint dir,
+        a root or model directory holding them, or a Hugging Face model directory (converted in
+        memory under this layout; config.json must describe `model:`, which JobConfig.check
+        holds). The optimizer's main parameters (bf16, distributed optimizer) follow the weights."""
         path = Path(path)
-        if not (path / ckpt.COMPLETE).exists():
-            found = ckpt.latest_complete(path) or ckpt.latest_complete(path / "checkpoints")
-            if found is None:
-                raise FileNotFoundError(f"train.init_from={path} holds no complete checkpoint")
-            path = found
-        ckpt.load_checkpoint(path, self.model, None, load_rng=False)
+        if is_hf_model_dir(path):
+            load_model_dir_weights(path, self.model, model_config=self.cfg.model)
+        else:
+            if not (path / ckpt.COMPLETE).exists():
+                found = ckpt.latest_complete(path) or ckpt.latest_complete(path / "checkpoints")
+                if found is None:
+                    raise FileNotFoundError(f"train.init_from={path} holds no complete checkpoint")
+                path = found
+            ckpt.load_checkpoint(path, self.model, None, load_rng=False)
+        # Main parameters were copied from the random init when the optimizer was built; without
+        # this the first step would write them back over the loaded weights.
+        self.optimizer.reload_model_params()
 
     # -- the loop ---------------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from megatron_opd.models.config import ModelConfig
+from megatron_opd.models.hf.config_json import HF_SIDE_DIR  # noqa: F401 - re-exported (tools import it here)
 from megatron_opd.models.hf.errors import (
     CheckpointError,
     CorruptCheckpoint,
@@ -477,7 +478,6 @@ def write_checkpoint(
 # ---------------------------------------------------------------------------------------------
 # Model directories (megatron_opd.models.model_dir): model.yaml + checkpoints/step_* (+ hf/)
 
-HF_SIDE_DIR = "hf"  # the original HF config and tokenizer files of a converted model
 
 
 @dataclass(frozen=True)
