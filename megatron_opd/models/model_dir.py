@@ -91,20 +91,24 @@ def write_model_dir(
     directory: str | os.PathLike, model: ModelConfig, tokenizer: Tokenizer, *, origin: str | os.PathLike = ""
 ) -> ModelDir:
     """model.yaml and the tokenizer; with `origin` (the model it started from: an HF directory, or
-    a megatron model directory that has hf/), its Hugging Face files under hf/, once (a resumed
-    run keeps those of the model it started from)."""
+    a megatron model directory that has hf/), its Hugging Face files (config.json, generation
+    config, tokenizer files, chat template) under hf/, where a release (stages/release.py) finds
+    them. Once: while hf/config.json is there (a resumed run), hf/ is the model it started from;
+    files a tokenizer saved into hf/ itself are not replaced. Each file lands whole (os.replace)."""
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     (path / "model.yaml").write_text(yaml.safe_dump(to_dict(model), sort_keys=False))
     tokenizer.save(path)
-    files = hf_side_files(origin) if origin else []
-    if files and not (path / HF_SIDE_DIR).exists():
-        staging = path / f".{HF_SIDE_DIR}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        for f in files:
-            shutil.copy2(f, staging / f.name)
-        os.replace(staging, path / HF_SIDE_DIR)
+    side = path / HF_SIDE_DIR
+    files = hf_side_files(origin) if origin and not (side / "config.json").is_file() else []
+    if files:
+        side.mkdir(exist_ok=True)
+        # config.json last: its presence says the copy is complete.
+        for f in sorted(files, key=lambda f: f.name == "config.json"):
+            if not (side / f.name).exists() or f.name == "config.json":
+                partial = side / f".{f.name}.partial"
+                shutil.copy2(f, partial)
+                os.replace(partial, side / f.name)
     return ModelDir(path, model, tokenizer)
 
 

@@ -237,9 +237,13 @@ def stored_tensors(step_dir: Path) -> dict[str, StoredTensor]:
     }
 
 
+_OPTIMIZER_KEY = re.compile(r"(chained_\d+\.)?optimizer")
+
+
 def is_model_key(key: str) -> bool:
-    """Model weights, as opposed to optimizer state and TE/extra state."""
-    return not key.startswith("optimizer") and "_extra_state" not in key and key != "rng_state"
+    """Model weights, as opposed to optimizer state and TE/extra state. A MoE model's optimizer
+    is megatron's ChainedOptimizer (dense and expert parameters): its keys are chained_<i>.optimizer.*."""
+    return not _OPTIMIZER_KEY.match(key) and "_extra_state" not in key and key != "rng_state"
 
 
 @dataclass(frozen=True)
