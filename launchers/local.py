@@ -106,9 +106,12 @@ def run_sft_jobs(jobs: dict[str, JobConfig], parallel: int) -> list[str]:
 
 def _foreign(run_dir: Path) -> bool:
     """A model directory with checkpoints that no `megatron-opd train` run left (a converted or
-    copied teacher): it is served as it is, never trained on."""
+    copied teacher), or a Hugging Face model directory: it is served as it is, never trained on."""
+    from megatron_opd.models.hf.config_json import is_hf_model_dir
     from megatron_opd.runtime.checkpoint import latest_complete
 
+    if is_hf_model_dir(run_dir):
+        return True
     return latest_complete(run_dir / "checkpoints") is not None and not any(
         (run_dir / name).exists() for name in ("summary.json", "config.yaml")
     )

@@ -106,6 +106,13 @@ def test_export_hf_must_not_overlap_an_input(qwen2_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"train.export_hf=.* overlaps train.init_from"):
         load_config(None, [*base, f"train.init_from={tmp_path / 'init'}", f"train.export_hf={tmp_path / 'init'}"]).check()
     load_config(None, [*base, f"train.export_hf={tmp_path / 'release'}"]).check()
+    # An existing directory is replaced only when it is an earlier release (the export's manifest).
+    (tmp_path / "release").mkdir()
+    (tmp_path / "release" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"train.export_hf=.* exists, is not empty and is not a release"):
+        load_config(None, [*base, f"train.export_hf={tmp_path / 'release'}"]).check()
+    (tmp_path / "release" / "manifest.json").write_text("{}")
+    load_config(None, [*base, f"train.export_hf={tmp_path / 'release'}"]).check()
 
 
 def test_export_hf_may_change_on_resume():
@@ -157,3 +164,35 @@ def test_init_from_under_pp_and_ep_loads_every_tensor_in_place(arch, parallel, p
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     differ = [k for k in original if not torch.equal(exported[k], original[k].to(dtype))]
     assert differ == []
+
+
+def test_the_runtime_imports_no_checkpoints_tools():
+    """The HF <-> megatron tables live in megatron_opd/models/; checkpoints_tools/ is only the
+    command line over them: no module of the package imports it, at module level or lazily
+    (cli.py, the command line itself, dispatches to it by name)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "megatron_opd"
+    found = []
+    for path in sorted(p for p in root.rglob("*.py") if p.name != "cli.py" or p.parent != root):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            found += [f"{path.relative_to(root)}:{node.lineno} {n}" for n in names if n.split(".")[0] == "checkpoints_tools"]
+    assert found == []
+
+
+def test_megatron_opd_run_serves_hf_teachers_as_they_are(qwen2_dir, tmp_path):
+    """`megatron-opd run` trains an expert only when its teachers.<name>.model_dir holds none: an
+    HF directory is served as it is (never trained into, nothing written there)."""
+    from launchers.local import run_sft_jobs, sft_jobs
+    from megatron_opd.config import derive, load_config
+
+    before = sorted(p.name for p in qwen2_dir.iterdir())
+    cfg = derive(load_config(Path(__file__).resolve().parents[1] / "configs/tiny/opd.yaml"), [f"run.output_dir={tmp_path}"],
+                 teachers={n: {"model_dir": str(qwen2_dir)} for n in ("arithmetic", "reversal", "sorting")})  # fmt: skip
+    experts, _ = sft_jobs(cfg)
+    assert sorted(experts) == ["arithmetic", "reversal", "sorting"]
+    assert run_sft_jobs(experts, 1) == []
+    assert sorted(p.name for p in qwen2_dir.iterdir()) == before

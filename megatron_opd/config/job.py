@@ -190,6 +190,12 @@ def check_export_hf(cfg: "JobConfig") -> None:
             )
     if target.is_file():
         raise ConfigError(f"train.export_hf={out} is a file; name a directory")
+    if target.is_dir() and any(target.iterdir()) and not (target / "manifest.json").is_file():
+        # A release replaces an earlier release (an export writes manifest.json), nothing else.
+        raise ConfigError(
+            f"train.export_hf={out} exists, is not empty and is not a release (no manifest.json): the "
+            f"export would replace it; name a new or empty directory"
+        )
 
 
 def _at_least(section, prefix: str, **minimum: float) -> None:
