@@ -1,7 +1,14 @@
-"""A cluster's file system for the example configs under configs/cluster/: /lustre mapped into a
-temporary directory, where the prompt files and Hugging Face model directories a config names
-exist (tests/test_example_configs.py says why), and what a config needs that this checkout may
-not have yet.
+"""A cluster's file system for the example configs under configs/cluster/, and what a config needs
+that this checkout may not have yet.
+
+A cluster config names paths on the cluster's file system (/lustre/...), which a login node sees
+and this machine does not. `on_cluster_fs` gives it one: /lustre is mapped into a temporary
+directory, where every prompt file the config names exists (one row), and every Hugging Face
+model directory it names holds the config.json of the model it is (REAL_CONFIG_JSON, the
+published file; a directory not listed there stays unseen, as from a login node that does not
+mount it). So the checks that read files run for real (tests/test_config.py
+test_shipped_config_passes_its_check, tests/test_slurm_render.py): a `model:` section that does
+not describe its train.init_from's config.json, or a missing dataset, fails.
 
     path = on_cluster_fs(REPO / "configs/cluster/x.yaml", tmp_path)   # the config, remapped
     reason = missing_features(REPO / "configs/cluster/x.yaml")         # None, or what is missing
