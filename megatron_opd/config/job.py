@@ -19,6 +19,7 @@ from typing import Callable, Literal
 from megatron_opd.config.stages import CheckContext, stage_spec
 from megatron_opd.config.typed import ConfigError
 from megatron_opd.models.config import ModelConfig
+from megatron_opd.models.hf.config_json import check_model_agrees, is_hf_model_dir
 from megatron_opd.rollout.config import RolloutConfig
 from megatron_opd.runtime.cluster import ClusterConfig
 from megatron_opd.runtime.layout import ParallelLayout
@@ -85,8 +86,14 @@ class TrainConfig:
     # attempt it is given to (megatron_opd/stages/run_dir.py, docs/architecture.md "Resume").
     resume: bool = True
     restart: bool = False
-    # Initialise the model from this checkpoint directory (a step_* dir or a root holding them).
+    # Initialise the model from this checkpoint directory (a step_* dir or a root holding them),
+    # a model directory, or a Hugging Face model directory (config.json + safetensors: `model:`
+    # must describe config.json, models/hf/config_json.py).
     init_from: str = ""
+    # When the run reaches train.steps: release its final checkpoint as a Hugging Face directory
+    # here (config.json, safetensors, tokenizer files, chat template), written beside and swapped
+    # in when complete ("" = no export; a stopped run exports when a rerun finishes it).
+    export_hf: str = ""
     eval_every: int = 0
     # Evaluate before the first step too (the "before" of a distillation report).
     eval_at_start: bool = True
@@ -197,6 +204,41 @@ class PipelineConfig:
         return self.expert_rl_overrides + self.expert_rl_overrides_by_teacher.get(teacher, [])
 
 
+def check_init_from(cfg: "JobConfig") -> None:
+    """A Hugging Face `train.init_from` must be the model `model:` describes (read where the
+    directory is reachable: a login node may not see the cluster's file systems; every rank
+    checks again before it builds the model)."""
+    if cfg.train.init_from and is_hf_model_dir(cfg.train.init_from):
+        check_model_agrees(cfg.model, cfg.train.init_from, "train.init_from")
+
+
+def check_export_hf(cfg: "JobConfig") -> None:
+    """The release directory is a new directory of its own: not the run's, not an input's."""
+    out = cfg.train.export_hf
+    if not out:
+        return
+    target = Path(out).resolve()
+    inputs = {"the run directory (run.output_dir/run.name)": cfg.run_dir, "train.init_from": cfg.train.init_from}
+    inputs.update({f"teachers.{n}.model_dir": t.model_dir for n, t in cfg.teachers.items()})
+    for key, given in inputs.items():
+        if not given:
+            continue
+        source = Path(given).resolve()
+        if target == source or target.is_relative_to(source) or source.is_relative_to(target):
+            raise ConfigError(
+                f"train.export_hf={out} overlaps {key} ({given}): the export would be written into or "
+                f"over it; choose a directory outside it (e.g. {Path(cfg.run.output_dir) / (cfg.run.name + '-hf')})"
+            )
+    if target.is_file():
+        raise ConfigError(f"train.export_hf={out} is a file; name a directory")
+    if target.is_dir() and any(target.iterdir()) and not (target / "manifest.json").is_file():
+        # A release replaces an earlier release (an export writes manifest.json), nothing else.
+        raise ConfigError(
+            f"train.export_hf={out} exists, is not empty and is not a release (no manifest.json): the "
+            f"export would replace it; name a new or empty directory"
+        )
+
+
 def _at_least(section, prefix: str, **minimum: float) -> None:
     for key, low in minimum.items():
         value = getattr(section, key)
@@ -260,6 +302,8 @@ class JobConfig:
         layout = collect(self.parallel.resolve, world) if world >= 1 else None
         collect(self.model.check, layout or self.parallel)
         collect(self.train.check, layout.dp if layout else None)
+        collect(check_init_from, self)
+        collect(check_export_hf, self)
         collect(self.data.check)
         ctx = CheckContext(world, layout, endpoints_from_launcher, by_pipeline)
         for problem in stage_spec(self.stage).check(self, ctx):

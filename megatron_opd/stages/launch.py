@@ -4,7 +4,8 @@
 against the world it will run on) before any rank starts, and again on every rank before it
 builds anything; then every rank builds the runtime, the trainer and the stage (found through
 the stage registry, config/stages.py), runs the shared loop, and rank 0 prints a summary and
-writes `summary.json`. The command exits 0 when the run reached train.steps, and
+writes `summary.json` (and, for a finished run with `train.export_hf`, releases the final
+checkpoint as a Hugging Face directory: stages/release.py). The command exits 0 when the run reached train.steps, and
 EXIT_STOPPED_EARLY (75) when a stop signal ended it earlier with a checkpoint (a rerun resumes
 it). Spawning the ranks itself, it forwards SIGTERM/SIGINT/SIGUSR1 to them (runtime/spawn.py,
 forward_stop_signals).
@@ -77,9 +78,13 @@ def run_stage(cfg: JobConfig) -> dict[str, Any]:
             write_summary(cfg.run_dir, final)
             _print_summary(cfg, final)
         trainer.close()
-        return final
     finally:
         shutdown()
+    if cfg.train.export_hf and final.get("finished") and trainer.is_logger:
+        from megatron_opd.stages.release import export_release
+
+        export_release(cfg)  # after the final save, outside the job's process group
+    return final
 
 
 def _print_summary(cfg: JobConfig, final: dict[str, Any]) -> None:

@@ -49,6 +49,7 @@ RESUME_RULES: list[tuple[str, Kind, str]] = [
     ("train.global_batch_size", "fixed", "samples per step: the step is the data cursor"),
     ("train.precision", "fixed", "the optimizer state (float32 main params under bf16)"),
     ("train.use_distributed_optimizer", "fixed", "the optimizer state's layout"),
+    ("train.export_hf", "changeable", "where the finished run is released; the weights are the checkpoint's"),
     ("train.optim.*", "changeable", "applied: the LR schedule is rebuilt from the new values at the checkpoint's step"),
     ("train.*", "changeable", "steps, micro-batch size, eval/checkpoint cadence, resume/restart/init_from"),
     ("teachers", "fixed", "the set of teachers (an empty section; a named teacher has the keys below)"),
@@ -190,7 +191,7 @@ def plan_start(cfg: JobConfig, tokenizer_fingerprint: str | None = None, *, act:
 
 # What a run writes into its directory; train.restart=true moves exactly these aside.
 RUN_FILES = ("checkpoints", "samples.jsonl", "metrics.jsonl", "tensorboard", "summary.json", "config.yaml",
-             "model.yaml", "tokenizer.json")
+             "model.yaml", "tokenizer.json", "hf")
 
 
 def move_aside(run_dir: Path) -> Path | None:

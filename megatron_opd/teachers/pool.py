@@ -47,10 +47,9 @@ log = logging.getLogger(__name__)
 
 def _newest_id(model_dir: str) -> str | None:
     from megatron_opd.models.model_dir import read_model_dir
-    from megatron_opd.runtime.checkpoint import checkpoint_id
 
     try:
-        return checkpoint_id(read_model_dir(model_dir).latest_checkpoint())
+        return read_model_dir(model_dir).weights_id()  # a checkpoint's id, or an HF directory's
     except (OSError, ValueError):
         return None
 
@@ -234,9 +233,9 @@ class TeacherPool:
         """The output layer the trainer applies to a teacher's hidden states must be the served
         model's: every replica's checkpoint id (/model_info) must be that of the checkpoint the
         head is loaded from (teachers.<name>.model_dir's newest)."""
-        from megatron_opd.runtime.checkpoint import checkpoint_id
+        from megatron_opd.models.model_dir import weights_id_of
 
-        want = checkpoint_id(head)
+        want = weights_id_of(head)  # a checkpoint's id, or an HF directory's (the server reports the same)
         for url, info in self.clients[name].model_infos.items():
             served = info.get(wire.INFO_CHECKPOINT_ID)
             if want is None or served is None:
