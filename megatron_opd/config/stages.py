@@ -63,10 +63,11 @@ def check_opd(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
         return ["stage opd needs teachers: the teachers: section is empty; add teachers.NAME with its domains"]
     problems += _raised(check_teachers, cfg.teachers, endpoints_required=ctx.endpoints_given)
     owner = {d: n for n, t in cfg.teachers.items() for d in t.domains}
-    for domain in cfg.data.domains:
+    where = "data.datasets" if cfg.data.datasets else "data.domains"
+    for domain in cfg.data.source_domains:
         if domain not in owner:
             problems.append(
-                f"domain {domain!r} (data.domains) has no teacher; add it to the domains of one "
+                f"domain {domain!r} ({where}) has no teacher; add it to the domains of one "
                 f"of teachers {sorted(cfg.teachers)}"
             )
     for name in sorted(cfg.teachers):

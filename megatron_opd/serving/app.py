@@ -233,6 +233,7 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
             info.update({
                 wire.INFO_VOCAB_SIZE: backend.cfg.vocab_size,
                 wire.INFO_FINGERPRINT: backend.tokenizer.fingerprint,
+                wire.INFO_TOKENIZER_DIGEST: backend.tokenizer.describe().digest(),
                 wire.INFO_HIDDEN_SIZE: backend.cfg.hidden_size,
                 wire.INFO_CHECKPOINT_ID: backend.checkpoint_id,
                 "max_context_length": backend.cfg.max_seq_len,

@@ -44,9 +44,9 @@ def world_size(cfg: JobConfig) -> int:
 
 
 def job_tokenizer(cfg: JobConfig) -> Tokenizer:
-    """The job's tokenizer (the run's own, else its init_from model's, else the character
-    tokenizer), checked against `model.vocab_size` (a rank-free check that needs it)."""
-    tokenizer = run_tokenizer(cfg.run_dir, cfg.train.init_from)
+    """The job's tokenizer (the run's own, else data.tokenizer, else its init_from model's, else the
+    character tokenizer), checked against `model.vocab_size` (a rank-free check that needs it)."""
+    tokenizer = run_tokenizer(cfg.run_dir, cfg.train.init_from, cfg.data.tokenizer)
     if cfg.model.vocab_size != tokenizer.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} tokens; "
