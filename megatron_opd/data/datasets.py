@@ -323,7 +323,9 @@ class FileDatasets:
                     f"check the file, its eval_fraction, and data.bad_rows"
                 )
             self.train_rows.append(kept)
-        self._held_out = {dom: [r for rows in held_out for r in rows if r.domain == dom][: data.eval_size] for dom in self.domains}
+        # every held-out row by domain; evaluation takes the first data.eval_size of each
+        self.held_out_rows = {dom: [r for rows in held_out for r in rows if r.domain == dom] for dom in self.domains}
+        self._held_out = {dom: rows[: data.eval_size] for dom, rows in self.held_out_rows.items()}
         self.mix = WeightedMix([d.weight for d in data.datasets], data.seed)
         self._perms: dict[tuple[int, int], list[int]] = {}
 
