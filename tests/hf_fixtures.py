@@ -183,3 +183,16 @@ def chat_rows(n: int, seed: int = 1, *, system_every: int = 3, turns: int = 2) -
             messages.append({"role": "assistant", "content": f"The answer is {a + b}."})
         rows.append({"messages": messages, "answer": messages[-1]["content"]})
     return rows
+
+
+def swap_tokens(directory: str | Path, a: int, b: int) -> tuple[str, str]:
+    """Swap the ids of vocabulary entries `a` and `b` in tokenizer.json (same size, two ids that mean
+    other tokens); returns the tokens now at ids a and b."""
+    path = Path(directory) / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    vocab = spec["model"]["vocab"]
+    ta = next(t for t, i in vocab.items() if i == a)
+    tb = next(t for t, i in vocab.items() if i == b)
+    vocab[ta], vocab[tb] = b, a
+    path.write_text(json.dumps(spec))
+    return tb, ta

@@ -128,6 +128,23 @@ class TokenizerDescription:
             return _sha(json.dumps(list(self.tokens), ensure_ascii=True))
         return _sha(canonical_json({f.name: getattr(self, f.name) for f in fields(self)}))
 
+    def to_json(self) -> dict:
+        """The description as plain JSON (what our server sends at /tokenizer_description)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, value: dict) -> "TokenizerDescription":
+        """The inverse of `to_json`; ValueError when `value` is not one."""
+        try:
+            spec = {f.name: value[f.name] for f in fields(cls) if f.name in value}
+            spec["tokens"] = tuple(spec["tokens"])
+            for name in ("added_tokens", "merges"):
+                spec[name] = tuple(spec.get(name, ()))
+            spec["special_tokens"] = tuple(tuple(p) for p in spec.get("special_tokens", ()))
+            return cls(**spec)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not a tokenizer description ({type(e).__name__}: {e})") from None
+
     def digest(self) -> dict:
         """A small summary a server can report (its /model_info): the fingerprint, a hash per
         block of `DIGEST_BLOCK` ids and per component; `digest_difference` compares two."""

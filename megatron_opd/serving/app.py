@@ -241,6 +241,9 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
             })  # fmt: skip
         return json_response(info)
 
+    async def tokenizer_description(request):
+        return json_response(backend.tokenizer.describe().to_json())
+
     async def flush_cache(request):
         # There is no prefix cache to flush; SGLang's reply text, status 200.
         return web.Response(
@@ -323,6 +326,8 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
     app.router.add_get("/health_generate", health_generate)
     app.router.add_get("/model_info", model_info)
     app.router.add_get("/get_model_info", model_info)
+    if not plain:  # stock SGLang has no such route
+        app.router.add_get(wire.TOKENIZER_DESCRIPTION_PATH, tokenizer_description)
     app.router.add_route("*", "/flush_cache", flush_cache)
     app.router.add_post("/update_weights_from_disk", update_weights_from_disk)
     app.router.add_post("/init_weights_update_group", init_weights_update_group)

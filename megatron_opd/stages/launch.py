@@ -55,6 +55,20 @@ def job_tokenizer(cfg: JobConfig) -> Tokenizer:
     return tokenizer
 
 
+def check_job_data(cfg: JobConfig, tokenizer: Tokenizer) -> None:
+    """Read data.datasets' files once as the stage will (SFT: whole conversations), so that a bad
+    row stops the command with its file and line before any rank starts (ConfigError)."""
+    if not cfg.data.datasets:
+        return
+    from megatron_opd.data.datasets import DatasetError
+    from megatron_opd.data.sources import job_prompt_source
+
+    try:
+        job_prompt_source(cfg, tokenizer, demonstrations=cfg.stage == "sft")
+    except DatasetError as e:
+        raise ConfigError(str(e)) from None
+
+
 def run_stage(cfg: JobConfig) -> dict[str, Any]:
     """Run `cfg` on this rank (collective); returns the final metrics (on every rank)."""
     from megatron_opd.runtime.distributed import init_runtime, process_env, shutdown
@@ -116,6 +130,7 @@ def train_command(args) -> int:
     # Before any rank starts (a ConfigError: the CLI prints it as one line and exits 2).
     cfg.check(world_size(cfg))
     tokenizer = job_tokenizer(cfg)
+    check_job_data(cfg, tokenizer)  # a bad dataset row, too
     plan_start(cfg, tokenizer.fingerprint, act=False)  # a refused resume, too, before any rank starts
     final = launch(cfg)
     return 0 if final.get("finished") else EXIT_STOPPED_EARLY

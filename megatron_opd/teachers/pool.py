@@ -40,7 +40,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from megatron_opd.data.tokenizer import Tokenizer, digest_difference, load_tokenizer, tokenizer_difference
+from megatron_opd.data.tokenizer import (
+    Tokenizer,
+    TokenizerDescription,
+    description_difference,
+    digest_difference,
+    load_tokenizer,
+)
 from megatron_opd.data.trajectories import SIGNAL_FIELDS, TeacherSignals, Trajectories
 from megatron_opd.serving import wire
 from megatron_opd.serving.client import ClientSettings, EventLoopThread, SGLangClient, ServerError, gather_all
@@ -170,8 +176,12 @@ class TeacherPool:
             if info.get(wire.INFO_VOCAB_SIZE) is None or info.get(wire.INFO_FINGERPRINT) is None:
                 await self._check_stock_sglang(name, url)
             else:
-                self._compare(name, url, int(info[wire.INFO_VOCAB_SIZE]), str(info[wire.INFO_FINGERPRINT]),
-                              "reported by /model_info", digest=info.get(wire.INFO_TOKENIZER_DIGEST))
+                fingerprint = str(info[wire.INFO_FINGERPRINT])
+                served = None
+                if fingerprint != self.student_fingerprint and self.student_tokenizer is not None:
+                    served = await client.tokenizer_description(url)  # to name what differs
+                self._compare(name, url, int(info[wire.INFO_VOCAB_SIZE]), fingerprint, "reported by /model_info",
+                              digest=info.get(wire.INFO_TOKENIZER_DIGEST), teacher=served)  # fmt: skip
             if cfg.signal == "logits" and not (info.get(wire.INFO_SERVER) or {}).get("full_logprobs"):
                 raise TeacherIncompatible(
                     f"teacher {name!r} at {url} cannot send signal 'logits': SGLang has no full-vocabulary output "
@@ -181,10 +191,10 @@ class TeacherPool:
 
     def _compare(
         self, name: str, url: str, vocab: int, fingerprint: str, source: str, *,
-        digest: dict | None = None, teacher_tokenizer: Tokenizer | None = None,
+        digest: dict | None = None, teacher: TokenizerDescription | None = None,
     ) -> None:  # fmt: skip
         if vocab != self.student_vocab_size:
-            what = self._what_differs(name, fingerprint, digest, teacher_tokenizer) if fingerprint != self.student_fingerprint else ""
+            what = self._what_differs(name, fingerprint, digest, teacher) if fingerprint != self.student_fingerprint else ""
             raise TeacherIncompatible(
                 f"teacher {name!r} at {url} has vocabulary size {vocab} ({source}) but the student has "
                 f"{self.student_vocab_size}{what}; refusing to start"
@@ -192,17 +202,18 @@ class TeacherPool:
         if fingerprint != self.student_fingerprint:
             raise TeacherIncompatible(
                 f"teacher {name!r} at {url} has tokenizer fingerprint {fingerprint!r} ({source}) but the student has "
-                f"{self.student_fingerprint!r}{self._what_differs(name, fingerprint, digest, teacher_tokenizer)}; refusing to start"
+                f"{self.student_fingerprint!r}{self._what_differs(name, fingerprint, digest, teacher)}; refusing to start"
             )
 
-    def _what_differs(self, name: str, fingerprint: str, digest: dict | None, teacher: Tokenizer | None) -> str:
+    def _what_differs(self, name: str, fingerprint: str, digest: dict | None, teacher: TokenizerDescription | None) -> str:
         """': <what differs>' between the student's tokenizer and teacher `name`'s (whose fingerprint
-        is `fingerprint`): exact from the teacher's own tokenizer (given, or its tokenizer_dir or
+        is `fingerprint`): exact from the teacher's own description (served, or its tokenizer_dir or
         model_dir's), else by component from the digest its server reported, else a hint."""
         if self.student_tokenizer is not None:
-            teacher = teacher if teacher is not None else self._local_tokenizer(name)
+            if teacher is None and (local := self._local_tokenizer(name)) is not None:
+                teacher = local.describe()
             if teacher is not None and teacher.fingerprint == fingerprint:
-                return f": {tokenizer_difference(self.student_tokenizer, teacher)}"
+                return f": {description_difference(self.student_tokenizer.describe(), teacher)}"
             if digest and digest.get("fingerprint") == fingerprint:
                 return f": {digest_difference(self.student_tokenizer.describe().digest(), digest)}"
         return f" (set teachers.{name}.tokenizer_dir to the teacher's tokenizer directory to have the difference named)"
@@ -225,7 +236,7 @@ class TeacherPool:
             except (OSError, ValueError) as e:
                 raise TeacherIncompatible(f"teachers.{name}.tokenizer_dir={cfg.tokenizer_dir}: {e}") from None
             self._compare(name, url, cfg.vocab_size or tok.vocab_size, tok.fingerprint,
-                          f"teachers.{name}.tokenizer_dir", teacher_tokenizer=tok)  # fmt: skip
+                          f"teachers.{name}.tokenizer_dir", teacher=tok.describe())  # fmt: skip
         elif not cfg.tokenizer_fingerprint or not cfg.vocab_size:
             raise TeacherIncompatible(
                 f"teacher {name!r} at {url} does not report its tokenizer (a stock SGLang server): set "
@@ -279,7 +290,7 @@ class TeacherPool:
                     f"({cfg.model_dir}) has hidden_size {mdir.model.hidden_size}: its output layer cannot apply"
                 )
             self._compare(name, cfg.model_dir, mdir.model.vocab_size, mdir.tokenizer.fingerprint,
-                          f"teachers.{name}.model_dir", teacher_tokenizer=mdir.tokenizer)  # fmt: skip
+                          f"teachers.{name}.model_dir", teacher=mdir.tokenizer.describe())  # fmt: skip
             self._check_head_checkpoint(name, mdir.latest_checkpoint())
 
     def _check_head_checkpoint(self, name: str, head: Path) -> None:
