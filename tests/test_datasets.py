@@ -229,3 +229,17 @@ def test_data_config_checks_the_datasets(tmp_path):
         build(DataConfig, {"datasets": [dict(path=str(f), domain="m", wieght=2)]}, "data")
     # the tiny default is untouched
     assert DataConfig().source_domains == ["add", "reverse", "sort"] and not DataConfig().datasets
+
+
+def test_an_opd_job_on_files_needs_a_teacher_and_a_verifier_per_domain(tmp_path):
+    f = write_jsonl(tmp_path / "m.jsonl", math_rows(3))
+    job = build(JobConfig, {
+        "stage": "opd",
+        "data": {"datasets": [{"path": str(f), "domain": "math", "verifier": "math"}, {"path": str(f), "domain": "chat"}]},
+        "teachers": {"t": {"endpoints": ["http://127.0.0.1:1"], "domains": ["math"], "signal": "sampled"}},
+    })  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        job.check(1)
+    text = str(e.value)
+    assert "domain 'chat' (data.datasets) has no teacher" in text
+    assert f"data.datasets[1] ({f}) has no verifier, which the opd stage scores its domain 'chat' with" in text

@@ -70,6 +70,12 @@ def check_opd(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
                 f"domain {domain!r} ({where}) has no teacher; add it to the domains of one "
                 f"of teachers {sorted(cfg.teachers)}"
             )
+    for i, d in enumerate(cfg.data.datasets):
+        if not d.verifier:  # on-policy stages verify every rollout (per-domain accuracy in the report)
+            problems.append(
+                f"data.datasets[{i}] ({d.path}) has no verifier, which the opd stage scores its domain "
+                f"{d.domain!r} with; set data.datasets[{i}].verifier (math, code, exact, regex)"
+            )
     for name in sorted(cfg.teachers):
         t = cfg.teachers[name]
         if t.signal == "hidden" and not t.model_dir and not ctx.by_pipeline:

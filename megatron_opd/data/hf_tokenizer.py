@@ -150,6 +150,7 @@ class HFTokenizer:
         self._template = canonical_json(template) if isinstance(template, dict) else (template or "")
         self._generation_tags = "generation" in self._template and "endgeneration" in self._template
         self._description: TokenizerDescription | None = None
+        self._fingerprint: str | None = None
 
     # -- ids ----------------------------------------------------------------------------------------
 
@@ -281,7 +282,10 @@ class HFTokenizer:
 
     @property
     def fingerprint(self) -> str:
-        return self.describe().fingerprint
+        # cached: a hash over the whole vocabulary and merges, asked for by every /model_info
+        if self._fingerprint is None:
+            self._fingerprint = self.describe().fingerprint
+        return self._fingerprint
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Copy the tokenizer's files (`TOKENIZER_FILES` that exist) into `directory`, byte for byte."""
