@@ -113,12 +113,71 @@ class TrainConfig:
             )
 
 
+# The tiny domains a job trains on when it names no dataset files.
+DEFAULT_TINY_DOMAINS = ["add", "reverse", "sort"]
+DATASET_SUFFIXES = (".jsonl", ".parquet")
+
+
+@dataclass
+class DatasetConfig:
+    """One prompt file of `data.datasets` (docs/data.md: row format, mixing, held-out rows)."""
+
+    path: str = ""  # a .jsonl or .parquet file
+    # The domain of its rows; a row's own `domain` field may name another domain of data.datasets.
+    domain: str = ""
+    # The reward (rewards/registry.py: math, code, exact, regex, the tiny ones) that verifies the
+    # domain's responses; "" for data that is never verified (SFT conversations).
+    verifier: str = ""
+    weight: float = 1.0  # its share of the training samples: weight / the sum of the weights
+    # Held-out rows, never trained on: a fraction of the file's rows, or the rows of another file.
+    eval_fraction: float = 0.0
+    eval_path: str = ""
+
+    def check(self, where: str) -> None:
+        for key in ("path", "eval_path"):
+            value = getattr(self, key)
+            if key == "path" and not value:
+                raise ConfigError(f"{where}.path is empty; name a .jsonl or .parquet file")
+            if value and not value.endswith(DATASET_SUFFIXES):
+                raise ConfigError(f"{where}.{key}={value}: a dataset file ends in .jsonl or .parquet")
+            if value and not Path(value).is_file():
+                raise ConfigError(f"{where}.{key}={value} does not exist")
+        if not self.domain:
+            raise ConfigError(f"{where}.domain is empty; name the domain of its rows (per-domain metrics and teachers use it)")
+        if not self.weight > 0:
+            raise ConfigError(f"{where}.weight must be > 0, got {self.weight}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"{where}.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction and self.eval_path:
+            raise ConfigError(f"{where} sets both eval_fraction and eval_path; hold out rows one way")
+
+
 @dataclass
 class DataConfig:
-    # Tiny verifiable domains used for training (see megatron_opd.data.domains).
-    domains: list[str] = field(default_factory=lambda: ["add", "reverse", "sort"])
-    eval_size: int = 200
+    # Tiny verifiable domains used for training (see megatron_opd.data.domains) when `datasets`
+    # is empty; with datasets, the domains are theirs.
+    domains: list[str] = field(default_factory=lambda: list(DEFAULT_TINY_DOMAINS))
+    # Prompt files mixed by weight (data/datasets.py); empty: the tiny domains.
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    # A bad row (undecodable, a missing or malformed field, over-long): "error" stops with its
+    # file and line before any step; "drop" leaves it out and reports the count (data/dropped_rows).
+    bad_rows: Literal["error", "drop"] = "error"
+    # The tokenizer directory (Hugging Face files, or a model directory) of a model trained from
+    # scratch; "" the run's own, else train.init_from's, else the character tokenizer.
+    tokenizer: str = ""
+    eval_size: int = 200  # held-out prompts per domain (at most)
     seed: int = 0
+
+    @property
+    def source_domains(self) -> list[str]:
+        """The domains the job's prompts come from, in order: the datasets', else `domains`."""
+        if self.datasets:
+            return list(dict.fromkeys(d.domain for d in self.datasets))
+        return list(self.domains)
+
+    def verifier_of(self) -> dict[str, str]:
+        """domain -> verifier name of the datasets (a domain has one verifier)."""
+        return {d.domain: d.verifier for d in self.datasets}
 
     def check(self) -> None:
         if not self.domains:
@@ -127,6 +186,25 @@ class DataConfig:
         if twice:
             raise ConfigError(f"data.domains lists {twice} more than once")
         _at_least(self, "data", eval_size=0)
+        if self.tokenizer and not Path(self.tokenizer).is_dir():
+            raise ConfigError(f"data.tokenizer={self.tokenizer} is not a directory")
+        if not self.datasets:
+            return
+        if self.domains != DEFAULT_TINY_DOMAINS and self.domains != self.source_domains:
+            raise ConfigError(
+                f"data.domains={self.domains} names tiny domains, but data.datasets is set: the domains are the "
+                f"datasets' ({self.source_domains}); drop data.domains"
+            )
+        verifier: dict[str, tuple[int, str]] = {}
+        for i, d in enumerate(self.datasets):
+            d.check(f"data.datasets[{i}]")
+            if d.domain in verifier and verifier[d.domain][1] != d.verifier:
+                j, other = verifier[d.domain]
+                raise ConfigError(
+                    f"data.datasets[{i}].verifier={d.verifier!r} but data.datasets[{j}] gives domain {d.domain!r} "
+                    f"the verifier {other!r}; a domain has one verifier"
+                )
+            verifier.setdefault(d.domain, (i, d.verifier))
 
 
 @dataclass

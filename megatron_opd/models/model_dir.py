@@ -4,11 +4,12 @@ Two formats are model directories:
 
     megatron (what a stage writes)
     <dir>/model.yaml        the ModelConfig
-    <dir>/tokenizer.json    the tokenizer (data/tokenizer.py: `load_tokenizer` reads it back; its
-                            fingerprint proves compatibility); models imported from Hugging
-                            Face keep theirs under <dir>/hf/ instead
+    <dir>/tokenizer.json    the character tokenizer (data/tokenizer.py: `load_tokenizer` reads it
+                            back; its fingerprint proves compatibility)
     <dir>/hf/               the Hugging Face files of the model it started from (config.json,
-                            generation config, tokenizer files, chat template): a release
+                            generation config) and a Hugging Face tokenizer's files instead of
+                            tokenizer.json (tokenizer.json, tokenizer_config.json, chat template,
+                            generation_config.json: data/hf_tokenizer.py TOKENIZER_FILES): a release
                             (train.export_hf) puts them back beside the exported weights
     <dir>/checkpoints/step_NNNNNNNN/   megatron dist checkpoints (runtime.checkpoint)
 
@@ -34,7 +35,7 @@ from typing import Literal, Sequence
 import yaml
 
 from megatron_opd.config import load_config, to_dict
-from megatron_opd.data.tokenizer import Tokenizer, load_tokenizer
+from megatron_opd.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_home
 from megatron_opd.models.config import ModelConfig
 from megatron_opd.models.hf.config_json import (
     HF_SIDE_DIR,
@@ -44,6 +45,10 @@ from megatron_opd.models.hf.config_json import (
     side_files,
 )
 from megatron_opd.runtime.checkpoint import latest_complete
+
+
+# Where a model directory keeps a Hugging Face tokenizer (models/hf/megatron_io.py HF_SIDE_DIR).
+HF_TOKENIZER_DIR = HF_SIDE_DIR
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,7 @@ def write_model_dir(
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     (path / "model.yaml").write_text(yaml.safe_dump(to_dict(model), sort_keys=False))
-    tokenizer.save(path)
+    tokenizer.save(path / HF_TOKENIZER_DIR if tokenizer.describe().kind == "hf" else path)
     side = path / HF_SIDE_DIR
     files = hf_side_files(origin) if origin and not (side / "config.json").is_file() else []
     if files:
@@ -144,7 +149,7 @@ def read_model_dir(directory: str | os.PathLike) -> ModelDir:
             f"{path} is not a model directory: neither model.yaml (megatron) nor config.json (Hugging Face) is there"
         )
     model = load_config(path / "model.yaml", cls=ModelConfig)
-    tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
+    tokenizer = load_tokenizer(path) if tokenizer_home(path) is not None else None
     return ModelDir(path, model, tokenizer)
 
 

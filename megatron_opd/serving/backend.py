@@ -213,7 +213,8 @@ class ModelBackend:
             else:
                 res.sampling_logprobs.append(float(kept_set_logprobs(reported, drawn.tokens, kept)[0]))
         n = len(res.output_ids)
-        if stops(token, params, None if it.ignore_eos else self.tokenizer.eos_id):
+        ends = not it.ignore_eos and token in self.tokenizer.stop_ids  # end-of-turn tokens too, as SGLang does
+        if ends or stops(token, params, None if it.ignore_eos else self.tokenizer.eos_id):
             res.finish = {"type": "stop", "matched": token}
         elif n >= it.max_new_tokens or len(seq) >= self.cfg.max_seq_len:
             res.finish = {"type": "length", "length": n}

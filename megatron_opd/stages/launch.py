@@ -45,15 +45,29 @@ def world_size(cfg: JobConfig) -> int:
 
 
 def job_tokenizer(cfg: JobConfig) -> Tokenizer:
-    """The job's tokenizer (the run's own, else its init_from model's, else the character
-    tokenizer), checked against `model.vocab_size` (a rank-free check that needs it)."""
-    tokenizer = run_tokenizer(cfg.run_dir, cfg.train.init_from)
+    """The job's tokenizer (the run's own, else data.tokenizer, else its init_from model's, else the
+    character tokenizer), checked against `model.vocab_size` (a rank-free check that needs it)."""
+    tokenizer = run_tokenizer(cfg.run_dir, cfg.train.init_from, cfg.data.tokenizer)
     if cfg.model.vocab_size != tokenizer.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} tokens; "
             f"set model.vocab_size={tokenizer.vocab_size}"
         )
     return tokenizer
+
+
+def check_job_data(cfg: JobConfig, tokenizer: Tokenizer) -> None:
+    """Read data.datasets' files once as the stage will (SFT: whole conversations), so that a bad
+    row stops the command with its file and line before any rank starts (ConfigError)."""
+    if not cfg.data.datasets:
+        return
+    from megatron_opd.data.datasets import DatasetError
+    from megatron_opd.data.sources import job_prompt_source
+
+    try:
+        job_prompt_source(cfg, tokenizer, demonstrations=cfg.stage == "sft")
+    except DatasetError as e:
+        raise ConfigError(str(e)) from None
 
 
 def run_stage(cfg: JobConfig) -> dict[str, Any]:
@@ -121,6 +135,7 @@ def train_command(args) -> int:
     # Before any rank starts (a ConfigError: the CLI prints it as one line and exits 2).
     cfg.check(world_size(cfg))
     tokenizer = job_tokenizer(cfg)
+    check_job_data(cfg, tokenizer)  # a bad dataset row, too
     plan_start(cfg, tokenizer.fingerprint, act=False)  # a refused resume, too, before any rank starts
     final = launch(cfg)
     return 0 if final.get("finished") else EXIT_STOPPED_EARLY
