@@ -213,8 +213,16 @@ class OPDConfig:
     # output layers in token chunks (O(chunk x V/TP) memory) instead of from materialised logits.
     fused_output_layer: bool = False
     fused_chunk_size: int = 1024
-    # Keep every step's teacher signals in a zarr TeacherStore at this path ("" = off).
+    # Keep every step's teacher signals in a zarr TeacherStore at this path ("" = off). A
+    # restarted run reads the signals of the steps it redoes from it instead of scoring again.
     signal_store: str = ""
+    # In-job teachers (teachers.<name>.placement: in_job; teachers/in_job.py): how many are on the
+    # device at once, where their weights come from (disk: the model directory, read again when
+    # needed; host: read once at start into host memory, pinned on GPUs), and whether the next
+    # teacher's weights are read by a background thread while the current one runs.
+    resident_teachers: int = 1
+    teacher_weights: Literal["disk", "host"] = "disk"
+    prefetch_teachers: bool = True
 
 
 @dataclass

@@ -97,6 +97,12 @@ def check_opd(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
         )
     if cfg.opd.fused_chunk_size < 1:
         problems.append(f"opd.fused_chunk_size must be >= 1, got {cfg.opd.fused_chunk_size}")
+    if cfg.opd.resident_teachers < 1:
+        problems.append(
+            f"opd.resident_teachers must be >= 1 (in-job teachers on the device at once), got {cfg.opd.resident_teachers}"
+        )
+    if cfg.opd.teacher_weights not in ("disk", "host"):
+        problems.append(f"opd.teacher_weights={cfg.opd.teacher_weights!r}; expected disk or host")
     problems += _raised(cfg.rollout.check, endpoints_required=ctx.endpoints_given, model=cfg.model, layout=ctx.layout)
     if ctx.by_pipeline:  # only `megatron-opd run` reads the pipeline: section
         problems += _raised(cfg.pipeline.check, cfg.teachers)

@@ -11,6 +11,8 @@ local (pure megatron-core) spec otherwise: the same model, swappable implementat
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from megatron_opd.models.config import ModelConfig
@@ -235,3 +237,25 @@ def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
         return logits
     is_token = torch.arange(start, start + shard, device=logits.device) < vocab_size
     return logits.masked_fill(~is_token, float("-inf"))
+
+
+@contextlib.contextmanager
+def output_layer_bypassed(model: torch.nn.Module, *, gather_sequence: bool = False):
+    """Make megatron's output layer hand back its input: `GPTModel.forward` then returns the final
+    (post-norm) hidden states [b, s, h] instead of logits, for losses that apply a head themselves
+    and for in-job teachers (teachers/in_job.py). Under sequence parallelism that input is this
+    rank's sequence shard; `gather_sequence` gathers the whole sequence (forward only)."""
+    layer = model.output_layer
+
+    def forward(input_, weight=None, runtime_gather_output=None):
+        if gather_sequence and model.config.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            input_ = gather_from_sequence_parallel_region(input_)
+        return input_, None
+
+    layer.forward = forward
+    try:
+        yield
+    finally:
+        del layer.forward

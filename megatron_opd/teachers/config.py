@@ -20,6 +20,7 @@ from typing import ClassVar, Literal
 from megatron_opd.runtime.secrets import LITERAL_KEY_REFUSED, check_key_source, read_api_key
 
 SIGNAL_KINDS = ("hidden", "topk", "sampled", "logits")
+PLACEMENTS = ("server", "in_job")
 
 
 class TeacherConfigError(ValueError):
@@ -28,6 +29,10 @@ class TeacherConfigError(ValueError):
 
 @dataclass
 class TeacherConfig:
+    # Where the teacher runs. server: its own processes, reached over HTTP (endpoints; the
+    # TeacherPool). in_job: a megatron model loaded from model_dir inside the training job under
+    # the student's layout, on demand (teachers/in_job.py; opd.resident_teachers at a time).
+    placement: Literal["server", "in_job"] = "server"
     # Base URLs of the teacher's replicas (each an SGLang server, our embedded server, or a router).
     endpoints: list[str] = field(default_factory=list)
     # Trajectory domains this teacher scores; every domain belongs to exactly one teacher.
@@ -75,7 +80,20 @@ class TeacherConfig:
         """Raise `TeacherConfigError` for the first inconsistent key. `endpoints_required=False`:
         a launcher starts this teacher's servers and fills in `endpoints` itself."""
         where = f"teachers.{name}"
-        if not self.endpoints and endpoints_required:
+        if self.placement not in PLACEMENTS:
+            raise TeacherConfigError(f"{where}.placement={self.placement!r}; expected one of {list(PLACEMENTS)}")
+        if self.placement == "in_job":
+            if self.endpoints:
+                raise TeacherConfigError(
+                    f"{where}.endpoints={self.endpoints} but {where}.placement is 'in_job': an in-job teacher "
+                    f"runs inside the trainer; remove the endpoints or set {where}.placement=server"
+                )
+            if self.signal != "hidden":
+                raise TeacherConfigError(
+                    f"{where}.signal={self.signal!r} but {where}.placement is 'in_job': in-job teachers give "
+                    f"their hidden states (the exact distribution through their head); set {where}.signal=hidden"
+                )
+        elif not self.endpoints and endpoints_required:
             raise TeacherConfigError(f"{where}.endpoints is empty; give at least one base URL")
         for url in self.endpoints:
             if not url.startswith(("http://", "https://")):

@@ -52,6 +52,7 @@ from megatron_opd.serving import wire
 from megatron_opd.serving.client import ClientSettings, EventLoopThread, SGLangClient, ServerError, gather_all
 from megatron_opd.teachers import protocol as P
 from megatron_opd.teachers.config import TeacherConfig, check_teachers
+from megatron_opd.teachers.scorer import RoutingError, route_by_domain, rows_by_teacher
 
 PROBE_MASS_TOLERANCE = 1e-3
 log = logging.getLogger(__name__)
@@ -68,10 +69,6 @@ def _newest_id(model_dir: str) -> str | None:
 
 class TeacherIncompatible(ServerError):
     """A teacher does not share the student's vocabulary/tokenizer (or cannot serve its signal)."""
-
-
-class RoutingError(ValueError):
-    """A trajectory's domain (or teacher) is not one the pool knows."""
 
 
 def client_for(name: str, cfg: TeacherConfig, *, trace: bool = False) -> SGLangClient:
@@ -126,6 +123,8 @@ async def score_items(
 
 
 class TeacherPool:
+    collective = False  # teachers.scorer.Scorer: called on the replica's first rank only
+
     def __init__(
         self,
         teachers: dict[str, TeacherConfig],
@@ -326,16 +325,7 @@ class TeacherPool:
 
     def route(self, traj: Trajectories) -> Trajectories:
         """Fill `traj.teacher` from each row's domain (in place; returns `traj`)."""
-        names = []
-        for i, domain in enumerate(traj.domain):
-            if domain not in self.domain_owner:
-                raise RoutingError(
-                    f"trajectory {traj.sample_ids[i]!r} has domain {domain!r}, which no teacher owns; "
-                    f"known domains: {sorted(self.domain_owner)}"
-                )
-            names.append(self.domain_owner[domain])
-        traj.teacher = names
-        return traj
+        return route_by_domain(traj, self.domain_owner)
 
     def score(self, traj: Trajectories) -> list[TeacherSignals]:
         return self._runner().run(self._score(traj))
@@ -348,11 +338,7 @@ class TeacherPool:
             raise RuntimeError("TeacherPool.score before start(): call pool.start_sync() (or await pool.start()) first")
         if any(t == "" for t in traj.teacher):
             self.route(traj)
-        rows_of: dict[str, list[int]] = {}
-        for i, name in enumerate(traj.teacher):
-            if name not in self.clients:
-                raise RoutingError(f"trajectory {traj.sample_ids[i]!r} names teacher {name!r}; the pool has {sorted(self.clients)}")
-            rows_of.setdefault(name, []).append(i)
+        rows_of = rows_by_teacher(traj, self.clients)
         R = traj.max_response_len
 
         async def one(name: str, rows: list[int]) -> TeacherSignals:
