@@ -10,12 +10,13 @@ transformers and saved as HF directories (config.json + safetensors, no megatron
                                         1e-4), generate, and the original config.json and
                                         tokenizer files beside the weights
 
-Tokenizer: the character tokenizer (its tokenizer.json in the HF directories), because
-megatron-opd loads Hugging Face tokenizers only once data/hf_tokenizer.py lands (branch
-hf-data). `e2e_tokenizer` is the one place to change then; the release's tokenizer files are
-checked to be the origin's, byte for byte, whatever they are. That transformers loads a released
-BPE tokenizer with its chat template and generates from the rendered conversation is held
-without the runtime's tokenizer by test_hf_release.py.
+Tokenizer: the character tokenizer (its tokenizer.json in the HF directories), written before
+Hugging Face tokenizers (data/hf_tokenizer.py) were on this branch; `e2e_tokenizer` is the one
+place to change for a BPE tokenizer with a chat template and a JSONL `messages` SFT file (the
+next step: tests/hf_fixtures.py make_bpe_tokenizer, chat_rows). The release's tokenizer files
+are checked to be the origin's, byte for byte, whatever they are; that transformers loads a
+released BPE tokenizer with its chat template and generates from the rendered conversation is
+held by test_hf_release.py.
 """
 
 from __future__ import annotations
@@ -117,3 +118,62 @@ def test_hf_student_sft_then_opd_against_an_hf_teacher_then_release(teacher, tmp
     hf = AutoModelForCausalLM.from_pretrained(release, dtype=torch.float32).eval()
     generated = hf.generate(torch.tensor(TOKENS[:1]), max_new_tokens=4, do_sample=False, eos_token_id=None)
     assert generated.shape == (1, len(TOKENS[0]) + 4)
+
+
+def test_bpe_chat_model_sft_from_jsonl_messages_then_opd_on_math_prompts_then_release(tmp_path):
+    """The same path with a Hugging Face tokenizer: a byte-level BPE trained here with a ChatML
+    template (tests/hf_fixtures.py), SFT from a JSONL `messages` file, OPD on JSONL math prompts
+    (verifier math) against a teacher served from its HF directory, then the release, whose
+    tokenizer transformers loads and renders conversations with as the student's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_fixtures import chat_rows, make_bpe_tokenizer, math_rows, write_jsonl
+    from megatron_opd.data.hf_tokenizer import HFTokenizer
+    from megatron_opd.serving.launch import start_teacher_server
+
+    tok = HFTokenizer(make_bpe_tokenizer(tmp_path / "tok"))
+    teacher_dir = tiny_hf_dir(tmp_path / "teacher-hf", "qwen2", tokenizer=tok, seed=11, layers=2)
+    student = tiny_hf_dir(tmp_path / "student-hf", "qwen2", tokenizer=tok, seed=7, layers=2)
+    model = model_keys(student, max_seq_len=128, make_vocab_size_divisible_by=8)
+    runs = tmp_path / "runs"
+    common = {"output_dir": str(runs), "log_every": 1, "progress": "lines"}
+    optim = {"lr": 1e-2, "min_lr": 0.0, "warmup_steps": 0}
+    chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows(32))
+    math = write_jsonl(tmp_path / "math.jsonl", math_rows(64))
+    sft = {
+        "stage": "sft",
+        "run": {"name": "sft", "nproc": 1, **common},
+        "model": model,
+        "train": {"steps": 2, "micro_batch_size": 8, "global_batch_size": 8, "eval_every": 0, "optim": optim,
+                  "init_from": str(student)},
+        "data": {"datasets": [{"path": str(chat), "domain": "chat"}]},
+    }  # fmt: skip
+    _train(write_job(tmp_path / "sft.yaml", sft))
+    server = start_teacher_server(model_dir=teacher_dir)
+    try:
+        release = tmp_path / "release"
+        opd = {
+            "stage": "opd",
+            "run": {"name": "opd", "nproc": 2, **common},
+            "parallel": {"tp": 2},
+            "model": model,
+            "train": {"steps": 2, "micro_batch_size": 4, "global_batch_size": 8, "eval_every": 0, "optim": optim,
+                      "init_from": str(runs / "sft"), "export_hf": str(release)},
+            "data": {"datasets": [{"path": str(math), "domain": "math", "verifier": "math"}], "eval_size": 4},
+            "teachers": {"t": {"endpoints": [server.url], "model_dir": str(teacher_dir), "domains": ["math"],
+                               "signal": "hidden", "batch_size": 8}},
+            "rollout": {"engine": "embedded", "max_new_tokens": 6},
+        }  # fmt: skip
+        out = _train(write_job(tmp_path / "opd.yaml", opd))
+    finally:
+        server.stop()
+    assert "released" in out
+    ours = megatron_logits(runs / "opd", TOKENS)
+    assert (transformers_logits(release, TOKENS) - ours).abs().max().item() <= 1e-4
+    original, released = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(release)
+    conversation = [{"role": "user", "content": "What is 2 plus 3?"}]
+    ids = released.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ids == original.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
+    hf = AutoModelForCausalLM.from_pretrained(release, dtype=torch.float32).eval()
+    generated = hf.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > len(ids)

@@ -7,9 +7,9 @@ models/hf/export.py megatron_to_hf, which a stage's release (stages/release.py) 
 release's AutoTokenizer renders conversations exactly as the original's, and the model
 generates from them the original's greedy tokens.
 
-The tokenizer is built here, not through megatron-opd's tokenizer (data/hf_tokenizer.py, branch
-hf-data, not on main yet): the release copies tokenizer files; it does not interpret them.
-Once that lands, `_bpe_tokenizer_dir` is tests/hf_fixtures.py make_bpe_tokenizer.
+The tokenizer is built here with transformers, not through megatron-opd's (data/hf_tokenizer.py):
+the release copies tokenizer files; it does not interpret them. (`_bpe_tokenizer_dir` predates
+tests/hf_fixtures.py make_bpe_tokenizer, which could replace it.)
 """
 
 from __future__ import annotations
