@@ -73,7 +73,8 @@ def _sft_dir(cfg: JobConfig, name: str) -> Path:
 
 def sft_jobs(cfg: JobConfig) -> tuple[dict[str, JobConfig], JobConfig | None]:
     """The SFT jobs the distillation needs: one per expert, and the student's warm start (or None)."""
-    sft = {"stage": "sft", "teachers": {}, "train.init_from": ""}
+    # Only the distilled student is released (train.export_hf), not the experts or the warm start.
+    sft = {"stage": "sft", "teachers": {}, "train.init_from": "", "train.export_hf": ""}
     experts = {}
     for name in sorted(cfg.teachers):
         out = _sft_dir(cfg, name)
@@ -146,9 +147,12 @@ def run_sft_jobs(jobs: dict[str, JobConfig], parallel: int, label: str = "SFT") 
 
 def _foreign(run_dir: Path) -> bool:
     """A model directory with checkpoints that no `megatron-opd train` run left (a converted or
-    copied teacher): it is served as it is, never trained on."""
+    copied teacher), or a Hugging Face model directory: it is served as it is, never trained on."""
+    from megatron_opd.models.hf.config_json import is_hf_model_dir
     from megatron_opd.runtime.checkpoint import latest_complete
 
+    if is_hf_model_dir(run_dir):
+        return True
     return latest_complete(run_dir / "checkpoints") is not None and not any(
         (run_dir / name).exists() for name in ("summary.json", "config.yaml")
     )

@@ -286,6 +286,7 @@ def generate(
     tp = dist.get_world_size(group)
     lockstep = _lockstep_group()
     eos_id = None if ignore_eos else tokenizer.eos_id
+    end_ids = () if ignore_eos else tokenizer.stop_ids  # EOS and end-of-turn tokens (HF generation_config)
     try:
         with recording(model, record_routing) as recorder:
             j = 0
@@ -317,7 +318,7 @@ def generate(
                 tokens[active, lengths[active]] = choice
                 lengths[active] += 1
                 for a, c in zip(active.tolist(), choice.tolist()):
-                    if stops(c, params, eos_id):
+                    if stops(c, params, eos_id) or c in end_ids:
                         done[a] = True
                         finish[a] = "stop"
                 j += 1

@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.data.prompts import Prompt, encode_prompts
-from megatron_opd.data.tokenizer import Tokenizer
+from megatron_opd.data.tokenizer import Tokenizer, description_difference, digest_difference
 from megatron_opd.data.trajectories import Trajectories, pack
 from megatron_opd.rollout.config import RolloutConfig
 from megatron_opd.rollout.embedded import truncates
@@ -86,11 +86,19 @@ class SGLangRolloutEngine:
         self.update_group = None  # distributed sync: trainer rank 0's side of the group
         # Unique per engine: a server can hold groups of several trainers (or tests) at once.
         self.group_name = f"megatron-opd-{os.getpid()}-{id(self):x}"
+        error = None
         if self.is_src:
             self._loop = EventLoopThread("rollout-client")
             settings = ClientSettings(endpoints=tuple(cfg.endpoints), api_key=cfg.api_key, timeout_s=cfg.timeout_s)
             self.client = SGLangClient("rollout server", settings)
             self._loop.run(self.client.start())
+            try:
+                self._loop.run(self._check_tokenizers())
+            except RolloutServerError as e:
+                error = str(e)
+        first = first_error(error)  # every rank refuses together, before any step
+        if first:
+            raise RolloutServerError(first)
         # The servers start from other weights than the student's. The student's own are known
         # only once the trainer has loaded train.init_from or its resumed checkpoint, which
         # happens after the stage (and this engine) is built: they are pushed before the first
@@ -99,6 +107,26 @@ class SGLangRolloutEngine:
         self.want_kept = bool(cfg.keep_sampling_mask) and truncates(cfg.sampling)
         self.want_routing = bool(cfg.keep_routing)
         self.probed = not (self.want_kept or self.want_routing)
+
+    async def _check_tokenizers(self) -> None:
+        """A server that reports its tokenizer (our server, in /model_info) must serve the
+        student's; the refusal names what differs (the first differing token id, the template...).
+        Stock SGLang reports none: its tokenizer is the one it was started with (docs/serving.md)."""
+        mine = self.tokenizer.fingerprint
+        for url, info in self.client.model_infos.items():
+            theirs = info.get(wire.INFO_FINGERPRINT)
+            if theirs is None or str(theirs) == mine:
+                continue
+            served = await self.client.tokenizer_description(url)
+            what = (
+                description_difference(self.tokenizer.describe(), served, ("student", "server"))
+                if served is not None and served.fingerprint == theirs
+                else digest_difference(self.tokenizer.describe().digest(), info.get(wire.INFO_TOKENIZER_DIGEST) or {}, ("student", "server"))
+            )
+            raise RolloutServerError(
+                f"rollout server {url} serves tokenizer fingerprint {theirs!r} but the student has {mine!r}: {what}; "
+                f"start it with the student's tokenizer"
+            )
 
     # -- sampling ---------------------------------------------------------------------------------
 
@@ -122,7 +150,7 @@ class SGLangRolloutEngine:
             "top_p": self.cfg.top_p,
             "top_k": top_k,
             "min_p": self.cfg.min_p,
-            "stop_token_ids": [self.tokenizer.eos_id],
+            "stop_token_ids": list(self.tokenizer.stop_ids),  # EOS and end-of-turn tokens
             "sampling_seed": seed,
         }
 

@@ -240,12 +240,16 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
             info.update({
                 wire.INFO_VOCAB_SIZE: backend.cfg.vocab_size,
                 wire.INFO_FINGERPRINT: backend.tokenizer.fingerprint,
+                wire.INFO_TOKENIZER_DIGEST: backend.tokenizer.describe().digest(),
                 wire.INFO_HIDDEN_SIZE: backend.cfg.hidden_size,
                 wire.INFO_CHECKPOINT_ID: backend.checkpoint_id,
                 "max_context_length": backend.cfg.max_seq_len,
                 wire.INFO_SERVER: {"version": 1, "binary_signal": 1, "full_logprobs": True, "hidden_states_layout": options.hidden_states_layout},
             })  # fmt: skip
         return json_response(info)
+
+    async def tokenizer_description(request):
+        return json_response(backend.tokenizer.describe().to_json())
 
     async def flush_cache(request):
         # There is no prefix cache to flush; SGLang's reply text, status 200.
@@ -329,6 +333,8 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
     app.router.add_get("/health_generate", health_generate)
     app.router.add_get("/model_info", model_info)
     app.router.add_get("/get_model_info", model_info)
+    if not plain:  # stock SGLang has no such route
+        app.router.add_get(wire.TOKENIZER_DESCRIPTION_PATH, tokenizer_description)
     app.router.add_route("*", "/flush_cache", flush_cache)
     app.router.add_post("/update_weights_from_disk", update_weights_from_disk)
     app.router.add_post("/init_weights_update_group", init_weights_update_group)

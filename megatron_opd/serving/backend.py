@@ -17,9 +17,12 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from megatron_opd.models.routing import recording
 from megatron_opd.rollout.sampler import kept_set_logprobs, reported_logprobs, sample, stops
@@ -80,8 +83,7 @@ class ModelBackend:
         from megatron_opd.data.tokenizer import load_tokenizer
         from megatron_opd.models.config import ModelConfig
         from megatron_opd.models.gpt import build_gpt_model
-        from megatron_opd.models.model_dir import read_model_dir
-        from megatron_opd.runtime.checkpoint import checkpoint_id, load_checkpoint
+        from megatron_opd.models.model_dir import load_model_dir_weights, read_model_dir
         from megatron_opd.runtime.distributed import init_runtime
         from megatron_opd.runtime.layout import ParallelLayout
 
@@ -103,9 +105,11 @@ class ModelBackend:
         model.eval()
         served_id = None
         if source.model_dir and not source.random_init:
+            # A megatron model directory (its newest checkpoint, or --checkpoint) or a Hugging
+            # Face one (converted in memory); the id is what the teacher pool compares.
             ckpt = Path(source.checkpoint) if source.checkpoint else mdir.latest_checkpoint()
-            load_checkpoint(ckpt, [model], load_rng=False)
-            path, served_id = str(ckpt), checkpoint_id(ckpt)
+            served_id = load_model_dir_weights(mdir, [model], checkpoint=ckpt if mdir.format == "megatron" else None)
+            path = str(ckpt)
         return cls(
             model, cfg, tok, model_path=path, weight_version=weight_version, seed=source.seed, checkpoint_id=served_id,
             routed_experts=routed_experts,
@@ -209,7 +213,8 @@ class ModelBackend:
             else:
                 res.sampling_logprobs.append(float(kept_set_logprobs(reported, drawn.tokens, kept)[0]))
         n = len(res.output_ids)
-        if stops(token, params, None if it.ignore_eos else self.tokenizer.eos_id):
+        ends = not it.ignore_eos and token in self.tokenizer.stop_ids  # end-of-turn tokens too, as SGLang does
+        if ends or stops(token, params, None if it.ignore_eos else self.tokenizer.eos_id):
             res.finish = {"type": "stop", "matched": token}
         elif n >= it.max_new_tokens or len(seq) >= self.cfg.max_seq_len:
             res.finish = {"type": "length", "length": n}

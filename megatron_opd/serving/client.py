@@ -215,6 +215,15 @@ class SGLangClient:
         except ValueError:
             raise wire.ProtocolError(f"{self.where(url)} answered {path} with a body that is not JSON") from None
 
+    async def tokenizer_description(self, url: str):
+        """The TokenizerDescription our server at `url` serves (None from a server without the route)."""
+        from megatron_opd.data.tokenizer import TokenizerDescription
+
+        try:
+            return TokenizerDescription.from_json(await self.get_json(url, wire.TOKENIZER_DESCRIPTION_PATH))
+        except (RequestRefused, ValueError, wire.ProtocolError):
+            return None
+
     async def model_info(self, url: str) -> dict:
         try:
             return await self.get_json(url, "/model_info")

@@ -52,6 +52,11 @@ FULL_LOGPROBS = "input_full_logprobs"
 # teacher pool checks against the student and against a teacher's model_dir.
 INFO_VOCAB_SIZE, INFO_FINGERPRINT, INFO_HIDDEN_SIZE = "vocab_size", "tokenizer_fingerprint", "hidden_size"
 INFO_CHECKPOINT_ID = "checkpoint_id"  # runtime/checkpoint.py: checkpoint_id of what the server serves
+# data/tokenizer.py TokenizerDescription.digest(): per-component hashes, so a mismatch can be named
+INFO_TOKENIZER_DIGEST = "tokenizer_digest"
+# GET: the served tokenizer's whole TokenizerDescription (to_json), fetched only on a fingerprint
+# mismatch so that the refusal names the first differing token id, merge or template line.
+TOKENIZER_DESCRIPTION_PATH = "/tokenizer_description"
 INFO_SERVER = "opd_server"  # {"version", "binary_signal", "full_logprobs", "hidden_states_layout"}
 
 

@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from megatron_opd.config import JobConfig
 from megatron_opd.data.prompts import Prompt, replica_slice, repeat_for_group
-from megatron_opd.data.sources import prompt_source
+from megatron_opd.data.sources import job_prompt_source, source_metrics
 from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.data.trajectories import Trajectories
 from megatron_opd.rewards.registry import rewards_for
@@ -102,7 +102,7 @@ class OnPolicyStage:
                 f"data-parallel replicas"
             )
         self.prompts_per_rollout = trajectories // group_size
-        self.source = prompt_source(cfg.data)
+        self.source = job_prompt_source(cfg, tokenizer)  # file rows checked against the token limits
         self.reward_of = rewards_for(self.source)  # unknown reward names fail here, before any step
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.mp_group, self.mp_src = replica_group_and_src()
@@ -241,6 +241,7 @@ class OnPolicyStage:
         n = self.trainer.samples_per_rank
         rows = range(update * n, (update + 1) * n)
         metrics = dict(rollout.metrics) if update == 0 else {}
+        metrics.update(source_metrics(self.source))  # rows data.bad_rows=drop left out
         return StepBatch(self.micro_batches(rollout, rows), [rollout.batch.sample_ids[i] for i in rows], metrics)
 
     def after_step(self, step: int) -> dict[str, float]:

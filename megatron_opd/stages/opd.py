@@ -105,7 +105,7 @@ class OPDStage(OnPolicyStage):
                 pool = TeacherPool(
                     teachers,
                     student_vocab_size=self.tokenizer.vocab_size,
-                    student_fingerprint=self.tokenizer.fingerprint,
+                    student_tokenizer=self.tokenizer,
                 )
                 pool.start_sync()
             except Exception as e:  # noqa: BLE001 - re-raised on every rank below

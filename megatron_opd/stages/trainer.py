@@ -31,7 +31,8 @@ import torch.distributed as dist
 from megatron_opd.config import JobConfig, dump_config
 from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.models.gpt import build_gpt_model
-from megatron_opd.models.model_dir import write_model_dir
+from megatron_opd.models.hf.config_json import is_hf_model_dir
+from megatron_opd.models.model_dir import load_model_dir_weights, write_model_dir
 from megatron_opd.models.routing import replaying
 from megatron_opd.rollout.config import keep_routing_problems
 from megatron_opd.runtime import checkpoint as ckpt
@@ -411,7 +412,7 @@ class Trainer:
             return
         dump_config(self.cfg, self.run_dir / "config.yaml")
         if self.tokenizer is not None:
-            write_model_dir(self.run_dir, self.cfg.model, self.tokenizer)
+            write_model_dir(self.run_dir, self.cfg.model, self.tokenizer, origin=self.cfg.train.init_from)
 
     def _open_records(self, step: int) -> None:
         """Metrics and ledger from `step` on: what an interrupted attempt logged after it is dropped."""
@@ -422,16 +423,26 @@ class Trainer:
     def load_weights(
         self, path: str | Path, model: list[torch.nn.Module] | None = None, *, key: str = "train.init_from"
     ) -> Path:
-        """Initialise the model (not the optimizer), or other chunks of its layout (`model`: a
-        frozen reference), from a checkpoint dir or a root holding them (a run or model directory);
-        returns the checkpoint. `key`: the config key that named `path`, for the error."""
+        """Initialise the model (not the optimizer state), or other chunks of its layout (`model`:
+        a frozen reference), from a checkpoint dir, a root or model directory holding them, or a
+        Hugging Face model directory (converted in memory under this layout; config.json must
+        describe `model:`, which JobConfig.check holds). Returns what was loaded. `key`: the
+        config key that named `path`, for the error."""
         path = Path(path)
-        if not (path / ckpt.COMPLETE).exists():
-            found = ckpt.latest_complete(path) or ckpt.latest_complete(path / "checkpoints")
-            if found is None:
-                raise FileNotFoundError(f"{key}={path} holds no complete checkpoint")
-            path = found
-        ckpt.load_checkpoint(path, self.model if model is None else model, None, load_rng=False)
+        chunks = self.model if model is None else model
+        if is_hf_model_dir(path):
+            load_model_dir_weights(path, chunks, model_config=self.cfg.model)
+        else:
+            if not (path / ckpt.COMPLETE).exists():
+                found = ckpt.latest_complete(path) or ckpt.latest_complete(path / "checkpoints")
+                if found is None:
+                    raise FileNotFoundError(f"{key}={path} holds no complete checkpoint")
+                path = found
+            ckpt.load_checkpoint(path, chunks, None, load_rng=False)
+        if model is None:
+            # Main parameters were copied from the random init when the optimizer was built;
+            # without this the first step would write them back over the loaded weights.
+            self.optimizer.reload_model_params()
         return path
 
     # -- the loop ---------------------------------------------------------------------------------

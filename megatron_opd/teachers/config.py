@@ -14,6 +14,7 @@ teacher name to one of these; `megatron_opd.config.build` checks every key and t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from megatron_opd.runtime.secrets import LITERAL_KEY_REFUSED, check_key_source, read_api_key
@@ -61,10 +62,12 @@ class TeacherConfig:
     topk_format: Literal["b64", "flat", "nested"] = "b64"
     # dtype of hidden states in our binary form (JSON always carries full floats).
     hidden_dtype: Literal["float32", "float16"] = "float32"
-    # A real SGLang server does not report its tokenizer: declare what the operator checked, and
-    # the pool verifies it against the student and probes the vocabulary (docs/teachers.md).
+    # A real SGLang server does not report its tokenizer: name the directory of the tokenizer it
+    # serves (the pool loads it and compares it with the student's, naming what differs), or
+    # declare what the operator checked; the pool then probes the vocabulary (docs/teachers.md).
+    tokenizer_dir: str = ""
     tokenizer_fingerprint: str = ""
-    vocab_size: int = 0
+    vocab_size: int = 0  # 0: the tokenizer_dir's
 
     REFUSED_KEYS: ClassVar[dict[str, str]] = {"api_key": LITERAL_KEY_REFUSED}
 
@@ -112,6 +115,8 @@ class TeacherConfig:
                 raise TeacherConfigError(f"{where}.{key} must be > 0, got {getattr(self, key)}")
         if self.max_retries < 0 or self.retry_backoff_s < 0:
             raise TeacherConfigError(f"{where}.max_retries and retry_backoff_s must be >= 0")
+        if self.tokenizer_dir and not Path(self.tokenizer_dir).is_dir():
+            raise TeacherConfigError(f"{where}.tokenizer_dir={self.tokenizer_dir} is not a directory")
         if self.vocab_size < 0:
             raise TeacherConfigError(f"{where}.vocab_size must be >= 0 (0: not declared), got {self.vocab_size}")
         try:
