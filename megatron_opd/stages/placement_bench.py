@@ -10,6 +10,9 @@ from the same seed in a fresh spawned world:
                            TeacherPool), as `megatron-opd run` starts them
     in-job                 teachers.<name>.placement=in_job, one resident, the next prefetched
     in-job, no prefetch    the same, weights read on the critical path (the overlap's control)
+    GRPO, no reference     the same student, model and batch size under stage=grpo with
+                           grpo.kl_coef=0 (no reference model), groups of 8: the step without
+                           any teacher that an in-job OPD step is measured against
 
 The teachers are the experts of a finished run (`--experts`, e.g. runs/tiny/experts) or random
 ones of the job's model config. Each column is the median over the steps after the first (the
@@ -83,7 +86,7 @@ def _median(records: list[dict], key: str) -> float:
 
 def _row(case: str, run_dir: Path) -> Row:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "train/kl" in r]
+    train = [r for r in records if "train/step_time_s" in r]
     timed = train[1:] or train  # the first step warms up (imports, allocator, first load)
     rollout, teacher, trained = (_median(timed, k) for k in ("rollout_time_s", "score_time_s", "step_time_s"))
     return Row(
@@ -97,7 +100,7 @@ def _row(case: str, run_dir: Path) -> Row:
         read_s=_median(timed, "teacher_read_s"),
         train_s=trained,
         loads=_median(timed, "teacher_loads"),
-        kl=train[-1]["train/kl"],
+        kl=train[-1].get("train/kl", float("nan")),
     )
 
 
@@ -137,11 +140,12 @@ def run(*, steps: int, experts: str = "", config: str = str(DEFAULT_CONFIG), ove
                 **{f"teachers.{n}": {"placement": "in_job", "model_dir": dirs[n]} for n in names},
             },
         }
+        cases["GRPO, no reference"] = {"stage": "grpo", "grpo.kl_coef": 0.0, "grpo.group_size": 8, "teachers": {}}
         rows = []
         for i, (case, changes) in enumerate(cases.items()):
             flat = {}
             for key, value in changes.items():
-                if isinstance(value, dict):
+                if isinstance(value, dict) and value:
                     flat.update({f"{key}.{k}": v for k, v in value.items()})
                 else:
                     flat[key] = value
@@ -158,16 +162,19 @@ def render(rows: list[Row], title: str) -> None:
     from rich.table import Table
 
     server = next((r for r in rows if r.case == "server"), rows[0])
+    grpo = next((r for r in rows if r.case.startswith("GRPO")), None)
     table = Table(title=title)
-    columns = ("case", "step (s)", "vs server", "rollout", "teacher", "forward", "loading", "read wait", "weight read", "training",
+    columns = ("case", "step (s)", "vs server", "vs GRPO", "rollout", "teacher", "forward", "loading", "read wait", "weight read", "training",
                "prefetch hidden", "loads/step", "kl")
     for col in columns:
         table.add_column(col, justify="left" if col == "case" else "right")
     for r in rows:
         table.add_row(
-            r.case, f"{r.step_s:.3f}", f"{r.step_s / server.step_s:.2f}x", f"{r.rollout_s:.3f}", f"{r.teacher_s:.3f}",
+            r.case, f"{r.step_s:.3f}", f"{r.step_s / server.step_s:.2f}x", f"{r.step_s / grpo.step_s:.2f}x" if grpo else "-",
+            f"{r.rollout_s:.3f}", f"{r.teacher_s:.3f}",
             f"{r.forward_s:.3f}", f"{r.load_s:.4f}", f"{r.load_wait_s:.4f}", f"{r.read_s:.4f}", f"{r.train_s:.3f}",
-            "-" if r.prefetch_hidden != r.prefetch_hidden else f"{r.prefetch_hidden:.0%}", f"{r.loads:.0f}", f"{r.kl:.4f}",
+            "-" if r.prefetch_hidden != r.prefetch_hidden else f"{r.prefetch_hidden:.0%}", f"{r.loads:.0f}",
+            "-" if r.kl != r.kl else f"{r.kl:.4f}",
         )
     Console(width=160).print(table)
 
