@@ -166,11 +166,23 @@ def test_reward_failures_name_the_reward_domain_and_sample():
 # -- Scorer -----------------------------------------------------------------------------------------
 
 
-def test_teacher_pool_is_a_scorer():
-    from megatron_opd.teachers.pool import TeacherPool
+@pytest.mark.parametrize("scorer", ["megatron_opd.teachers.pool:TeacherPool", "megatron_opd.teachers.in_job:InJobTeachers"])
+def test_both_teacher_placements_are_scorers(scorer):
+    """issubclass() refuses a protocol with a data member (`collective`), so the members are
+    compared one by one: every protocol member present, methods callable, `collective` a bool."""
+    import importlib
+    import typing
+
     from megatron_opd.teachers.scorer import Scorer
 
-    assert issubclass(TeacherPool, Scorer)
+    module, name = scorer.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    members = typing._get_protocol_attrs(Scorer)  # noqa: SLF001 - the protocol's own member list
+    assert {"collective", "route", "score", "close"} <= members
+    for member in members:
+        assert hasattr(cls, member), f"{name} lacks Scorer.{member}"
+    assert isinstance(cls.collective, bool)
+    assert all(callable(getattr(cls, m)) for m in ("route", "score", "close"))
 
 
 # -- where the protocols sit in the dependency order ----------------------------------------------
