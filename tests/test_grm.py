@@ -15,6 +15,7 @@ import pytest
 from megatron_opd.data.rubric import (
     Annotation,
     JudgeTemplate,
+    annotation_baselines,
     RubricTasks,
     judge_prompt,
     load_annotations,
@@ -28,7 +29,6 @@ from megatron_opd.rewards.grm import (
     JudgeAgreement,
     Verdict,
     aggregate,
-    annotation_baselines,
     pairwise_reward,
     parse_verdict,
     vote_orders,
@@ -76,7 +76,7 @@ class Block:
             raise ImportError('the hidden oracle is unreachable from training')
 sys.meta_path.insert(0, Block())
 from megatron_opd.data.rubric import load_annotations, judge_prompt, JudgeTemplate, RubricTasks
-from megatron_opd.rewards.grm import annotation_baselines
+from megatron_opd.data.rubric import annotation_baselines
 from megatron_opd.rewards.registry import get_reward
 from megatron_opd.rewards.base import score_responses
 import megatron_opd.rewards, megatron_opd.data, megatron_opd.stages.trainer
@@ -355,3 +355,36 @@ def test_grm_reward_votes_k_shuffled_verdicts():
     assert [r.score for r in failed] == [-0.5] * 4 and all(r.info["format_failure"] for r in failed)
     with pytest.raises(ValueError, match="grm.votes=0"):
         GRMReward(judge, k=0)
+
+
+# -- the evaluator's metrics ----------------------------------------------------------------------
+
+
+def test_evaluator_metrics_hand_computed(tmp_path):
+    from megatron_opd.stages.grm_eval import best_of_n, pairwise_accuracy, rank_correlation, reward_gap, spearman
+
+    truth = [[0.1, 0.5, 0.9], [0.2, 0.2, 0.8]]
+    # group 1: pairs (0,1) right, (0,2) tie, (1,2) reversed; group 2: (0,1) equal truths (skipped),
+    # (0,2) right, (1,2) right.
+    judge = [[1, 3, 1], [0, 5, 9]]
+    acc, pairs = pairwise_accuracy(judge, truth)
+    assert pairs == 5 and acc == pytest.approx((1 + 0.5 + 0 + 1 + 1) / 5)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2], [1, 2, 3]) == pytest.approx(0.8660254, abs=1e-6)
+    assert rank_correlation([[5, 5, 5], [0, 5, 9]], truth) == pytest.approx((0.0 + spearman([0, 5, 9], truth[1])) / 2)
+    b = best_of_n(judge, truth, 3, seed=0)
+    assert b["judge"] == pytest.approx((0.5 + 0.8) / 2) and b["oracle"] == pytest.approx((0.9 + 0.8) / 2)
+    assert best_of_n(judge, truth, 1, seed=0) == {"judge": pytest.approx(0.15), "oracle": pytest.approx(0.15),
+                                                  "random": pytest.approx(0.15)}  # fmt: skip
+    with pytest.raises(ValueError, match="best-of-4 needs 4"):
+        best_of_n(judge, truth, 4, seed=0)
+    path = tmp_path / "grm_samples.jsonl"
+    rows = [  # "bdfh" under 135 scores 1.0; "hfdb" 5/7; the second record of (0, a) replaces the first
+        {"rollout": 0, "sample_id": "a", "query": "bdfh", "rubric": "135", "response": "zz", "reward": 0.0},
+        {"rollout": 0, "sample_id": "a", "query": "bdfh", "rubric": "135", "response": "bdfh", "reward": 0.5},
+        {"rollout": 1, "sample_id": "b", "query": "bdfh", "rubric": "135", "response": "hfdb", "reward": 1.0},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gap = reward_gap(path)
+    assert [g["rollout"] for g in gap] == [0, 1]
+    assert gap[0]["gap"] == pytest.approx(0.5 - 1.0) and gap[1]["gap"] == pytest.approx(1.0 - 5 / 7)

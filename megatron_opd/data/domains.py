@@ -128,10 +128,13 @@ class TinyDomains:
 
 
 def demonstrations(prompts: list[Prompt], tokenizer: Tokenizer, max_len: int) -> Trajectories:
-    """Prompts with their correct answers and EOS as responses: the SFT batch."""
+    """Prompts with their correct answers and EOS as responses: the SFT batch. A prompt that
+    carries its demonstration (`metadata["target"]`: the GRM's annotations and rubric task,
+    data/rubric.py) is answered with it; a tiny domain's with its rule."""
     encoded = encode_prompts(prompts, tokenizer)
     rows = [
-        e + tokenizer.encode(get_domain(p.domain).solve(p.text)) + [tokenizer.eos_id]
+        e + tokenizer.encode(p.metadata["target"] if "target" in p.metadata else get_domain(p.domain).solve(p.text))
+        + [tokenizer.eos_id]
         for e, p in zip(encoded, prompts)
     ]
     return pack(rows, [len(e) for e in encoded], prompts, tokenizer, max_len)

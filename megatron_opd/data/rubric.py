@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import statistics
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,6 +242,41 @@ def _annotation(row: dict, where: str) -> Annotation:
     return Annotation(row["id"], row["query"], rubric, row["response"], tuple(verdicts), score)
 
 
+@dataclass(frozen=True)
+class Baselines:
+    """What a constant verdict scores on the annotation set (the judge-RL reward subtracts it:
+    rewards/grm.py)."""
+
+    criterion: dict[str, float]  # code -> max(p, 1 - p)
+    score_distance: float  # d0 = mean |y - median(y)|
+    majority: dict[str, int]  # code -> its majority label (the best constant verdict)
+    median_score: float
+
+    def to_json(self) -> dict:
+        return {"criterion": self.criterion, "score_distance": self.score_distance,
+                "majority": self.majority, "median_score": self.median_score}  # fmt: skip
+
+    @staticmethod
+    def from_json(d: dict) -> "Baselines":
+        return Baselines(dict(d["criterion"]), float(d["score_distance"]), dict(d["majority"]), float(d["median_score"]))
+
+
+def annotation_baselines(items: Sequence[Annotation]) -> Baselines:
+    ones: dict[str, list[int]] = {}
+    for a in items:
+        for code, v in zip(a.rubric, a.verdicts):
+            ones.setdefault(code, []).append(v)
+    rate = {c: sum(v) / len(v) for c, v in ones.items()}
+    scores = [a.score for a in items]
+    median = statistics.median(scores)
+    return Baselines(
+        criterion={c: max(p, 1 - p) for c, p in rate.items()},
+        score_distance=sum(abs(s - median) for s in scores) / len(scores),
+        majority={c: int(p >= 0.5) for c, p in rate.items()},
+        median_score=median,
+    )
+
+
 def judge_prompt(a: Annotation, template: JudgeTemplate, *, baseline: dict | None = None,
                  sample_id: str | None = None) -> Prompt:  # fmt: skip
     """The judge-template prompt of an annotation, its label in the metadata (what the judge-RL
@@ -252,3 +288,48 @@ def judge_prompt(a: Annotation, template: JudgeTemplate, *, baseline: dict | Non
         metadata["baseline"] = baseline
     return Prompt(template.render(a.query, a.rubric, a.response), JUDGE_DOMAIN,
                   sample_id or f"{JUDGE_DOMAIN}/{a.id}", metadata=metadata)  # fmt: skip
+
+
+class GRMSource:
+    """The GRM's `PromptSource`: the rubric task ("rubric") and the judge template over the
+    annotation file ("judge"), round-robin by global index in the order of `domains`. Judge
+    prompts walk the annotations in a seeded order per epoch; each carries its label and the
+    set's constant-verdict baseline. The judge's held-out prompts are the annotations themselves
+    (its fit; its accuracy on fresh samples is the evaluator's, against the oracle)."""
+
+    def __init__(self, domains: Sequence[str], *, seed: int, eval_size: int, annotations: AnnotationSet | None,
+                 template: JudgeTemplate, baseline: dict | None = None):  # fmt: skip
+        unknown = [d for d in domains if d not in (TASK_DOMAIN, JUDGE_DOMAIN)]
+        if unknown or not domains:
+            raise ValueError(f"data.domains={list(domains)}: the GRM's domains are {TASK_DOMAIN!r} and {JUDGE_DOMAIN!r}")
+        if JUDGE_DOMAIN in domains and annotations is None:
+            raise ValueError("data.domains lists 'judge' but data.annotations names no annotation file")
+        self.domains = list(domains)
+        self.seed, self.template, self.annotations, self.baseline = seed, template, annotations, baseline
+        self.tasks = RubricTasks(seed, eval_size)
+
+    def prompt(self, index: int) -> Prompt:
+        n = len(self.domains)
+        domain, j = self.domains[index % n], index // n
+        if domain == TASK_DOMAIN:
+            p = self.tasks.prompt(index)
+            return Prompt(p.text, p.domain, p.sample_id, metadata={**p.metadata, "target": self.tasks.demonstration(p)})
+        items = self.annotations.items
+        epoch, pos = divmod(j, len(items))
+        order = list(range(len(items)))
+        random.Random(f"judge-order/{self.seed}/{epoch}").shuffle(order)
+        return judge_prompt(items[order[pos]], self.template, baseline=self.baseline, sample_id=f"{JUDGE_DOMAIN}/{index}")
+
+    def prompts(self, start: int, count: int) -> list[Prompt]:
+        return [self.prompt(i) for i in range(start, start + count)]
+
+    def eval_prompts(self, domain: str) -> list[Prompt]:
+        if domain == TASK_DOMAIN:
+            return self.tasks.eval_prompts(domain)
+        if domain == JUDGE_DOMAIN and self.annotations is not None:
+            return [judge_prompt(a, self.template, baseline=self.baseline, sample_id=f"{JUDGE_DOMAIN}/eval/{a.id}")
+                    for a in self.annotations.items]  # fmt: skip
+        raise ValueError(f"the GRM source has no domain {domain!r}; its domains are {self.domains}")
+
+    def reward_name(self, domain: str) -> str:
+        return "grm" if domain == TASK_DOMAIN else "judge_agreement"

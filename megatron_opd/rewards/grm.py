@@ -15,7 +15,7 @@ with base_j = max(p_j, 1 - p_j), p_j the label rate of code j over the annotatio
 mean |y_s - median(y_s)| over it: the best constant verdict (every criterion its majority label,
 the median score) earns exactly 0 on average over the annotation set, and any other constant
 verdict less, so a judge that ignores the response earns nothing. The baselines travel with each
-judge prompt (`fields["baseline"]`, `annotation_baselines`).
+judge prompt (`fields["baseline"]`, data/rubric.py `annotation_baselines`).
 
 Pairwise (`pairwise_reward`): 1 when the two parsed scores order the responses strictly as the
 labels do, 0 for a tie or the reverse (a constant verdict ties: it earns nothing).
@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import random
 import re
-import statistics
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from megatron_opd.data.rubric import MAX_SCORE, Annotation, JudgeTemplate
+from megatron_opd.data.rubric import MAX_SCORE, Baselines, JudgeTemplate
 from megatron_opd.rewards.types import RewardInput, RewardResult, require_field, score_each
 
 
@@ -64,40 +63,6 @@ def parse_verdict(text: str, n_criteria: int) -> Verdict | FormatFailure:
 
 
 # -- the judge-RL reward --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Baselines:
-    """What a constant verdict scores on the annotation set (see the module docstring)."""
-
-    criterion: dict[str, float]  # code -> max(p, 1 - p)
-    score_distance: float  # d0 = mean |y - median(y)|
-    majority: dict[str, int]  # code -> its majority label (the best constant verdict)
-    median_score: float
-
-    def to_json(self) -> dict:
-        return {"criterion": self.criterion, "score_distance": self.score_distance,
-                "majority": self.majority, "median_score": self.median_score}  # fmt: skip
-
-    @staticmethod
-    def from_json(d: dict) -> "Baselines":
-        return Baselines(dict(d["criterion"]), float(d["score_distance"]), dict(d["majority"]), float(d["median_score"]))
-
-
-def annotation_baselines(items: Sequence[Annotation]) -> Baselines:
-    ones: dict[str, list[int]] = {}
-    for a in items:
-        for code, v in zip(a.rubric, a.verdicts):
-            ones.setdefault(code, []).append(v)
-    rate = {c: sum(v) / len(v) for c, v in ones.items()}
-    scores = [a.score for a in items]
-    median = statistics.median(scores)
-    return Baselines(
-        criterion={c: max(p, 1 - p) for c, p in rate.items()},
-        score_distance=sum(abs(s - median) for s in scores) / len(scores),
-        majority={c: int(p >= 0.5) for c, p in rate.items()},
-        median_score=median,
-    )
 
 
 def agreement_reward(v: Verdict, label_verdicts: Sequence[int], label_score: int, rubric: str,

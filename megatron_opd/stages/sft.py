@@ -29,7 +29,11 @@ class SFTStage:
     def __init__(self, cfg: JobConfig, trainer: Trainer, tokenizer: Tokenizer):
         self.cfg, self.trainer, self.tokenizer = cfg, trainer, tokenizer
         self.source = prompt_source(cfg.data)
-        self.reward_of = rewards_for(self.source)  # held-out accuracy verifies with them
+        self.reward_of = self.make_rewards()  # held-out accuracy verifies with them
+
+    def make_rewards(self):
+        """The reward of each domain of the source (the GRM's cold start attaches its judge)."""
+        return rewards_for(self.source)
 
     def make_batch(self, step: int) -> StepBatch:
         rows = replica_slice(step, self.cfg.train.global_batch_size, self.trainer.dp_rank, self.trainer.dp_size)
