@@ -388,3 +388,30 @@ def test_evaluator_metrics_hand_computed(tmp_path):
     gap = reward_gap(path)
     assert [g["rollout"] for g in gap] == [0, 1]
     assert gap[0]["gap"] == pytest.approx(0.5 - 1.0) and gap[1]["gap"] == pytest.approx(1.0 - 5 / 7)
+
+
+def test_grm_source_interleaves_the_task_and_judge_prompts_with_permuted_rubrics(tmp_path):
+    from megatron_opd.data.rubric import GRMSource, load_annotations
+    from megatron_opd.grm_oracle import oracle
+
+    path = _annotation_file(tmp_path, 50, noise=0.0)
+    s = load_annotations(path)
+    src = GRMSource(["rubric", "judge"], seed=1, eval_size=8, annotations=s, template=JudgeTemplate(),
+                    baseline=annotation_baselines(s.items).to_json())  # fmt: skip
+    ps = src.prompts(0, 200)
+    assert [p.domain for p in ps[:4]] == ["rubric", "judge", "rubric", "judge"]
+    assert [p.text for p in ps] == [p.text for p in src.prompts(0, 200)]
+    judged = [p for p in ps if p.domain == "judge"]
+    orders = set()
+    for p in judged:  # the labels follow the listed order: noise-free labels are the oracle's
+        m = p.metadata
+        assert tuple(m["verdicts"]) == oracle.verdicts(m["query"], m["rubric"], m["response"])
+        assert p.text == f"j:{m['query']}|{m['rubric']}:{m['response']}>" and m["target"] == verdict_text(m["verdicts"], m["score"])
+        orders.add(m["rubric"])
+    # 100 judge prompts = two epochs over the 50 annotations, the rubrics in more than one order.
+    assert len({(p.metadata["query"], p.metadata["response"]) for p in judged}) == 50
+    assert len(orders) > 50
+    assert all("target" in p.metadata for p in ps if p.domain == "rubric")
+    assert src.reward_name("rubric") == "grm" and src.reward_name("judge") == "judge_agreement"
+    with pytest.raises(ValueError, match="'judge' but data.annotations"):
+        GRMSource(["judge"], seed=1, eval_size=8, annotations=None, template=JudgeTemplate())

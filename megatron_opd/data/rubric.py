@@ -25,7 +25,7 @@ import json
 import random
 import statistics
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -293,7 +293,8 @@ def judge_prompt(a: Annotation, template: JudgeTemplate, *, baseline: dict | Non
 class GRMSource:
     """The GRM's `PromptSource`: the rubric task ("rubric") and the judge template over the
     annotation file ("judge"), round-robin by global index in the order of `domains`. Judge
-    prompts walk the annotations in a seeded order per epoch; each carries its label and the
+    prompts walk the annotations in a seeded order per epoch, each listing its rubric codes in a
+    seeded order (labels permuted alike); each carries its label and the
     set's constant-verdict baseline. The judge's held-out prompts are the annotations themselves
     (its fit; its accuracy on fresh samples is the evaluator's, against the oracle)."""
 
@@ -318,7 +319,13 @@ class GRMSource:
         epoch, pos = divmod(j, len(items))
         order = list(range(len(items)))
         random.Random(f"judge-order/{self.seed}/{epoch}").shuffle(order)
-        return judge_prompt(items[order[pos]], self.template, baseline=self.baseline, sample_id=f"{JUDGE_DOMAIN}/{index}")
+        # The rubric listed in a seeded order per prompt (labels permuted with it): the judge
+        # learns to follow the listed order, as the shuffled votes ask of it (rewards/grm.py).
+        a = items[order[pos]]
+        codes = list(range(len(a.rubric)))
+        random.Random(f"judge-codes/{self.seed}/{index}").shuffle(codes)
+        a = replace(a, rubric="".join(a.rubric[c] for c in codes), verdicts=tuple(a.verdicts[c] for c in codes))
+        return judge_prompt(a, self.template, baseline=self.baseline, sample_id=f"{JUDGE_DOMAIN}/{index}")
 
     def prompts(self, start: int, count: int) -> list[Prompt]:
         return [self.prompt(i) for i in range(start, start + count)]
