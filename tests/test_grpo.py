@@ -49,8 +49,8 @@ MODEL = [
     "train.optim.warmup_steps=0",
     "train.optim.decay=constant",
 ]
-# count is learnt within a few SFT steps (some samples right, some wrong: groups with an
-# advantage); add is not (all-zero groups: what dynamic sampling drops).
+# After the short warm start, count is right now and then (some groups with an advantage); add
+# never is (all-zero groups: what dynamic sampling drops).
 GRPO = MODEL + [
     "stage=grpo",
     "rollout.max_new_tokens=3",
@@ -150,17 +150,34 @@ def _step_worker(tp: int, cfg_trees: dict, ck: str, reference_grads: dict | None
             rank = parallel_state.get_tensor_model_parallel_rank()
             params = dict(trainer.module.named_parameters())
             out[f"{name}/grad_diff"] = max(
-                float((g - tp_shard(n, params[n], reference_grads[name][n], rank, tp)).abs().max()) for n, g in grads.items()
+                float((g - tp_shard(n, params[n], _vocab_padded(reference_grads[name][n], params[n], tp), rank, tp)).abs().max())
+                for n, g in grads.items()
             )
         stage.close()
     del tensor_parallel
     return out
 
 
+def _vocab_padded(full: torch.Tensor, param: torch.nn.Parameter, tp: int) -> torch.Tensor:
+    """A TP=1 gradient of a vocabulary-sized parameter, zero-padded to the TP=`tp` padded
+    vocabulary (padding rows are never looked up nor scored: their gradient is 0 at any TP)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    rows = param.shape[dim] * tp
+    if full.shape[dim] >= rows:
+        return full
+    pad = list(full.shape)
+    pad[dim] = rows - full.shape[dim]
+    return torch.cat([full, full.new_zeros(pad)], dim=dim)
+
+
 def test_grpo_step_tp2_equals_tp1_and_the_reference_is_the_initial_model(warm_start, tmp_path):
     ck = tmp_path / "ck"
     ck.mkdir()
-    base = GRPO + [f"train.init_from={warm_start}", "grpo.kl_coef=0.05", "grpo.opsm_delta=0.0", "grpo.advantage_scale=std"]
+    # 8 groups: the short warm start gets count right now and then, so some groups have an advantage.
+    base = GRPO + [f"train.init_from={warm_start}", "grpo.kl_coef=0.05", "grpo.opsm_delta=0.0", "grpo.advantage_scale=std",
+                   "train.global_batch_size=32", "train.micro_batch_size=8"]  # fmt: skip
     cases = {
         "full": _cfg(base, tmp_path / "a"),
         "kept": _cfg(base + ["rollout.top_k=12", "rollout.top_p=0.9", "grpo.aggregation=sequence"], tmp_path / "a"),
@@ -212,6 +229,24 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith("optimizer")}
 
 
+def _run_with_lenient_count(cfg_tree: dict):
+    """`_run` with count verified leniently (an answer within 1 of the count scores 1): the short
+    warm start gets count exactly right too rarely for every rollout to have groups with an
+    advantage, and this run needs both kinds of group (add's stay all wrong)."""
+    from megatron_opd.rewards import registry
+    from megatron_opd.rewards.tiny import TinyDomainReward
+    from megatron_opd.rewards.types import RewardResult
+
+    class LenientCount(TinyDomainReward):
+        def _score_one(self, sample):
+            expected = self.domain.solve(sample.prompt)
+            close = sample.response.isdigit() and abs(int(sample.response) - int(expected)) <= 1
+            return RewardResult(score=1.0 if close else 0.0, info={"expected": expected})
+
+    registry.REWARDS["count"] = lambda: LenientCount("count")
+    return _run(cfg_tree)
+
+
 def _run_job(warm_start: Path, run_dir: Path, *extra: str) -> JobConfig:
     return _cfg(GRPO + [
         f"train.init_from={warm_start}", "run.nproc=2", "train.steps=6", "train.checkpoint_every=3",
@@ -224,7 +259,7 @@ def test_updates_per_batch_dynamic_sampling_and_a_killed_rank_resumes_exactly(wa
     from megatron_opd.data.domains import TinyDomains
 
     straight = _run_job(warm_start, tmp_path / "straight")
-    spawn_world(_run, 2, (to_dict(straight),), timeout_s=400)
+    spawn_world(_run_with_lenient_count, 2, (to_dict(straight),), timeout_s=600)
     rec = _records(straight.run_dir)
     train = {s: r for s, r in rec.items() if "train/loss" in r}
     assert sorted(train) == [1, 2, 3, 4, 5, 6]
@@ -235,7 +270,8 @@ def test_updates_per_batch_dynamic_sampling_and_a_killed_rank_resumes_exactly(wa
     for s in (2, 4, 6):
         assert abs(train[s]["train/ratio"] - 1.0) > 1e-4, (s, train[s]["train/ratio"])
     assert all(train[s]["train/kl"] == train[s]["train/kl"] for s in train)
-    assert 0 < train[1]["train/kl"] < 1e-4 < train[6]["train/kl"]  # the policy leaves the reference
+    # The first update's policy is the reference (the same initial weights): KL 0; then it leaves it.
+    assert abs(train[1]["train/kl"]) < 1e-7 and train[6]["train/kl"] > 1e-4, (train[1]["train/kl"], train[6]["train/kl"])
     # add's groups (all wrong) are dropped; refills come from the rollout's own prompt batches
     # (rollout k reads batches 3k, 3k + 1, 3k + 2 of 4 prompts), each sample trained on once.
     assert all(train[s]["train/dynamic/dropped_frac"] > 0 for s in (1, 3, 5))
@@ -257,8 +293,8 @@ def test_updates_per_batch_dynamic_sampling_and_a_killed_rank_resumes_exactly(wa
     # Killed after step 5, resumed from the checkpoint at step 3, inside rollout 1 (refilled).
     killed = _run_job(warm_start, tmp_path / "killed")
     with pytest.raises(WorldFailed, match="exit code 17"):
-        spawn_world(_run, 2, (to_dict(killed),), timeout_s=400, env={"MEGATRON_OPD_FAULT": "exit:1:5"})
-    spawn_world(_run, 2, (to_dict(killed),), timeout_s=400)
+        spawn_world(_run_with_lenient_count, 2, (to_dict(killed),), timeout_s=600, env={"MEGATRON_OPD_FAULT": "exit:1:5"})
+    spawn_world(_run_with_lenient_count, 2, (to_dict(killed),), timeout_s=600)
     again = {s: r for s, r in _records(killed.run_dir).items() if "train/loss" in r}
     assert sorted(again) == sorted(train)
     for s in train:
@@ -271,6 +307,24 @@ def test_updates_per_batch_dynamic_sampling_and_a_killed_rank_resumes_exactly(wa
     assert wa.keys() == wb.keys() and len(wa) > 5
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+
+
+def _reduce_worker() -> dict[str, float]:
+    import torch.distributed as dist
+
+    from megatron_opd.stages.trainer import Trainer
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    # Replica 0's rows are all count, replica 1's all add: each reports only its own domain.
+    mine = {"kl": torch.tensor([1.0 + rank, 1.0], dtype=torch.float64)}
+    mine[f"kl/{['count', 'add'][rank]}"] = torch.tensor([10.0 * (rank + 1), 2.0], dtype=torch.float64)
+    return Trainer.reduce_reports(None, [mine])  # it reads no trainer state
+
+
+def test_replicas_reporting_different_metric_names_reduce_name_by_name():
+    out = spawn_world(_reduce_worker, 2, (), timeout_s=120)
+    assert out[0] == out[1] == {"kl": 1.5, "kl/count": 5.0, "kl/add": 10.0}
 
 
 # -- bad input, before any step -------------------------------------------------------------------
@@ -289,7 +343,7 @@ def test_config_errors_name_the_key_before_any_rank_starts(tmp_path):
         "grpo.group_size=1": "grpo.group_size=1: GRPO compares the samples of one prompt",
         "grpo.kl_coef=0.1": "grpo.kl_coef=0.1 > 0 needs reference weights",
         "rollout.temperature=0.0": "GRPO needs rollout.temperature > 0",
-        "grpo.updates_per_batch=3": "do not split into groups of grpo.group_size=8",
+        "grpo.updates_per_batch=3": "does not split into groups of grpo.group_size=8",
         "grpo.eps_low=1.0": "grpo.eps_low must be in [0, 1)",
         "grpo.refill_rounds=0": "grpo.refill_rounds=0",
     }

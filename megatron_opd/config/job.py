@@ -217,6 +217,12 @@ class PipelineConfig:
     # then per teacher name (a harder domain may need more steps).
     expert_overrides: list[str] = field(default_factory=list)
     expert_overrides_by_teacher: dict[str, list[str]] = field(default_factory=dict)
+    # Overrides for the GRPO job that continues each expert from its SFT run (stage grpo on the
+    # expert's own domains), then per teacher name. A teacher whose two lists are both empty gets
+    # no RL: its SFT run is the expert. With RL, the SFT run is `<expert dir>-sft` and the GRPO
+    # run is the expert directory that is served.
+    expert_rl_overrides: list[str] = field(default_factory=list)
+    expert_rl_overrides_by_teacher: dict[str, list[str]] = field(default_factory=dict)
     # Overrides for a mixed SFT warm start of the student ([]: none).
     student_overrides: list[str] = field(default_factory=list)
     parallel_jobs: int = 1  # SFT jobs (experts, student warm start) run at once
@@ -225,12 +231,16 @@ class PipelineConfig:
 
     def check(self, teachers: dict[str, TeacherConfig]) -> None:
         _at_least(self, "pipeline", parallel_jobs=1, replicas=1)
-        unknown = sorted(set(self.expert_overrides_by_teacher) - set(teachers))
-        if unknown:
-            raise ConfigError(
-                f"pipeline.expert_overrides_by_teacher names {unknown}, which are not teachers "
-                f"(teachers: {sorted(teachers)})"
-            )
+        for key in ("expert_overrides_by_teacher", "expert_rl_overrides_by_teacher"):
+            unknown = sorted(set(getattr(self, key)) - set(teachers))
+            if unknown:
+                raise ConfigError(
+                    f"pipeline.{key} names {unknown}, which are not teachers (teachers: {sorted(teachers)})"
+                )
+
+    def rl_overrides(self, teacher: str) -> list[str]:
+        """The GRPO job's overrides for `teacher`'s expert ([]: no RL, SFT only)."""
+        return self.expert_rl_overrides + self.expert_rl_overrides_by_teacher.get(teacher, [])
 
 
 def _at_least(section, prefix: str, **minimum: float) -> None:

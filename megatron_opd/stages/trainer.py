@@ -309,7 +309,7 @@ class Trainer:
         Only the last pipeline stage holds reports; tensor-parallel ranks hold identical copies,
         which cancel in sum/count. Every rank must call this (it is a collective)."""
         names = sorted({k for r in reports for k in r})
-        names = _broadcast_names(names)
+        names = _all_names(names)
         if not names:
             return {}
         stacked = torch.zeros(len(names), 2, dtype=torch.float64)
@@ -554,15 +554,16 @@ def _gather_replica_ids(ids: list[str]) -> list[str]:
     return [i for part in gathered for i in part]
 
 
-def _broadcast_names(names: list[str]) -> list[str]:
-    """The metric names from the last pipeline stage, known to every rank."""
-    from megatron.core import parallel_state
-
-    src = dist.get_world_size() - 1  # the last rank is always on the last pipeline stage
-    holder = [names if dist.get_rank() == src else None]
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast_object_list(holder, src=src)
-    return holder[0] if holder[0] is not None else names
+def _all_names(names: list[str]) -> list[str]:
+    """The union of every rank's metric names, sorted, known to every rank: pipeline stages
+    before the last report nothing, and data-parallel replicas may report different names (a
+    replica whose rows hold no sample of a domain has no per-domain metric for it), yet the
+    all-reduce of their (sum, count) rows needs one order everywhere."""
+    if dist.get_world_size() == 1:
+        return names
+    gathered: list[list[str]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, names)
+    return sorted({n for part in gathered for n in part})
 
 
 def check_finite(metrics: dict[str, float], keys: Sequence[str], step: int) -> None:
