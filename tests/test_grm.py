@@ -417,3 +417,11 @@ def test_grm_source_interleaves_the_task_and_judge_prompts_with_permuted_rubrics
     assert src.reward_name("rubric") == "grm" and src.reward_name("judge") == "judge_agreement"
     with pytest.raises(ValueError, match="'judge' but data.annotations"):
         GRMSource(["judge"], seed=1, eval_size=8, annotations=None, template=JudgeTemplate())
+
+
+def test_reward_gap_plot_is_written(tmp_path):
+    from megatron_opd.stages.grm_eval import plot_reward_gap
+
+    plot_reward_gap([{"rollout": 0, "judge": 0.2, "oracle": 0.3, "gap": -0.1},
+                     {"rollout": 1, "judge": 0.5, "oracle": 0.2, "gap": 0.3}], tmp_path / "gap.png")  # fmt: skip
+    assert (tmp_path / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

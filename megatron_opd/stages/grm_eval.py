@@ -109,6 +109,25 @@ def reward_gap(samples_file: str | Path) -> list[dict[str, float]]:
     return out
 
 
+def plot_reward_gap(gap: Sequence[dict[str, float]], path: str | Path) -> None:
+    """The judge's reward and the oracle's score of the rubric samples per rollout (reward_gap)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = [g["rollout"] for g in gap]
+    ax.plot(x, [g["judge"] for g in gap], label="judge reward (GRM)")
+    ax.plot(x, [g["oracle"] for g in gap], label="oracle score")
+    ax.plot(x, [g["gap"] for g in gap], label="gap (judge - oracle)", linestyle="--")
+    ax.set_xlabel("rollout")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # -- a policy and a judge from model directories ----------------------------------------------------
 
 
@@ -174,8 +193,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--votes", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="write the report here as JSON")
+    ap.add_argument("--plot", default="", help="plot the policy run's judge-vs-oracle reward gap here (PNG)")
     a = ap.parse_args(argv)
     report = evaluate_dirs(a.policy, a.judge, prompts=a.prompts, n=a.n, votes=a.votes, seed=a.seed)
+    samples = Path(a.policy) / "grm_samples.jsonl"
+    if samples.is_file():  # a GRM run: the gap between its judged rewards and the oracle, per rollout
+        gap = reward_gap(samples)
+        report["reward_gap/first"], report["reward_gap/last"] = gap[0]["gap"], gap[-1]["gap"]
+        report["reward_gap/oracle_first"], report["reward_gap/oracle_last"] = gap[0]["oracle"], gap[-1]["oracle"]
+        if a.plot:
+            plot_reward_gap(gap, a.plot)
     text = json.dumps(report, indent=1, sort_keys=True)
     print(text)
     if a.out:
