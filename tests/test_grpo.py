@@ -327,6 +327,28 @@ def test_replicas_reporting_different_metric_names_reduce_name_by_name():
     assert out[0] == out[1] == {"kl": 1.5, "kl/count": 5.0, "kl/add": 10.0}
 
 
+def test_grpo_samples_through_the_sglang_engine_from_a_real_server(warm_start, tmp_path):
+    """GRPO with rollout.engine=sglang against our embedded SGLang-compatible server on 127.0.0.1,
+    which starts with random weights: the trainer pushes the warm start before the first rollout
+    and its weights after every step (disk sync), so each rollout's first update is on-policy
+    (ratio 1: the server's log-probs of its own samples equal the trainer's) and the server ends
+    on the last step's weights."""
+    from megatron_opd.serving.launch import start_teacher_server
+
+    run = tmp_path / "runs"
+    with start_teacher_server(model_dir=str(warm_start), random_init=True, weights_dir=run / "grpo" / "rollout_weights") as server:
+        cfg = _cfg(GRPO + [f"train.init_from={warm_start}", "run.nproc=1", "train.steps=2", "rollout.engine=sglang",
+                           "rollout.weight_sync=disk", "train.checkpoint_every=0"], run, "grpo")  # fmt: skip
+        cfg = derive(cfg, **{"rollout.endpoints": [server.url]})
+        spawn_world(_run, 1, (to_dict(cfg),), timeout_s=400)
+    train = {s: r for s, r in _records(cfg.run_dir).items() if "train/loss" in r}
+    assert sorted(train) == [1, 2]
+    for s in (1, 2):
+        assert train[s]["train/ratio"] == pytest.approx(1.0, abs=1e-4), (s, train[s]["train/ratio"])
+        assert "train/reward/count" in train[s] and train[s]["train/rollout_tokens_per_s"] > 0
+    assert sorted(p.name for p in (cfg.run_dir / "rollout_weights").iterdir()) == ["step_00000002"]
+
+
 # -- bad input, before any step -------------------------------------------------------------------
 
 

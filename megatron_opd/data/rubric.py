@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-from megatron_opd.data.prompts import Prompt
+from megatron_opd.data.prompts import Demonstration, Prompt
 from megatron_opd.data.tokenizer import Tokenizer
 
 TASK_DOMAIN = "rubric"  # the policy's task
@@ -340,3 +340,9 @@ class GRMSource:
 
     def reward_name(self, domain: str) -> str:
         return "grm" if domain == TASK_DOMAIN else "judge_agreement"
+
+    def demonstrations(self, start: int, count: int) -> list[Demonstration]:
+        """The cold start's SFT data: each prompt answered by its `target` (a random answer of the
+        rubric task; an annotation's verdict)."""
+        return [Demonstration(p, ({"role": "user", "content": p.text}, {"role": "assistant", "content": p.metadata["target"]}))
+                for p in self.prompts(start, count)]  # fmt: skip
