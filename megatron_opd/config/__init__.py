@@ -14,6 +14,7 @@ rank starts, so a typo never silently falls back to a default or fails deep insi
 
 from megatron_opd.config.job import (
     DataConfig,
+    GRMConfig,
     GRPOConfig,
     DatasetConfig,
     JobConfig,
@@ -30,6 +31,7 @@ from megatron_opd.config.typed import ConfigError, build, parse_override, set_pa
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "GRMConfig",
     "GRPOConfig",
     "DatasetConfig",
     "JobConfig",

@@ -18,6 +18,7 @@ from typing import Callable, Literal
 
 from megatron_opd.config.stages import CheckContext, stage_spec
 from megatron_opd.config.typed import ConfigError
+from megatron_opd.data.rubric import JUDGE_DOMAIN, JUDGE_TEMPLATE, TASK_DOMAIN
 from megatron_opd.models.config import ModelConfig
 from megatron_opd.models.hf.config_json import check_model_agrees, is_hf_model_dir
 from megatron_opd.rollout.config import RolloutConfig
@@ -167,6 +168,10 @@ class DataConfig:
     tokenizer: str = ""
     eval_size: int = 200  # held-out prompts per domain (at most)
     seed: int = 0
+    # The GRM's domains (data/rubric.py): "rubric" (the task) and "judge" (the judge template over
+    # this annotation file, JSON lines), and the judge template.
+    annotations: str = ""
+    judge_template: str = JUDGE_TEMPLATE
 
     @property
     def source_domains(self) -> list[str]:
@@ -186,6 +191,12 @@ class DataConfig:
         if twice:
             raise ConfigError(f"data.domains lists {twice} more than once")
         _at_least(self, "data", eval_size=0)
+        grm = [d for d in self.domains if d in GRM_DOMAINS]
+        if grm and len(grm) != len(self.domains):
+            raise ConfigError(f"data.domains={self.domains} mixes the GRM's domains {list(GRM_DOMAINS)} with others; "
+                              f"a job trains on one or the other")  # fmt: skip
+        if "judge" in self.domains and not self.annotations:
+            raise ConfigError("data.domains lists 'judge' but data.annotations is empty; name the annotation file")
         if self.tokenizer and not Path(self.tokenizer).is_dir():
             raise ConfigError(f"data.tokenizer={self.tokenizer} is not a directory")
         if not self.datasets:
@@ -254,6 +265,41 @@ class GRPOConfig:
     # reads prompt batches k (1 + refill_rounds) ... k (1 + refill_rounds) + refill_rounds.
     dynamic_sampling: bool = False
     refill_rounds: int = 2
+
+
+GRM_DOMAINS = (TASK_DOMAIN, JUDGE_DOMAIN)
+
+
+@dataclass
+class GRMConfig:
+    """The generative reward model (stages/grm.py, rewards/grm.py; issue 14)."""
+
+    # Who writes the policy's verdicts: the live weights ("live": the actor is the judge), a
+    # frozen snapshot of them ("frozen": judge_weights, "" = train.init_from), or a judge server
+    # ("http": judge_url, SGLang's /generate).
+    judge: Literal["live", "frozen", "http"] = "live"
+    judge_weights: str = ""
+    judge_url: str = ""
+    votes: int = 1  # k sampled verdicts per response, rubric order shuffled after the first
+    judge_temperature: float = 1.0
+    item_weight: float = 0.5  # judge RL: per-criterion agreement vs score distance
+    judge_format_reward: float = -1.0  # judge RL: a verdict that does not parse
+    policy_format_reward: float = 0.0  # policy: a response no vote parses for
+    # The annotation set `megatron-opd run` makes (B labelled samples of the start policy).
+    annotations_size: int = 100
+    annotator_noise: float = 0.1
+
+    def check(self) -> None:
+        _at_least(self, "grm", votes=1, annotations_size=1, judge_temperature=0.0)
+        if not 0.0 <= self.item_weight <= 1.0:
+            raise ConfigError(f"grm.item_weight={self.item_weight} must be in [0, 1]")
+        if not 0.0 <= self.annotator_noise < 0.5:
+            raise ConfigError(f"grm.annotator_noise={self.annotator_noise} must be in [0, 0.5)")
+        if self.judge == "http" and not self.judge_url:
+            raise ConfigError("grm.judge=http needs grm.judge_url (the judge server, e.g. http://127.0.0.1:30000)")
+        if self.votes > 1 and self.judge_temperature == 0:
+            raise ConfigError(f"grm.votes={self.votes} with grm.judge_temperature=0: every vote is the same verdict; "
+                              f"set grm.judge_temperature > 0 or grm.votes=1")  # fmt: skip
 
 
 @dataclass
@@ -349,6 +395,7 @@ class JobConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     opd: OPDConfig = field(default_factory=OPDConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    grm: GRMConfig = field(default_factory=GRMConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)  # SLURM jobs (launchers/slurm.py)
 

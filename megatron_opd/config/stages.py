@@ -158,6 +158,34 @@ def check_grpo(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
     return problems
 
 
+def check_grm(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
+    """GRPO's checks, the grm section's, and what the in-job judge needs."""
+    problems = check_grpo(cfg, ctx) + _raised(cfg.grm.check)
+    if "rubric" not in cfg.data.domains and "judge" not in cfg.data.domains:
+        problems.append(f"stage grm trains on the GRM's domains: set data.domains to [rubric], [judge] or "
+                        f"[rubric, judge], got {cfg.data.domains}")  # fmt: skip
+    problems += _in_job_judge(cfg, ctx)
+    if cfg.grm.judge == "frozen" and not (cfg.grm.judge_weights or cfg.train.init_from):
+        problems.append("grm.judge=frozen needs the snapshot's weights: set grm.judge_weights or train.init_from")
+    return problems
+
+
+def check_grm_sft(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
+    """The GRM cold start: SFT on the GRM's domains, evaluated with the in-job judge."""
+    problems = _raised(cfg.grm.check)
+    if not set(cfg.data.domains) <= {"rubric", "judge"}:
+        problems.append(f"stage grm_sft trains on the GRM's domains [rubric, judge], got data.domains={cfg.data.domains}")
+    return problems + _in_job_judge(cfg, ctx)
+
+
+def _in_job_judge(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
+    # The in-job judge generates on the replica's first rank alone (inside the reward call).
+    if cfg.grm.judge != "http" and ctx.layout is not None and (ctx.layout.tp > 1 or ctx.layout.pp > 1):
+        return [f"grm.judge={cfg.grm.judge} judges in-job on one rank per replica: it needs parallel.tp=1 and "
+                f"parallel.pp=1 (got tp={ctx.layout.tp}, pp={ctx.layout.pp}); serve the judge and use grm.judge=http"]  # fmt: skip
+    return []
+
+
 def _raised(check: Callable[..., object], *args, **kwargs) -> list[str]:
     """[the message] of the ValueError `check` raises, or []."""
     try:
@@ -174,7 +202,10 @@ STAGES: dict[str, StageSpec | None] = {
     "sft": StageSpec("megatron_opd.stages.sft:SFTStage", check_sft, "supervised fine-tuning on demonstrations"),
     "opd": StageSpec("megatron_opd.stages.opd:OPDStage", check_opd, "multi-teacher on-policy distillation"),
     "grpo": StageSpec("megatron_opd.stages.grpo:GRPOStage", check_grpo, "group-relative policy optimisation (DeepSeek-V3.2)"),
-    "grm": None,  # planned (issue 14): the generative reward model's rubric-guided RL
+    "grm": StageSpec("megatron_opd.stages.grm:GRMStage", check_grm,
+                     "GRPO with a generative reward model's verdicts; judge RL on annotations"),
+    "grm_sft": StageSpec("megatron_opd.stages.grm:GRMSFTStage", check_grm_sft,
+                         "the GRM's cold start: SFT on the rubric task and the annotations' verdicts"),
 }
 
 

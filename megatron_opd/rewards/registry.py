@@ -1,5 +1,6 @@
 """Rewards by name: the one table a config's or a prompt source's reward names resolve through
-(a GRM judge will be added here too)."""
+(the judge-RL agreement reward is here; the policy's GRM reward needs a judge, so the stage
+builds it: rewards/grm.py GRMReward)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from megatron_opd.data.prompts import PromptSource
 from megatron_opd.rewards import tiny
 from megatron_opd.rewards.base import Reward
 from megatron_opd.rewards.code import CodeVerifier
+from megatron_opd.rewards.grm import JudgeAgreement
 from megatron_opd.rewards.match import ExactMatch, RegexMatch
 from megatron_opd.rewards.math import MathVerifier
 
@@ -20,6 +22,7 @@ REWARDS: dict[str, Callable[[], Reward]] = {
     "code": CodeVerifier,
     "exact": ExactMatch,
     "regex": RegexMatch,
+    "judge_agreement": JudgeAgreement,
 }
 
 

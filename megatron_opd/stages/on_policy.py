@@ -43,6 +43,7 @@ from megatron_opd.data.prompts import Prompt, replica_slice, repeat_for_group
 from megatron_opd.data.sources import job_prompt_source, source_metrics
 from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.data.trajectories import Trajectories
+from megatron_opd.rewards.base import Reward
 from megatron_opd.rewards.registry import rewards_for
 from megatron_opd.rollout.embedded import responses
 from megatron_opd.rollout.engine import EmbeddedRolloutEngine, RolloutEngine
@@ -103,7 +104,8 @@ class OnPolicyStage:
             )
         self.prompts_per_rollout = trajectories // group_size
         self.source = job_prompt_source(cfg, tokenizer)  # file rows checked against the token limits
-        self.reward_of = rewards_for(self.source)  # unknown reward names fail here, before any step
+        self.reward_of = self.make_rewards()  # unknown reward names fail here, before any step
+        self.reward_results: list = []  # the last verification's result per row (a stage's own metrics)
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.mp_group, self.mp_src = replica_group_and_src()
         self.current: Rollout | None = None
@@ -111,6 +113,10 @@ class OnPolicyStage:
         self.engine = make_rollout_engine(cfg, trainer, tokenizer)
 
     # -- what a stage supplies --------------------------------------------------------------------
+
+    def make_rewards(self) -> dict[str, Reward]:
+        """The reward of each domain of the source (a GRM stage attaches its judge here)."""
+        return rewards_for(self.source)
 
     def setup(self) -> None:
         """Build what the stage needs before the rollout engine starts (pools, reference weights)."""
@@ -164,6 +170,7 @@ class OnPolicyStage:
         batch = rollout.batch
         domains = self.source.domains
         results, counts = verify_by_domain(domains, rollout.prompts, responses(batch, self.tokenizer), self.reward_of)
+        self.reward_results = results
         batch.rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
         rollout.domain_counts = counts
         out = {f"rollout_acc/{d}": float(c / n) for d, (c, _, n, _) in zip(domains, counts.tolist()) if n}

@@ -47,6 +47,8 @@ RESUME_RULES: list[tuple[str, Kind, str]] = [
     ("data.datasets", "fixed", "the prompt files, their weights and held-out rows: the step is the data cursor into their mix"),
     ("data.bad_rows", "fixed", "which rows the data cursor runs over"),
     ("data.seed", "fixed", "the prompt source"),
+    ("data.annotations", "fixed", "the judge's prompt source and labels"),
+    ("data.judge_template", "fixed", "the judge's prompts"),
     ("data.tokenizer", "changeable", "the run keeps its own tokenizer; another one is refused by its fingerprint"),
     ("data.*", "changeable", "evaluation size"),
     ("train.global_batch_size", "fixed", "samples per step: the step is the data cursor"),
@@ -74,6 +76,8 @@ RESUME_RULES: list[tuple[str, Kind, str]] = [
     ("grpo.aggregation", "changeable", "how token losses are averaged: applied to the updates after the resumed step"),
     ("grpo.*", "fixed", "group size, updates per batch, dynamic sampling and refill rounds place the data cursor; "
      "advantages, reference, KL and kept-set log-probs are part of a rollout a checkpoint keeps"),
+    ("grm.judge_url", "changeable", "where the judge server is"),
+    ("grm.*", "fixed", "the judge and its rewards: a rollout a checkpoint keeps was scored with them"),
     ("run.*", "changeable", "where and how the run reports"),
     ("pipeline.*", "changeable", "read by `megatron-opd run`, not by the trainer"),
     ("cluster.*", "changeable", "read by the SLURM launcher, not by the trainer"),

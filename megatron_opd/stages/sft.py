@@ -106,9 +106,13 @@ class SFTStage:
             raise TypeError(f"{type(self.source).__name__} supplies no demonstrations, which SFT trains on")
         verified = [d for d in self.source.domains if self.source.reward_name(d)]
         self.eval_source = VerifiedDomains(self.source, verified)
-        self.reward_of = rewards_for(self.eval_source)  # held-out accuracy verifies with them
+        self.reward_of = self.make_rewards()  # held-out accuracy verifies with them
         self.data_metrics = source_metrics(self.source)
         self.bucket = cfg.parallel.pp == 1
+
+    def make_rewards(self):
+        """The reward of each verified domain (the GRM's cold start attaches its judge)."""
+        return rewards_for(self.eval_source)
 
     def make_batch(self, step: int) -> StepBatch:
         rows = replica_slice(step, self.cfg.train.global_batch_size, self.trainer.dp_rank, self.trainer.dp_size)
