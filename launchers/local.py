@@ -74,7 +74,7 @@ def sft_jobs(cfg: JobConfig) -> tuple[dict[str, JobConfig], JobConfig | None]:
 
 
 def run_sft_jobs(jobs: dict[str, JobConfig], parallel: int) -> list[str]:
-    """Run the jobs that have not reached their last step (resuming those a stop interrupted),
+    """Run the jobs (of any stage: the recipe runs its GRPO and OPD phases here too) that have not reached their last step (resuming those a stop interrupted),
     `parallel` at a time, longest first. Once one stops early, or the launcher was asked to stop,
     no further job starts. Returns the names of the jobs still unfinished."""
     todo = [n for n, job in jobs.items() if not is_finished(job.run_dir, job.train.steps) and not _foreign(job.run_dir)]
@@ -291,5 +291,10 @@ def run_command(args) -> int:
     from megatron_opd.stages.launch import EXIT_STOPPED_EARLY
 
     with forward_stop_signals():
-        summary = run_pipeline(cfg)
+        if cfg.recipe.methods:  # the experiment: base, experts, every method (launchers/recipe.py)
+            from launchers.recipe import run_recipe
+
+            summary = run_recipe(cfg)
+        else:
+            summary = run_pipeline(cfg)
     return 0 if summary is not None else EXIT_STOPPED_EARLY

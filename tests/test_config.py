@@ -251,6 +251,7 @@ def test_layout_checks_the_model():
 SHIPPED = {
     "tiny/sft.yaml": "train",
     "tiny/opd.yaml": "run",
+    "tiny/recipe.yaml": "run",
     "cluster/opd-4node.yaml": "submit",
     "cluster/tiny-sft-one-node.yaml": "submit",
 }

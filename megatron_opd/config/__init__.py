@@ -18,6 +18,7 @@ from megatron_opd.config.job import (
     OPDConfig,
     OptimConfig,
     PipelineConfig,
+    RecipeConfig,
     RunConfig,
     TrainConfig,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "OPDConfig",
     "OptimConfig",
     "PipelineConfig",
+    "RecipeConfig",
     "RunConfig",
     "STAGES",
     "StageSpec",

@@ -90,8 +90,9 @@ def check_opd(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
     if cfg.opd.fused_chunk_size < 1:
         problems.append(f"opd.fused_chunk_size must be >= 1, got {cfg.opd.fused_chunk_size}")
     problems += _raised(cfg.rollout.check, endpoints_required=ctx.endpoints_given)
-    if ctx.by_pipeline:  # only `megatron-opd run` reads the pipeline: section
+    if ctx.by_pipeline:  # only `megatron-opd run` reads the pipeline: and recipe: sections
         problems += _raised(cfg.pipeline.check, cfg.teachers)
+        problems += _raised(cfg.recipe.check)
     return problems
 
 

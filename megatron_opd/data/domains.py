@@ -179,10 +179,15 @@ class TinyDomains:
 
 
 def demonstrations(prompts: list[Prompt], tokenizer: Tokenizer, max_len: int) -> Trajectories:
-    """Prompts with their correct answers and EOS as responses: the SFT batch."""
+    """Prompts with their responses and EOS: the SFT batch. The response is the recorded one
+    (`metadata["response"]`, data/samples.py) where a prompt carries one, else the rule's answer."""
     encoded = encode_prompts(prompts, tokenizer)
     rows = [
-        e + tokenizer.encode(get_domain(p.domain).solve(p.text)) + [tokenizer.eos_id]
+        e + tokenizer.encode(p.metadata["response"] if "response" in p.metadata else _answer(p)) + [tokenizer.eos_id]
         for e, p in zip(encoded, prompts)
     ]
     return pack(rows, [len(e) for e in encoded], prompts, tokenizer, max_len)
+
+
+def _answer(p: Prompt) -> str:
+    return get_domain(p.domain).solve(p.text)

@@ -45,6 +45,7 @@ RESUME_RULES: list[tuple[str, Kind, str]] = [
     ("run.seed", "fixed", "seeds: the resumed steps must draw what the first attempt would have"),
     ("data.domains", "fixed", "the prompt source: the step is the data cursor into it"),
     ("data.seed", "fixed", "the prompt source"),
+    ("data.samples", "fixed", "the prompt source: the responses SFT trains on"),
     ("data.*", "changeable", "evaluation size"),
     ("train.global_batch_size", "fixed", "samples per step: the step is the data cursor"),
     ("train.precision", "fixed", "the optimizer state (float32 main params under bf16)"),
@@ -63,6 +64,7 @@ RESUME_RULES: list[tuple[str, Kind, str]] = [
     ("opd.*", "changeable", "numerically equivalent paths and the signal cache"),
     ("run.*", "changeable", "where and how the run reports"),
     ("pipeline.*", "changeable", "read by `megatron-opd run`, not by the trainer"),
+    ("recipe.*", "changeable", "read by `megatron-opd run` (launchers/recipe.py), not by the trainer"),
     ("cluster.*", "changeable", "read by the SLURM launcher, not by the trainer"),
 ]
 
