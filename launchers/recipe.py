@@ -309,10 +309,12 @@ def _evaluate(job: JobConfig, requests: list[dict]) -> dict[str, dict]:
 
 
 def _checkpoint_id(model_dir: Path) -> str:
-    from megatron_opd.runtime.checkpoint import latest_complete
+    """The newest complete checkpoint of a model directory: its path and unique id (a retrained
+    model at the same step has another id)."""
+    from megatron_opd.runtime.checkpoint import checkpoint_id, latest_complete
 
     latest = latest_complete(Path(model_dir) / "checkpoints")
-    return str(latest.resolve()) if latest else ""
+    return f"{latest.resolve()}#{checkpoint_id(latest)}" if latest else ""
 
 
 def evaluate_seed(cfg: JobConfig, plan: SeedPlan) -> dict[str, dict[str, dict[str, float]]]:

@@ -97,7 +97,7 @@ def test_recipe_cut_down_end_to_end(tmp_path):
         assert job.train.init_from == str(plan.expert_sft[name].run_dir)
     for m in ("task_arithmetic", "ties"):
         manifest = json.loads((plan.merge_dir(m) / "manifest.json").read_text())
-        assert Path(manifest["args"]["base"]) == Path(base).resolve()
+        assert Path(manifest["base"]) == Path(base).resolve()
 
     # The evaluation path agrees with the experts' own held-out evaluation (SFT-only experts; the
     # table's expert is the expert's last phase).
