@@ -399,8 +399,10 @@ def _mean_spread(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(per_seed: dict[int, dict[str, dict[str, dict[str, float]]]], owner: dict[str, str], domains: list[str]) -> dict[str, Any]:
-    """Means over seeds and their spread: experts {domain: acc of its expert}, methods {method:
-    {domain: acc, "mean": ..., "worst_fraction_of_expert": ...}}, and the same keys under spread."""
+    """Means over seeds and their spread (sample sd): experts {domain: acc of its expert},
+    methods {method: {domain: acc}}, method_summary {method: {"mean": mean over domains,
+    "worst_fraction_of_expert": min over domains of acc / expert acc}}, and spread {method: the
+    sd of each of those}."""
     seeds = sorted(per_seed)
     experts, expert_sd = {}, {}
     for d in domains:
@@ -408,6 +410,7 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, dict[str, float]]]], owner
     method_names = list(per_seed[seeds[0]]["methods"])
     methods: dict[str, dict[str, float]] = {}
     spread: dict[str, dict[str, float]] = {}
+    summary: dict[str, dict[str, float]] = {}
     for m in method_names:
         rows: dict[str, list[float]] = {d: [per_seed[s]["methods"][m][d] for s in seeds] for d in domains}
         rows["mean"] = [sum(per_seed[s]["methods"][m][d] for d in domains) / len(domains) for s in seeds]
@@ -420,15 +423,17 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, dict[str, float]]]], owner
             )
             for s in seeds
         ]
-        methods[m], spread[m] = {}, {}
+        summary[m], methods[m], spread[m] = {}, {}, {}
         for k, vs in rows.items():
-            methods[m][k], spread[m][k] = _mean_spread(vs)
+            mean, spread[m][k] = _mean_spread(vs)
+            (methods if k in domains else summary)[m][k] = mean
     experts_mean = _mean_spread([sum(per_seed[s]["experts"][owner[d]][d] for d in domains) / len(domains) for s in seeds])
     return {
         "experts": experts,
         "experts_spread": expert_sd,
         "experts_mean": experts_mean[0],
         "methods": methods,
+        "method_summary": summary,
         "spread": spread,
     }
 
@@ -486,11 +491,14 @@ def print_table(agg: dict, domains: list[str], owner: dict[str, str], seeds: int
             _cell(agg["experts"][d], agg["experts_spread"][d], seeds),
             *(_cell(agg["methods"][m][d], agg["spread"][m][d], seeds) for m in agg["methods"]),
         )
-    table.add_row("mean", f"{agg['experts_mean']:.3f}", *(_cell(agg["methods"][m]["mean"], agg["spread"][m]["mean"], seeds) for m in agg["methods"]))
+    table.add_row("mean", f"{agg['experts_mean']:.3f}", *(_cell(agg["method_summary"][m]["mean"], agg["spread"][m]["mean"], seeds) for m in agg["methods"]))
     table.add_row(
         "worst / expert",
         "1.00",
-        *(_cell(agg["methods"][m]["worst_fraction_of_expert"], agg["spread"][m]["worst_fraction_of_expert"], seeds) for m in agg["methods"]),
+        *(
+            _cell(agg["method_summary"][m]["worst_fraction_of_expert"], agg["spread"][m]["worst_fraction_of_expert"], seeds)
+            for m in agg["methods"]
+        ),
     )
     Console(width=200).print(table)
 
@@ -504,7 +512,7 @@ def heatmap(agg: dict, domains: list[str], out: Path) -> None:
     columns = ["expert"] + list(agg["methods"])
     rows = domains + ["mean"]
     grid = [[agg["experts"][d]] + [agg["methods"][m][d] for m in agg["methods"]] for d in domains]
-    grid.append([agg["experts_mean"]] + [agg["methods"][m]["mean"] for m in agg["methods"]])
+    grid.append([agg["experts_mean"]] + [agg["method_summary"][m]["mean"] for m in agg["methods"]])
     fig, ax = plt.subplots(figsize=(1.1 * len(columns) + 2, 0.45 * len(rows) + 1.5))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(columns)), columns, rotation=35, ha="right")

@@ -80,9 +80,12 @@ def test_recipe_cut_down_end_to_end(tmp_path):
     assert list(summary["methods"]) == ran
     assert ("mixed_rl" in summary["skipped"]) == (not grpo_available())
     for m in ran:
-        assert set(summary["methods"][m]) == set(DOMAINS) | {"mean", "worst_fraction_of_expert"}
+        assert set(summary["methods"][m]) == set(DOMAINS)  # {method: {domain: held-out accuracy}}
         assert all(0 <= summary["methods"][m][d] <= 1 for d in DOMAINS)
-        assert summary["methods"][m]["mean"] == pytest.approx(sum(summary["methods"][m][d] for d in DOMAINS) / 3)
+        assert summary["method_summary"][m]["mean"] == pytest.approx(sum(summary["methods"][m][d] for d in DOMAINS) / 3)
+        fractions = [summary["methods"][m][d] / summary["experts"][d] for d in DOMAINS if summary["experts"][d] > 0]
+        worst = summary["method_summary"][m]["worst_fraction_of_expert"]
+        assert worst == pytest.approx(min(fractions)) if fractions else math.isnan(worst)
         assert m in first.stdout  # a column of the printed table
     assert set(summary["experts"]) == set(DOMAINS)
     assert summary["seeds"] == [7]
@@ -153,8 +156,8 @@ def test_aggregate_over_seeds_by_hand():
     agg = aggregate(per_seed, owner, ["a", "b"])
     assert agg["experts"] == pytest.approx({"a": 0.9, "b": 0.25})
     assert agg["experts_spread"]["a"] == pytest.approx(math.sqrt(0.02))  # sample sd of 0.8, 1.0
-    m, sd = agg["methods"]["m"], agg["spread"]["m"]
-    assert m["a"] == pytest.approx(0.5) and m["b"] == pytest.approx(0.3)
+    m, sd = {**agg["methods"]["m"], **agg["method_summary"]["m"]}, agg["spread"]["m"]
+    assert agg["methods"]["m"] == pytest.approx({"a": 0.5, "b": 0.3})
     assert m["mean"] == pytest.approx((0.45 + 0.35) / 2)
     # seed 1: min(0.4/0.8, 0.5/0.5) = 0.5; seed 2: b's expert scored 0 (no fraction), 0.6/1.0 = 0.6
     assert m["worst_fraction_of_expert"] == pytest.approx(0.55)
