@@ -5,11 +5,15 @@ Roles, in order:
                own domains (`pipeline.expert_overrides`);
   2. student   an optional SFT warm start on all domains (`pipeline.student_overrides`), in the
                same pool as the experts (`pipeline.parallel_jobs` SFT jobs at a time);
-  3. servers   one embedded SGLang-compatible teacher server per expert on 127.0.0.1
+  3. RL        each expert with GRPO overrides (`pipeline.expert_rl_overrides`, and per teacher)
+               continues from its SFT run with GRPO on its own domains (stages/grpo.py): its SFT
+               run is then `<expert dir>-sft` and the GRPO run is the expert directory served;
+               an empty list skips RL (the SFT run is the expert);
+  4. servers   one embedded SGLang-compatible teacher server per expert on 127.0.0.1
                (`pipeline.replicas` per teacher, behind the real sglang-router when > 1);
-  4. distill   the OPD stage on `run.nproc` trainer ranks, talking HTTP to those servers;
-  5. report    a per-domain table (teacher, student before, student after), summary.json and a
-               plot of the training curves in the run directory.
+  5. distill   the OPD stage on `run.nproc` trainer ranks, talking HTTP to those servers;
+  6. report    a per-domain table (expert after SFT, expert after GRPO, student before and after
+               OPD), summary.json and a plot of the training curves in the run directory.
 
 Each training role is its own world of spawned ranks (megatron keeps global state per process),
 exactly like torchrun would start it; the servers are subprocesses stopped on exit.
@@ -33,7 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from megatron_opd.config import JobConfig, derive, load_config, to_dict
+from megatron_opd.config import ConfigError, JobConfig, derive, load_config, to_dict
 from megatron_opd.runtime.spawn import StopRequested, forward_stop_signals, spawn_world, stop_requested, terminate_all
 from megatron_opd.stages.run_dir import is_finished, read_summary
 
@@ -54,12 +58,24 @@ def _expert_dir(cfg: JobConfig, name: str) -> Path:
     return Path(t.model_dir) if t.model_dir else cfg.run_dir / "experts" / name
 
 
+def _has_rl(cfg: JobConfig, name: str) -> bool:
+    """Whether teacher `name`'s expert is trained by GRPO after its SFT (a served-as-is foreign
+    model directory is trained by neither)."""
+    return bool(cfg.pipeline.rl_overrides(name)) and not _foreign(_expert_dir(cfg, name))
+
+
+def _sft_dir(cfg: JobConfig, name: str) -> Path:
+    """Teacher `name`'s SFT run: the expert directory itself, or `<expert dir>-sft` when GRPO follows."""
+    out = _expert_dir(cfg, name)
+    return out.with_name(f"{out.name}-sft") if _has_rl(cfg, name) else out
+
+
 def sft_jobs(cfg: JobConfig) -> tuple[dict[str, JobConfig], JobConfig | None]:
     """The SFT jobs the distillation needs: one per expert, and the student's warm start (or None)."""
     sft = {"stage": "sft", "teachers": {}, "train.init_from": ""}
     experts = {}
     for name in sorted(cfg.teachers):
-        out = _expert_dir(cfg, name)
+        out = _sft_dir(cfg, name)
         overrides = cfg.pipeline.expert_overrides + cfg.pipeline.expert_overrides_by_teacher.get(name, [])
         experts[name] = derive(
             cfg,
@@ -73,15 +89,39 @@ def sft_jobs(cfg: JobConfig) -> tuple[dict[str, JobConfig], JobConfig | None]:
     return experts, student
 
 
-def run_sft_jobs(jobs: dict[str, JobConfig], parallel: int) -> list[str]:
-    """Run the jobs (of any stage: the recipe runs its GRPO and OPD phases here too) that have not reached their last step (resuming those a stop interrupted),
+def rl_jobs(cfg: JobConfig, experts: dict[str, JobConfig]) -> dict[str, JobConfig]:
+    """The GRPO job of each expert that has one: from its SFT run (`experts[name]`), on its own
+    domains, into the expert directory (what is served)."""
+    jobs = {}
+    for name in sorted(cfg.teachers):
+        if not _has_rl(cfg, name):
+            continue
+        out = _expert_dir(cfg, name)
+        jobs[name] = derive(
+            cfg,
+            cfg.pipeline.rl_overrides(name),
+            stage="grpo",
+            teachers={},
+            **{
+                "train.init_from": str(experts[name].run_dir),
+                "run.output_dir": str(out.parent),
+                "run.name": out.name,
+                "data.domains": list(cfg.teachers[name].domains),
+            },
+        )
+    return jobs
+
+
+def run_sft_jobs(jobs: dict[str, JobConfig], parallel: int, label: str = "SFT") -> list[str]:
+    """Run the jobs that have not reached their last step (resuming those a stop interrupted),
     `parallel` at a time, longest first. Once one stops early, or the launcher was asked to stop,
-    no further job starts. Returns the names of the jobs still unfinished."""
+    no further job starts. Returns the names of the jobs still unfinished. (`label`: what the
+    log line calls them; the GRPO jobs of the experts run through here too.)"""
     todo = [n for n, job in jobs.items() if not is_finished(job.run_dir, job.train.steps) and not _foreign(job.run_dir)]
     if todo:
         todo.sort(key=lambda n: -jobs[n].train.steps)  # longest first: the pool then packs the rest
         concurrent = max(1, min(parallel, len(todo)))
-        _say(f"SFT: {', '.join(f'{n} ({jobs[n].train.steps} steps)' for n in todo)}; {concurrent} at a time")
+        _say(f"{label}: {', '.join(f'{n} ({jobs[n].train.steps} steps)' for n in todo)}; {concurrent} at a time")
         threads = max(1, (os.cpu_count() or 1) // concurrent) if concurrent > 1 else None
         stopped: list[str] = []
 
@@ -113,8 +153,11 @@ def _foreign(run_dir: Path) -> bool:
     )
 
 
-def expert_accuracy(cfg: JobConfig, experts: dict[str, JobConfig]) -> dict[str, dict[str, float]]:
-    """Each expert's final held-out accuracy per domain, from its run's summary.json."""
+def expert_accuracy(
+    cfg: JobConfig, experts: dict[str, JobConfig], key: str = "pipeline.expert_overrides"
+) -> dict[str, dict[str, float]]:
+    """Each expert's final held-out accuracy per domain, from its run's summary.json (`key`: the
+    overrides that give the run its evaluation, for the error)."""
     accuracy = {}
     for name, job in experts.items():
         summary = read_summary(job.run_dir)
@@ -126,8 +169,8 @@ def expert_accuracy(cfg: JobConfig, experts: dict[str, JobConfig]) -> dict[str, 
         missing = [d for d in cfg.teachers[name].domains if f"acc/{d}" not in summary]
         if missing:
             raise ValueError(
-                f"expert {name!r} ({job.run_dir}) has no final accuracy for {missing}: give its SFT job "
-                f"train.eval_every > 0 in pipeline.expert_overrides"
+                f"expert {name!r} ({job.run_dir}) has no final accuracy for {missing}: give its "
+                f"{job.stage.upper()} job train.eval_every > 0 in {key}"
             )
         accuracy[name] = {d: summary[f"acc/{d}"] for d in cfg.teachers[name].domains}
     return accuracy
@@ -180,7 +223,13 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any] | None:
     if unfinished:
         _say(f"stopped before SFT of {', '.join(unfinished)} finished; checkpoints saved, rerun to resume")
         return None
-    teacher_acc = expert_accuracy(cfg, experts)
+    sft_acc = expert_accuracy(cfg, experts)
+    rl = rl_jobs(cfg, experts)
+    unfinished = run_sft_jobs(rl, cfg.pipeline.parallel_jobs, label="GRPO")
+    if unfinished:
+        _say(f"stopped before GRPO of {', '.join(unfinished)} finished; checkpoints saved, rerun to resume")
+        return None
+    rl_acc = expert_accuracy(cfg, rl, key="pipeline.expert_rl_overrides")
     init_from = str(student.run_dir) if student else cfg.train.init_from
     opd = replace(
         cfg,
@@ -202,12 +251,20 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any] | None:
         if not final.get("finished"):
             _say(f"OPD stopped at step {final.get('step')} of {opd.train.steps}; checkpoint saved, rerun to resume")
             return None
-    summary = report(cfg, opd.run_dir, teacher_acc, wall_time_s=time.monotonic() - t0)
+    summary = report(cfg, opd.run_dir, sft_acc, rl_acc, wall_time_s=time.monotonic() - t0)
     return summary
 
 
-def report(cfg: JobConfig, opd_dir: Path, teacher_acc: dict[str, dict[str, float]], *, wall_time_s: float) -> dict[str, Any]:
-    """Per-domain table, summary.json and training-curve plot for the whole pipeline."""
+def report(
+    cfg: JobConfig,
+    opd_dir: Path,
+    sft_acc: dict[str, dict[str, float]],
+    rl_acc: dict[str, dict[str, float]],
+    *,
+    wall_time_s: float,
+) -> dict[str, Any]:
+    """Per-domain table, summary.json and training-curve plot for the whole pipeline. The
+    teacher of a domain is its expert as served: after GRPO when it had RL, else after SFT."""
     from rich.console import Console
     from rich.table import Table
 
@@ -219,10 +276,14 @@ def report(cfg: JobConfig, opd_dir: Path, teacher_acc: dict[str, dict[str, float
     owner = {d: n for n, t in cfg.teachers.items() for d in t.domains}
     domains: dict[str, dict[str, Any]] = {}
     for d in cfg.data.domains:
-        teacher = teacher_acc[owner[d]][d]
+        sft = sft_acc[owner[d]][d]
+        grpo = rl_acc[owner[d]][d] if owner[d] in rl_acc else None
+        teacher = sft if grpo is None else grpo
         student_after = after[f"eval/acc/{d}"]
         domains[d] = {
             "teacher": owner[d],
+            "expert_accuracy_after_sft": sft,
+            "expert_accuracy_after_grpo": grpo,
             "teacher_accuracy": teacher,
             "student_accuracy_before": before[f"eval/acc/{d}"],
             "student_accuracy_after": student_after,
@@ -238,13 +299,15 @@ def report(cfg: JobConfig, opd_dir: Path, teacher_acc: dict[str, dict[str, float
     plot_curves(cfg, opd_dir, cfg.run_dir / "curves.png")
 
     table = Table(title=f"multi-teacher OPD: {cfg.run_dir}  ({wall_time_s:.0f} s)")
-    for col in ("domain", "teacher", "teacher acc", "student before", "student after", "after / teacher"):
-        table.add_column(col, justify="right" if "acc" in col or "student" in col or "/" in col else "left")
+    for col in ("domain", "teacher", "expert after SFT", "expert after GRPO", "student before OPD", "student after OPD", "after / teacher"):
+        table.add_column(col, justify="left" if col in ("domain", "teacher") else "right")
     for d, row in domains.items():
+        grpo = row["expert_accuracy_after_grpo"]
         table.add_row(
             d,
             row["teacher"],
-            f"{row['teacher_accuracy']:.3f}",
+            f"{row['expert_accuracy_after_sft']:.3f}",
+            f"{grpo:.3f}" if grpo is not None else "-",
             f"{row['student_accuracy_before']:.3f}",
             f"{row['student_accuracy_after']:.3f}",
             f"{row['fraction_of_teacher']:.2f}",
@@ -288,6 +351,12 @@ def run_command(args) -> int:
         raise SystemExit(f"megatron-opd run expects a distillation config (stage: opd), {args.config} has stage={cfg.stage!r}")
     # Before anything starts; this pipeline trains the experts and starts their servers itself.
     cfg.check(cfg.run.nproc, by_pipeline=True)
+    experts, _ = sft_jobs(cfg)
+    for name, job in rl_jobs(cfg, experts).items():  # a bad GRPO override fails here, in one line
+        try:
+            job.check(job.run.nproc)
+        except ConfigError as e:
+            raise ConfigError(f"the GRPO job of expert {name!r} (pipeline.expert_rl_overrides): {e}") from None
     from megatron_opd.stages.launch import EXIT_STOPPED_EARLY
 
     with forward_stop_signals():

@@ -8,8 +8,8 @@ model on the union? For each seed of `recipe.seeds`, under `<run_dir>/seed<S>/`:
                            (`recipe.base_overrides`): the one base everything starts from
   experts/<name>/sft/      each teacher's expert: SFT from the base on its own domains
                            (`pipeline.expert_overrides`, `pipeline.expert_overrides_by_teacher`)
-  experts/<name>/grpo/     then GRPO on its domains (`recipe.expert_grpo_overrides`), when the grpo
-                           stage exists (config/stages.py); the expert is its last phase
+  experts/<name>/grpo/     then GRPO on its domains (`pipeline.expert_rl_overrides`, and per
+                           teacher, as `megatron-opd run` trains experts); the expert is its last phase
   methods/<method>/        from the base, with the same budget (`recipe.budget_overrides`: the same
                            optimizer steps and training samples for every trained method):
       opd_hidden           multi-teacher OPD, full-vocabulary reverse KL from the experts' hidden states
@@ -98,7 +98,6 @@ def plan_seed(cfg: JobConfig, seed: int) -> SeedPlan:
     root = cfg.run_dir / f"seed{seed}"
     base = _phase(cfg, r.base_overrides, root, "base", seed, stage="sft")
     sft, grpo = {}, {}
-    run_grpo = bool(r.expert_grpo_overrides) and grpo_available()
     for name in sorted(cfg.teachers):
         domains = list(cfg.teachers[name].domains)
         overrides = cfg.pipeline.expert_overrides + cfg.pipeline.expert_overrides_by_teacher.get(name, [])
@@ -106,10 +105,10 @@ def plan_seed(cfg: JobConfig, seed: int) -> SeedPlan:
         sft[name] = _phase(
             cfg, overrides, out, "sft", seed, stage="sft", **{"train.init_from": str(base.run_dir), "data.domains": domains}
         )
-        if run_grpo:
+        if cfg.pipeline.rl_overrides(name):
             grpo[name] = _phase(
                 cfg,
-                r.expert_grpo_overrides,
+                cfg.pipeline.rl_overrides(name),
                 out,
                 "grpo",
                 seed,
@@ -222,7 +221,7 @@ def run_phase(cfg: JobConfig, plan: SeedPlan, phase: Phase, servers: TeacherServ
         record_expert_samples(cfg, plan)
     if phase.kind != "opd":
         # run_sft_jobs runs any stage's jobs (resuming a stopped one) and returns the unfinished.
-        return not run_sft_jobs(phase.jobs, cfg.pipeline.parallel_jobs)
+        return not run_sft_jobs(phase.jobs, cfg.pipeline.parallel_jobs, label=phase.id)
     if stop_requested():
         return False
     (method, job), = phase.jobs.items()
@@ -535,8 +534,6 @@ def run_recipe(cfg: JobConfig) -> dict[str, Any] | None:
     plans = [plan_seed(cfg, s) for s in cfg.recipe.seeds]
     for method, why in plans[0].skipped.items():
         _say(f"{method} is skipped: {why}")
-    if cfg.recipe.expert_grpo_overrides and not grpo_available():
-        _say("experts are SFT only: the grpo stage is not in this build")
     only = cfg.recipe.only
     if only:
         known = [p.id for plan in plans for p in phases(cfg, plan)]

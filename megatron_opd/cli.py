@@ -48,8 +48,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     # Each benchmark declares its own flags; they are parsed by the benchmark itself.
     p.add_argument(
         "which",
-        choices=["loss", "teachers", "rollout"],
-        help="loss: reverse-KL kernels; teachers: wire formats; rollout: embedded KV cache vs none",
+        choices=["loss", "teachers", "rollout", "steps"],
+        help="loss: reverse-KL kernels; teachers: wire formats; rollout: embedded KV cache vs none; "
+        "steps: SFT vs GRPO vs OPD step (train tokens/s, rollout and scoring time)",
     )
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags (see: bench WHICH --help)")
 
@@ -102,7 +103,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]]
     },
     "bench": (
         "benchmarks that print a table: loss (reverse-KL kernels), teachers (signal wire formats), "
-        "rollout (embedded rollout tokens/s with and without the KV cache)",
+        "rollout (embedded rollout tokens/s with and without the KV cache), steps (SFT, GRPO and OPD "
+        "step tokens/s with their rollout and scoring time)",
         _bench_args,
         "megatron_opd.cli:bench_command",
     ),
@@ -114,6 +116,7 @@ def bench_command(args) -> int:
         "loss": "megatron_opd.losses.bench",
         "teachers": "megatron_opd.teachers.bench",
         "rollout": "megatron_opd.rollout.bench",
+        "steps": "megatron_opd.stages.bench",
     }[args.which]
     return int(importlib.import_module(module).main(args.args) or 0)
 

@@ -107,16 +107,16 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
 
 def test_unknown_and_unimplemented_stages_are_refused_at_load(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("stage: grpo\n")
-    with pytest.raises(ConfigError, match=r"^stage: 'grpo' is not implemented yet; the stages that run are: sft, opd$"):
+    path.write_text("stage: grm\n")
+    with pytest.raises(ConfigError, match=r"^stage: 'grm' is not implemented yet; the stages that run are: sft, opd, grpo$"):
         load_config(path)
-    with pytest.raises(ConfigError, match=r"stage: 'distil' is not a stage; the stages that run are: sft, opd"):
+    with pytest.raises(ConfigError, match=r"stage: 'distil' is not a stage; the stages that run are: sft, opd, grpo"):
         load_config(None, ["stage=distil"])
     with pytest.raises(ConfigError, match="is not implemented yet"):
-        JobConfig(stage="grpo")  # no path around the load-time refusal, derive() and ranks included
-    assert "grpo" in STAGES and STAGES["grpo"] is None
+        JobConfig(stage="grm")  # no path around the load-time refusal, derive() and ranks included
+    assert "grm" in STAGES and STAGES["grm"] is None
     # Before anything is built: the CLI answers in one line, fast, without torch.
-    assert "not implemented yet" in _one_line_error(_cli("train", str(TINY_SFT), "stage=grpo", cwd=tmp_path))
+    assert "not implemented yet" in _one_line_error(_cli("train", str(TINY_SFT), "stage=grm", cwd=tmp_path))
 
 
 def test_every_implemented_stage_resolves_to_its_class():
@@ -252,8 +252,10 @@ SHIPPED = {
     "tiny/sft.yaml": "train",
     "tiny/opd.yaml": "run",
     "tiny/recipe.yaml": "run",
+    "tiny/grpo.yaml": "train",
     "cluster/opd-4node.yaml": "submit",
     "cluster/tiny-sft-one-node.yaml": "submit",
+    "cluster/grpo-3node.yaml": "submit",
 }
 
 

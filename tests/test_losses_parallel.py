@@ -180,6 +180,30 @@ def _dp_mean_checks(rank, group, gen) -> dict[str, float]:
     return {"dp_mean/token_count": float(total != int(mask.sum())), "dp_mean/grad": _max_diff(grad, wl.grad)}
 
 
+def _entropy_checks(rank, group, gen) -> dict[str, float]:
+    """The policy entropy (a GRPO metric) against -sum p log p in float64, padding and -inf
+    columns excluded; a row of one finite logit has entropy 0."""
+    from megatron_opd.losses import vocab_parallel_entropy
+
+    z = 4 * torch.randn(3, 5, PADDED, generator=gen, dtype=F64)
+    z[0, 0, [3, 30]] = -torch.inf
+    z[1, 1, :] = -torch.inf
+    z[1, 1, 25] = 2.0  # all the mass on rank 1's shard
+    out = {}
+    for vocab in (VOCAB, 15):
+        log_p = torch.log_softmax(z[..., :vocab] / 0.7, dim=-1)
+        reference = -torch.where(log_p.isinf(), 0.0, log_p.exp() * log_p).sum(-1)
+        if vocab == 15:
+            reference[1, 1] = float("nan")  # no finite logit left in the real vocabulary
+        one = vocab_parallel_entropy(z, temperature=0.7, vocab_size=vocab)
+        two = vocab_parallel_entropy(_shard(z, rank), temperature=0.7, vocab_size=vocab, group=group)
+        nan_agree = torch.equal(two.isnan(), reference.isnan()) and torch.equal(one.isnan(), reference.isnan())
+        out[f"entropy/vocab{vocab}/tp1"] = _max_diff(one.nan_to_num(), reference.nan_to_num())
+        out[f"entropy/vocab{vocab}/tp2"] = _max_diff(two.nan_to_num(), reference.nan_to_num()) + (not nan_agree)
+    out["entropy/one_token_is_zero"] = abs(float(vocab_parallel_entropy(z, vocab_size=VOCAB)[1, 1]))
+    return out
+
+
 def tp_world_checks() -> dict[str, float]:
     # Plain gloo from spawn_world's torchrun variables: the losses need no megatron state, and
     # importing megatron would double the cost of this world.
@@ -194,6 +218,7 @@ def tp_world_checks() -> dict[str, float]:
         _topk_and_sampled_checks,
         _gradcheck_replicated_hidden,
         _dp_mean_checks,
+        _entropy_checks,
     )
     for check in checks:
         out.update(check(rank, group, gen))
@@ -209,6 +234,8 @@ def test_tp2_equals_tp1_for_the_whole_family():
         "topk/value", "topk/teacher_mass", "topk/grad", "topk_k_eq_V/value", "topk_k_eq_V/teacher_mass",
         "topk_k_eq_V/grad", "topk_k_eq_V/equals_full_kl", "sampled/value", "sampled/grad",
         "gradcheck/fused_hidden_failed", "dp_mean/token_count", "dp_mean/grad",
+        "entropy/vocab37/tp1", "entropy/vocab37/tp2", "entropy/vocab15/tp1", "entropy/vocab15/tp2",
+        "entropy/one_token_is_zero",
     }
     for rank, errors in enumerate(results):
         assert set(errors) == expected

@@ -40,7 +40,7 @@ def _cut_down(tmp_path: Path) -> Path:
     r = c["recipe"]
     r["seeds"] = [7]
     r["base_overrides"] = ["train.steps=20", "train.global_batch_size=64", "train.micro_batch_size=64", *short]
-    r["expert_grpo_overrides"] = ["train.steps=2", "train.global_batch_size=32", "train.micro_batch_size=32", "grpo.group_size=4"]
+    c["pipeline"]["expert_rl_overrides"] = ["train.steps=2", "train.global_batch_size=32", "train.micro_batch_size=32", "grpo.group_size=4"]
     r["budget_overrides"] = ["train.steps=4", "train.global_batch_size=24", "train.micro_batch_size=24"]
     r["method_overrides"] = {"mixed_rl": ["grpo.group_size=4"]}
     path = tmp_path / "cut.yaml"

@@ -14,6 +14,7 @@ rank starts, so a typo never silently falls back to a default or fails deep insi
 
 from megatron_opd.config.job import (
     DataConfig,
+    GRPOConfig,
     JobConfig,
     OPDConfig,
     OptimConfig,
@@ -29,6 +30,7 @@ from megatron_opd.config.typed import ConfigError, build, parse_override, set_pa
 __all__ = [
     "ConfigError",
     "DataConfig",
+    "GRPOConfig",
     "JobConfig",
     "OPDConfig",
     "OptimConfig",

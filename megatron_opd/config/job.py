@@ -139,6 +139,37 @@ class OPDConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """GRPO as DeepSeek-V3.2 runs it (stages/grpo.py; notes/opd-math.md section 5)."""
+
+    # Samples per prompt; a rollout holds train.global_batch_size x updates_per_batch trajectories.
+    group_size: int = 8
+    # Optimizer updates per rollout batch, each on the next train.global_batch_size of its
+    # trajectories: the first is on-policy, the later ones are off-policy (ratios != 1).
+    updates_per_batch: int = 1
+    advantage_scale: Literal["none", "std"] = "none"  # none: R - mean (V3.2); std: / std (GRPO)
+    aggregation: Literal["token", "sequence"] = "token"  # token: DAPO; sequence: 1/|o_i| (V3.2 eq. 5)
+    eps_low: float = 0.2  # clip range [1 - eps_low, 1 + eps_high]; eps_high > eps_low: clip-higher
+    eps_high: float = 0.2
+    # Weight of V3.2's unbiased KL to a frozen reference; 0 loads no reference model at all.
+    kl_coef: float = 0.0
+    # The reference's weights: a checkpoint (a step_* dir or a root holding them); "" means
+    # train.init_from (the warm start the run began from). Needed when kl_coef > 0.
+    reference: str = ""
+    # Off-policy sequence masking (V3.2 eqs. 8-9): drop the policy term of a sequence with A < 0
+    # whose mean log(pi_old / pi_theta) exceeds this; null turns it off.
+    opsm_delta: float | None = None
+    # Renormalise pi_theta and pi_ref over the sampler's kept sets (top-p/top-k/min-p) so both
+    # sides of the ratio act on the truncated distribution the tokens were drawn from.
+    keep_sampling_mask: bool = True
+    # Dynamic sampling (DAPO): drop groups whose rewards are all equal (no advantage, no signal)
+    # and refill from further prompts, at most `refill_rounds` times per rollout; rollout k then
+    # reads prompt batches k (1 + refill_rounds) ... k (1 + refill_rounds) + refill_rounds.
+    dynamic_sampling: bool = False
+    refill_rounds: int = 2
+
+
+@dataclass
 class PipelineConfig:
     """How `megatron-opd run` prepares what the OPD stage needs (launchers/local.py)."""
 
@@ -146,6 +177,12 @@ class PipelineConfig:
     # then per teacher name (a harder domain may need more steps).
     expert_overrides: list[str] = field(default_factory=list)
     expert_overrides_by_teacher: dict[str, list[str]] = field(default_factory=dict)
+    # Overrides for the GRPO job that continues each expert from its SFT run (stage grpo on the
+    # expert's own domains), then per teacher name. A teacher whose two lists are both empty gets
+    # no RL: its SFT run is the expert. With RL, the SFT run is `<expert dir>-sft` and the GRPO
+    # run is the expert directory that is served.
+    expert_rl_overrides: list[str] = field(default_factory=list)
+    expert_rl_overrides_by_teacher: dict[str, list[str]] = field(default_factory=dict)
     # Overrides for a mixed SFT warm start of the student ([]: none).
     student_overrides: list[str] = field(default_factory=list)
     parallel_jobs: int = 1  # SFT jobs (experts, student warm start) run at once
@@ -154,12 +191,16 @@ class PipelineConfig:
 
     def check(self, teachers: dict[str, TeacherConfig]) -> None:
         _at_least(self, "pipeline", parallel_jobs=1, replicas=1)
-        unknown = sorted(set(self.expert_overrides_by_teacher) - set(teachers))
-        if unknown:
-            raise ConfigError(
-                f"pipeline.expert_overrides_by_teacher names {unknown}, which are not teachers "
-                f"(teachers: {sorted(teachers)})"
-            )
+        for key in ("expert_overrides_by_teacher", "expert_rl_overrides_by_teacher"):
+            unknown = sorted(set(getattr(self, key)) - set(teachers))
+            if unknown:
+                raise ConfigError(
+                    f"pipeline.{key} names {unknown}, which are not teachers (teachers: {sorted(teachers)})"
+                )
+
+    def rl_overrides(self, teacher: str) -> list[str]:
+        """The GRPO job's overrides for `teacher`'s expert ([]: no RL, SFT only)."""
+        return self.expert_rl_overrides + self.expert_rl_overrides_by_teacher.get(teacher, [])
 
 
 RECIPE_METHODS = ("opd_hidden", "opd_topk", "opd_sampled", "mixed_rl", "mixed_sft", "uniform", "task_arithmetic", "ties")
@@ -175,11 +216,10 @@ class RecipeConfig:
     methods: list[str] = field(default_factory=list)
     # run.seed of each repetition; every phase (base, experts, methods) is repeated per seed.
     seeds: list[int] = field(default_factory=lambda: [1234])
-    # The shared base: SFT on every domain (a generic mixture) from random weights.
+    # The shared base: SFT on every domain (a generic mixture) from random weights. Each expert is
+    # then fine-tuned from it as `megatron-opd run` trains experts: SFT (pipeline.expert_overrides),
+    # then GRPO where pipeline.expert_rl_overrides (and _by_teacher) say.
     base_overrides: list[str] = field(default_factory=list)
-    # Each expert's GRPO on its own domain after its SFT (pipeline.expert_overrides), when the
-    # grpo stage exists; [] = SFT experts only.
-    expert_grpo_overrides: list[str] = field(default_factory=list)
     # The budget: applied to every trained method (the same steps and samples for each).
     budget_overrides: list[str] = field(default_factory=list)
     # Per method, after the budget (e.g. a topk for opd_topk, grpo.* for mixed_rl); they may not
@@ -237,6 +277,7 @@ class JobConfig:
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     opd: OPDConfig = field(default_factory=OPDConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)  # launchers/recipe.py
     cluster: ClusterConfig = field(default_factory=ClusterConfig)  # SLURM jobs (launchers/slurm.py)

@@ -8,12 +8,13 @@ naming it is refused at load time, like an unknown name.
 Adding a stage is one line in `STAGES` plus its check function here (and its section, if it
 has keys of its own, in config/job.py):
 
-    "grpo": StageSpec("megatron_opd.stages.grpo:GRPOStage", check_grpo, "group-relative policy optimisation"),
+    "grm": StageSpec("megatron_opd.stages.grm:GRMStage", check_grm, "generative reward model"),
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -96,6 +97,55 @@ def check_opd(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
     return problems
 
 
+def check_grpo(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
+    g, problems = cfg.grpo, []
+    if g.group_size < 2:
+        problems.append(
+            f"grpo.group_size={g.group_size}: GRPO compares the samples of one prompt, and a group of one has "
+            f"advantage 0 and no signal; set grpo.group_size >= 2"
+        )
+    if g.updates_per_batch < 1:
+        problems.append(f"grpo.updates_per_batch must be >= 1 (optimizer updates per rollout batch), got {g.updates_per_batch}")
+    elif g.group_size >= 2:
+        dp = ctx.layout.dp if ctx.layout is not None else 1
+        samples = cfg.train.global_batch_size * g.updates_per_batch
+        if samples % (g.group_size * dp):
+            problems.append(
+                f"a rollout of train.global_batch_size x grpo.updates_per_batch = {samples} samples does not split "
+                f"into groups of grpo.group_size={g.group_size} over {dp} data-parallel replicas; make "
+                f"train.global_batch_size x grpo.updates_per_batch a multiple of {g.group_size * dp}"
+            )
+    if not 0 <= g.eps_low < 1:
+        problems.append(f"grpo.eps_low must be in [0, 1) (the clip range starts at 1 - eps_low), got {g.eps_low}")
+    if not 0 <= g.eps_high < math.inf:
+        problems.append(f"grpo.eps_high must be a finite number >= 0, got {g.eps_high}")
+    if not 0 <= g.kl_coef < math.inf:
+        problems.append(f"grpo.kl_coef must be a finite number >= 0 (0: no reference model), got {g.kl_coef}")
+    elif g.kl_coef > 0 and not (g.reference or cfg.train.init_from):
+        problems.append(
+            f"grpo.kl_coef={g.kl_coef} > 0 needs reference weights, and neither grpo.reference nor "
+            f"train.init_from names any: set train.init_from to the warm start (the reference keeps its "
+            f"weights) or grpo.reference to a checkpoint, or set grpo.kl_coef=0"
+        )
+    if g.opsm_delta is not None and not math.isfinite(g.opsm_delta):
+        problems.append(f"grpo.opsm_delta must be a finite number or null (off), got {g.opsm_delta}")
+    for key in ("keep_sampling_mask", "dynamic_sampling"):
+        if not isinstance(getattr(g, key), bool):
+            problems.append(f"grpo.{key} must be true or false, got {getattr(g, key)!r}")
+    if g.refill_rounds < 0 or (g.dynamic_sampling and g.refill_rounds < 1):
+        problems.append(
+            f"grpo.refill_rounds={g.refill_rounds}: dynamic sampling refills dropped groups at most this many "
+            f"times per rollout; set it >= 1 (or grpo.dynamic_sampling=false)"
+        )
+    if cfg.rollout.temperature == 0:
+        problems.append(
+            "rollout.temperature=0 samples greedily: every sample of a group is the same response, so no "
+            "group has an advantage; GRPO needs rollout.temperature > 0"
+        )
+    problems += _raised(cfg.rollout.check, endpoints_required=ctx.endpoints_given)
+    return problems
+
+
 def _raised(check: Callable[..., object], *args, **kwargs) -> list[str]:
     """[the message] of the ValueError `check` raises, or []."""
     try:
@@ -111,7 +161,8 @@ def _raised(check: Callable[..., object], *args, **kwargs) -> list[str]:
 STAGES: dict[str, StageSpec | None] = {
     "sft": StageSpec("megatron_opd.stages.sft:SFTStage", check_sft, "supervised fine-tuning on demonstrations"),
     "opd": StageSpec("megatron_opd.stages.opd:OPDStage", check_opd, "multi-teacher on-policy distillation"),
-    "grpo": None,  # planned: group-relative policy optimisation
+    "grpo": StageSpec("megatron_opd.stages.grpo:GRPOStage", check_grpo, "group-relative policy optimisation (DeepSeek-V3.2)"),
+    "grm": None,  # planned (issue 14): the generative reward model's rubric-guided RL
 }
 
 

@@ -95,6 +95,39 @@ class Trajectories:
         return Trajectories(**out)
 
 
+def concat(batches: Sequence[Trajectories], pad_id: int) -> Trajectories:
+    """One batch of the rows of `batches`, in order (GRPO's dynamic sampling joins its refill
+    batches). Per-row tensors are right-padded to the widest batch: tokens with `pad_id`, kept ids
+    with -1, everything else with 0. The batches must come from one policy (`weight_version`)
+    and carry the same optional fields."""
+    if not batches:
+        raise ValueError("concat needs at least one batch")
+    versions = sorted({b.weight_version for b in batches})
+    if len(versions) > 1:
+        raise ValueError(f"the batches were sampled by different weights {versions}; they cannot form one rollout")
+    out = {}
+    for f in fields(Trajectories):
+        values = [getattr(b, f.name) for b in batches]
+        if f.name == "weight_version":
+            out[f.name] = versions[0]
+        elif all(isinstance(v, list) for v in values):
+            out[f.name] = [x for v in values for x in v]
+        elif all(v is None for v in values):
+            out[f.name] = None
+        elif all(torch.is_tensor(v) for v in values):
+            fill = pad_id if f.name == "tokens" else -1 if f.name == "kept_ids" else 0
+            shape = [max(v.shape[d] for v in values) for d in range(1, values[0].dim())]
+            padded = []
+            for v in values:
+                p = v.new_full((v.shape[0], *shape), fill)
+                p[tuple(slice(0, n) for n in v.shape)] = v
+                padded.append(p)
+            out[f.name] = torch.cat(padded)
+        else:
+            raise ValueError(f"Trajectories.{f.name} is set in some batches and not in others")
+    return Trajectories(**out)
+
+
 def gather_response(values: torch.Tensor, prompt_lens: torch.Tensor, response_lens: torch.Tensor, *, offset: int) -> torch.Tensor:
     """Left-align per-position `values` [B, T, ...] at positions prompt_len + offset + j -> [B, R, ...].
 

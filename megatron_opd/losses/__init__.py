@@ -8,6 +8,7 @@
   policy-gradient surrogate.
 - `vocab_parallel_logprobs`: log p of given token ids over the vocab-parallel vocabulary, or
   renormalised over the sampler's kept sets (`kept_ids`, padded id lists) for keep-sampling-mask.
+- `vocab_parallel_entropy`: the entropy of softmax(z/T) per position (a metric: GRPO's policy entropy).
 - `grpo_token_loss`: GRPO's per-token loss (clipped ratio, V3.2's unbiased KL, off-policy
   sequence masking) from log-probs, with (sum, count) metrics; `group_advantages` (R - mean over a
   prompt's group, optionally / std); `aggregation_weights` (per-token or per-sequence aggregation
@@ -25,7 +26,7 @@ from megatron_opd.losses.policy import AggregationWeights, aggregation_weights, 
 from megatron_opd.losses.reduction import count_response_tokens, masked_token_mean
 from megatron_opd.losses.sampled import sampled_kl_policy_loss, sampled_reverse_kl
 from megatron_opd.losses.topk import TopKReverseKL, topk_reverse_kl
-from megatron_opd.losses.vocab_parallel import vocab_parallel_logprobs, vocab_parallel_reverse_kl
+from megatron_opd.losses.vocab_parallel import vocab_parallel_entropy, vocab_parallel_logprobs, vocab_parallel_reverse_kl
 
 __all__ = [
     "AggregationWeights",
@@ -39,6 +40,7 @@ __all__ = [
     "sampled_kl_policy_loss",
     "sampled_reverse_kl",
     "topk_reverse_kl",
+    "vocab_parallel_entropy",
     "vocab_parallel_logprobs",
     "vocab_parallel_reverse_kl",
 ]

@@ -497,3 +497,44 @@ def vocab_parallel_logprobs(
         _flatten_rows(logits), _flatten_rows(ids), _flatten_rows(kept_ids), temperature, shard, group
     )
     return logprobs.reshape(ids.shape)
+
+
+# --- entropy (a metric) ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """H(softmax(z/T)) = log Z - sum_v p_v a_v (a = z/T) per position, over the full vocab-parallel
+    vocabulary (padding excluded), without gathering it: one MAX all-reduce (the shards' maxima)
+    and one SUM all-reduce of two numbers per position (sum e^(a - m) and sum e^(a - m) a).
+
+    A metric (GRPO's policy entropy): no gradient. logits [..., V/TP] -> [...] float32 (float64 for
+    float64 logits), identical on every rank. -inf logits have probability 0 and add nothing; a
+    position with no finite logit has no distribution (NaN).
+    """
+    check_temperature(temperature)
+    shard = VocabShard.of(logits.shape[-1], vocab_size, group)
+    z = _flatten_rows(logits)
+    cdtype = compute_dtype(z)
+    n, valid = z.shape[0], shard.valid
+    local_max = torch.full((n,), -math.inf, dtype=cdtype, device=z.device)
+    for r0, r1, (a,) in chunk_copies(valid, cdtype, z) if valid else ():
+        local_max[r0:r1] = a.max(dim=-1).values / temperature
+    floor = torch.finfo(cdtype).min  # a shard of -inf (or of padding only) must not give inf - inf
+    global_max = all_reduce_(local_max.clamp_min(floor), dist.ReduceOp.MAX, group)
+    sums = torch.zeros(n, 2, dtype=cdtype, device=z.device)  # sum e, sum e a
+    for r0, r1, (a,) in chunk_copies(valid, cdtype, z) if valid else ():
+        if temperature != 1.0:
+            a.div_(temperature)
+        e = (a - global_max[r0:r1, None]).exp()
+        sums[r0:r1, 0] = e.sum(dim=-1)
+        sums[r0:r1, 1] = torch.where(e > 0, e * a, 0.0).sum(dim=-1)  # 0 * -inf = 0 for masked columns
+    all_reduce_(sums, dist.ReduceOp.SUM, group)
+    entropy = global_max + sums[:, 0].log() - sums[:, 1] / sums[:, 0]
+    return entropy.reshape(logits.shape[:-1])

@@ -33,4 +33,10 @@ def get_reward(name: str) -> Reward:
 
 def rewards_for(source: PromptSource) -> dict[str, Reward]:
     """The reward of each of the source's domains (refusing unknown names before any step)."""
-    return {domain: get_reward(source.reward_name(domain)) for domain in source.domains}
+    out = {}
+    for domain in source.domains:
+        try:
+            out[domain] = get_reward(source.reward_name(domain))
+        except ValueError as e:
+            raise ValueError(f"the verifier of domain {domain!r}: {e}") from None
+    return out

@@ -10,6 +10,7 @@ Two implementations behind one small interface:
 
 from __future__ import annotations
 
+import hashlib
 from typing import Protocol
 
 import torch
@@ -22,7 +23,10 @@ from megatron_opd.rollout.embedded import generate
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[Prompt], step: int) -> Trajectories: ...
+    def generate(self, prompts: list[Prompt], step: int, *, refill: int = 0) -> Trajectories:
+        """Sample `prompts` for the rollout of step `step`; `refill` numbers the further batches
+        a rollout may draw (GRPO's dynamic sampling), each with its own seeds (0: the rollout)."""
+        ...
 
     def sync_weights(self, step: int) -> dict[str, float]: ...
 
@@ -36,13 +40,16 @@ class EmbeddedRolloutEngine:
     def __init__(self, cfg: RolloutConfig, model: torch.nn.Module, tokenizer: Tokenizer, *, max_len: int, seed: int):
         self.cfg, self.model, self.tokenizer, self.max_len, self.seed = cfg, model, tokenizer, max_len, seed
 
-    def generate(self, prompts: list[Prompt], step: int) -> Trajectories:
+    def generate(self, prompts: list[Prompt], step: int, *, refill: int = 0) -> Trajectories:
         from megatron.core import parallel_state
 
-        # Seeded by (seed, step, replica): a resumed run samples exactly what an uninterrupted
-        # run would have sampled at this step, without restoring any RNG state.
+        # Seeded by (seed, step, replica[, refill]): a resumed run samples exactly what an
+        # uninterrupted run would have sampled at this step, without restoring any RNG state.
         replica = parallel_state.get_data_parallel_rank()
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + replica)
+        seed = self.seed * 1_000_003 + step * 1009 + replica
+        if refill:  # a refill batch draws its own numbers, not the rollout's again
+            seed = int.from_bytes(hashlib.sha256(f"{seed}/refill{refill}".encode()).digest()[:7], "little")
+        generator = torch.Generator().manual_seed(seed)
         batch = generate(
             self.model, prompts, self.tokenizer, self.cfg.sampling,
             max_len=self.max_len, generator=generator, kv_cache=self.cfg.kv_cache,

@@ -84,8 +84,9 @@ class SGLangRolloutEngine:
 
     # -- sampling ---------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[Prompt], step: int) -> Trajectories:
-        """Sample `prompts` (collective: every rank calls it with the same step)."""
+    def generate(self, prompts: list[Prompt], step: int, *, refill: int = 0) -> Trajectories:
+        """Sample `prompts` (collective: every rank calls it with the same step). Seeds are per
+        sample id, so a refill batch (other prompts, other ids) draws its own numbers already."""
         if not self.synced:
             self.sync_weights(step)
         return broadcast_object(self._request(prompts) if self.is_src else None, self.src, self.group)

@@ -29,19 +29,27 @@ def verify_by_domain(
     score sum, samples, timed out] per domain of `domains`, summed over the data-parallel replicas).
 
     Collective over the whole world (every rank calls it, each with its replica's rows)."""
-    from megatron.core import parallel_state
-
     group, src = replica_group_and_src()
     results = on_replica_source(lambda: score_responses(prompts, texts, reward_of), src, group)
     counts = torch.zeros(len(domains), 4, dtype=torch.float64)
-    # One rank per replica counts (its TP/PP ranks hold copies; CP ranks share its rows).
-    if dist.get_rank() == src and parallel_state.get_context_parallel_rank() == 0:
-        index = {d: i for i, d in enumerate(domains)}
-        for p, r in zip(prompts, results):
-            row = [float(is_correct(r)), r.score, 1.0, float(r.timed_out)]
-            counts[index[p.domain]] += torch.tensor(row, dtype=torch.float64)
-    dist.all_reduce(counts)
-    return results, counts
+    index = {d: i for i, d in enumerate(domains)}
+    for p, r in zip(prompts, results):
+        row = [float(is_correct(r)), r.score, 1.0, float(r.timed_out)]
+        counts[index[p.domain]] += torch.tensor(row, dtype=torch.float64)
+    return results, sum_over_replicas(counts)
+
+
+def sum_over_replicas(tally: torch.Tensor) -> torch.Tensor:
+    """The sum over data-parallel replicas of a host tally that every rank of a replica holds a
+    copy of: one rank per replica counts (its TP/PP ranks hold copies; CP ranks share its rows).
+    Collective over the whole world; `tally` is not modified."""
+    from megatron.core import parallel_state
+
+    _, src = replica_group_and_src()
+    counted = dist.get_rank() == src and parallel_state.get_context_parallel_rank() == 0
+    out = tally.clone() if counted else torch.zeros_like(tally)
+    dist.all_reduce(out)
+    return out
 
 
 def held_out_accuracy(

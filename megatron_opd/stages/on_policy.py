@@ -135,16 +135,27 @@ class OnPolicyStage:
         return repeat_for_group(self.source.prompts(indices.start, len(indices)), self.group_size)
 
     def make_rollout(self, index: int) -> Rollout:
-        prompts = self.replica_prompts(index)
-        t0 = time.perf_counter()
-        batch = self.engine.generate(prompts, index * self.updates_per_rollout)
-        t_rollout = time.perf_counter() - t0
-        rollout = Rollout(index, prompts, batch)
-        rollout.metrics = metrics = self.verify(rollout)
+        rollout = self.sample(index)
         t0 = time.perf_counter()
         rollout.scores = self.score(rollout)  # which may add its own metrics to rollout.metrics
-        metrics.update(rollout_time_s=t_rollout, score_time_s=time.perf_counter() - t0)
-        metrics["rollout_tokens_per_s"] = float(batch.response_lens.sum()) * self.trainer.dp_size / max(t_rollout, 1e-9)
+        rollout.metrics["score_time_s"] = time.perf_counter() - t0
+        return rollout
+
+    def sample(self, index: int) -> Rollout:
+        """Rollout `index` of this replica, generated and verified (`batch.rewards`, the rollout
+        metrics). A stage that draws further prompts (GRPO's dynamic sampling) overrides it."""
+        return self.sample_prompts(index, self.replica_prompts(index))
+
+    def sample_prompts(self, index: int, prompts: list[Prompt], refill: int = 0) -> Rollout:
+        """`prompts` sampled for rollout `index` (refill batch `refill` of it: its own seeds) and
+        verified, with the generation's time and tokens/s (collective over the world)."""
+        t0 = time.perf_counter()
+        batch = self.engine.generate(prompts, index * self.updates_per_rollout, refill=refill)
+        t_rollout = time.perf_counter() - t0
+        rollout = Rollout(index, prompts, batch)
+        rollout.metrics = self.verify(rollout)
+        rollout.metrics["rollout_time_s"] = t_rollout
+        rollout.metrics["rollout_tokens_per_s"] = float(batch.response_lens.sum()) * self.trainer.dp_size / max(t_rollout, 1e-9)
         return rollout
 
     def verify(self, rollout: Rollout) -> dict[str, float]:

@@ -62,6 +62,12 @@ RESUME_RULES: list[tuple[str, Kind, str]] = [
     ("parallel.*", "changeable", "checkpoints reshard to another layout (RNG states restore only under the same one)"),
     ("rollout.*", "changeable", "sampling settings and the engine"),
     ("opd.*", "changeable", "numerically equivalent paths and the signal cache"),
+    ("grpo.eps_low", "changeable", "the clip range: applied to the updates after the resumed step"),
+    ("grpo.eps_high", "changeable", "the clip range: applied to the updates after the resumed step"),
+    ("grpo.opsm_delta", "changeable", "the masking threshold: applied to the updates after the resumed step"),
+    ("grpo.aggregation", "changeable", "how token losses are averaged: applied to the updates after the resumed step"),
+    ("grpo.*", "fixed", "group size, updates per batch, dynamic sampling and refill rounds place the data cursor; "
+     "advantages, reference, KL and kept-set log-probs are part of a rollout a checkpoint keeps"),
     ("run.*", "changeable", "where and how the run reports"),
     ("pipeline.*", "changeable", "read by `megatron-opd run`, not by the trainer"),
     ("recipe.*", "changeable", "read by `megatron-opd run` (launchers/recipe.py), not by the trainer"),

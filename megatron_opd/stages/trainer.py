@@ -309,7 +309,7 @@ class Trainer:
         Only the last pipeline stage holds reports; tensor-parallel ranks hold identical copies,
         which cancel in sum/count. Every rank must call this (it is a collective)."""
         names = sorted({k for r in reports for k in r})
-        names = _broadcast_names(names)
+        names = _all_names(names)
         if not names:
             return {}
         stacked = torch.zeros(len(names), 2, dtype=torch.float64)
@@ -403,15 +403,20 @@ class Trainer:
         self.writer = MetricsWriter(self.run_dir, enabled=self.is_logger, start=step)
         self.ledger.truncate(step)
 
-    def load_weights(self, path: str | Path) -> None:
-        """Initialise the model (not the optimizer) from a checkpoint dir or a root holding them."""
+    def load_weights(
+        self, path: str | Path, model: list[torch.nn.Module] | None = None, *, key: str = "train.init_from"
+    ) -> Path:
+        """Initialise the model (not the optimizer), or other chunks of its layout (`model`: a
+        frozen reference), from a checkpoint dir or a root holding them (a run or model directory);
+        returns the checkpoint. `key`: the config key that named `path`, for the error."""
         path = Path(path)
         if not (path / ckpt.COMPLETE).exists():
             found = ckpt.latest_complete(path) or ckpt.latest_complete(path / "checkpoints")
             if found is None:
-                raise FileNotFoundError(f"train.init_from={path} holds no complete checkpoint")
+                raise FileNotFoundError(f"{key}={path} holds no complete checkpoint")
             path = found
-        ckpt.load_checkpoint(path, self.model, None, load_rng=False)
+        ckpt.load_checkpoint(path, self.model if model is None else model, None, load_rng=False)
+        return path
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -549,15 +554,16 @@ def _gather_replica_ids(ids: list[str]) -> list[str]:
     return [i for part in gathered for i in part]
 
 
-def _broadcast_names(names: list[str]) -> list[str]:
-    """The metric names from the last pipeline stage, known to every rank."""
-    from megatron.core import parallel_state
-
-    src = dist.get_world_size() - 1  # the last rank is always on the last pipeline stage
-    holder = [names if dist.get_rank() == src else None]
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast_object_list(holder, src=src)
-    return holder[0] if holder[0] is not None else names
+def _all_names(names: list[str]) -> list[str]:
+    """The union of every rank's metric names, sorted, known to every rank: pipeline stages
+    before the last report nothing, and data-parallel replicas may report different names (a
+    replica whose rows hold no sample of a domain has no per-domain metric for it), yet the
+    all-reduce of their (sum, count) rows needs one order everywhere."""
+    if dist.get_world_size() == 1:
+        return names
+    gathered: list[list[str]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, names)
+    return sorted({n for part in gathered for n in part})
 
 
 def check_finite(metrics: dict[str, float], keys: Sequence[str], step: int) -> None:
