@@ -62,6 +62,10 @@ def _run(config: Path, log: Path) -> subprocess.CompletedProcess:
     return out
 
 
+# About 15 worlds and 3 servers start one after another (base, 3 x expert SFT and GRPO, expert
+# samples, 3 OPD, mixed SFT, mixed RL, evaluation): a few minutes on an idle 2-core machine, more
+# than the suite's default 900 s when several jobs share its cores.
+@pytest.mark.timeout(2400)
 def test_recipe_cut_down_end_to_end(tmp_path):
     from launchers.recipe import grpo_available, plan_seed
     from megatron_opd.stages.run_dir import read_summary
