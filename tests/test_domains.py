@@ -19,7 +19,6 @@ from megatron_opd.data.domains import (
     MAX_SEQUENCE_TOKENS,
     TWINS,
     TinyDomains,
-    demonstrations,
     get_domain,
     twin_prompt,
 )
@@ -164,8 +163,11 @@ def test_sequences_fit_the_tokenizer_and_the_tiny_models(name):
         assert tokenizer.decode(row) == p.text + answer
         longest = max(longest, len(row))
     assert longest <= MAX_SEQUENCE_TOKENS
-    batch = demonstrations(prompts[:256], tokenizer, MAX_SEQUENCE_TOKENS)  # packs without truncation
-    assert int(batch.lengths.max()) <= MAX_SEQUENCE_TOKENS
+    from megatron_opd.stages.sft import encode_demonstrations
+
+    # SFT's rendering of the domain's demonstrations (refuses a row over the limit).
+    rows = encode_demonstrations(source.demonstrations(0, 256), tokenizer, MAX_SEQUENCE_TOKENS)
+    assert max(len(ids) for ids, _ in rows) <= MAX_SEQUENCE_TOKENS
 
 
 def test_tiny_configs_hold_every_domains_sequences():

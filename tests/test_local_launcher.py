@@ -242,6 +242,7 @@ def _pipeline_config(path: Path, *, opd_steps: int, student_steps: int = 0, expe
         **{
             "pipeline.expert_overrides": sft + [f"train.steps={expert_steps}", f"train.eval_every={expert_steps}"],
             "pipeline.expert_overrides_by_teacher": {},
+            "pipeline.expert_rl_overrides_by_teacher": {},  # SFT-only experts
             "pipeline.student_overrides": (
                 sft + [f"train.steps={student_steps}", "train.eval_every=1000"] if student_steps else []
             ),

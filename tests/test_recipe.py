@@ -169,9 +169,10 @@ def test_aggregate_over_seeds_by_hand():
 
 
 def test_recorded_responses_replace_the_rules_answers(tmp_path):
-    from megatron_opd.data.domains import TinyDomains, demonstrations
+    from megatron_opd.data.domains import TinyDomains
     from megatron_opd.data.samples import RecordedResponses, write_samples
     from megatron_opd.data.tokenizer import CharTokenizer
+    from megatron_opd.stages.sft import encode_demonstrations
 
     source = TinyDomains(DOMAINS, seed=0, eval_size=8)
     prompts = source.prompts(0, 6)
@@ -180,11 +181,12 @@ def test_recorded_responses_replace_the_rules_answers(tmp_path):
     write_samples(path, wrong)
     recorded = RecordedResponses(source, path)
     tok = CharTokenizer()
-    batch = demonstrations(recorded.prompts(0, 6), tok, 16)
-    for row, p, s in zip(batch.tokens.tolist(), prompts, wrong):
-        text = tok.decode(row)
-        assert text.startswith(p.text) and text[len(p.text) :].startswith(s["response"])
-        assert text == p.text + s["response"]  # the recorded answer (even an empty one), not the rule's
+    rows = encode_demonstrations(recorded.demonstrations(0, 6), tok, 16)
+    for (ids, mask), p, s in zip(rows, prompts, wrong):
+        # SFT trains on the recorded answer (even an empty one, then EOS alone), not on the rule's.
+        assert tok.decode(ids) == p.text + s["response"]
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == s["response"]
+        assert sum(mask) == len(s["response"]) + 1
     assert recorded.eval_prompts("sort") == source.eval_prompts("sort")
     with pytest.raises(ValueError, match="none at index 6"):
         recorded.prompt(6)

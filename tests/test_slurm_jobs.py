@@ -324,3 +324,64 @@ def test_hung_rank_detected_by_ft_launcher_heartbeats(slurm, tmp_path, cancel_on
     assert [e["step"] for e in ledger] == list(range(1, steps + 1))
     ids = [i for e in ledger for i in e["samples"]]
     assert len(ids) == steps * 16 and len(set(ids)) == len(ids)
+
+
+def test_grpo_job_with_its_rollout_pool(slurm, tmp_path, cancel_on_failure, monkeypatch):
+    """A real GRPO job (stages/grpo.py) with its rollout pool beside the trainer: one embedded
+    SGLang-compatible rollout server (random weights) as its own job step, /health waited on,
+    then 2 trainer ranks (TP=2) under torchrun sampling through it (rollout.engine=sglang, the
+    router-free endpoint and the key's variable name passed by the script). The trainer pushes
+    its weights before the first rollout and after every step (disk sync), so every update is
+    on-policy (ratio 1: the server's log-probs of its samples are the trainer's); the job
+    completes with every step's samples in the ledger once and each role's own log."""
+    from megatron_opd.data.tokenizer import CharTokenizer
+    from megatron_opd.models.config import ModelConfig
+    from megatron_opd.models.model_dir import write_model_dir
+
+    monkeypatch.setenv("OPD_ROLLOUT_KEY", "test-rollout-key")  # sbatch exports it to the job
+    steps = 4
+    server_dir = tmp_path / "rollout-model"
+    write_model_dir(server_dir, ModelConfig(**_tiny_model()), CharTokenizer())
+    cluster = _cluster(tmp_path)
+    cluster["api_key_env"] = "OPD_ROLLOUT_KEY"
+    cluster["rollout"] = {
+        "backend": "embedded",
+        "model_path": str(server_dir),
+        "extra_args": ["--random-init", "--threads", "1"],
+        "replicas": 1,
+        "router": False,
+        "mem": "1500M",
+    }
+    job = {
+        "stage": "grpo",
+        "run": {"name": "tiny-grpo", "output_dir": str(tmp_path / "runs"), "progress": "lines", "log_every": 1},
+        "parallel": {"tp": 2},
+        "model": _tiny_model(),
+        "train": {"steps": steps, "micro_batch_size": 8, "global_batch_size": 8, "checkpoint_every": 2,
+                  "eval_every": 0, "eval_at_start": False},
+        "data": {"domains": ["add"], "eval_size": 16},
+        "rollout": {"engine": "sglang", "max_new_tokens": 4, "weight_sync": "disk"},
+        "grpo": {"group_size": 4},
+        "cluster": cluster,
+    }  # fmt: skip
+    job_id, log_dir = _submit(job, tmp_path)
+    cancel_on_failure.append(job_id)
+    state = _wait_done(job_id, log_dir, 600)
+    assert state == "COMPLETED", f"job ended {state}\n{_dump(log_dir)}"
+    run_dir = tmp_path / "runs/tiny-grpo"
+    assert json.loads((run_dir / "summary.json").read_text())["finished"]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in rows if "train/loss" in r}
+    assert sorted(train) == list(range(1, steps + 1))
+    for s, r in train.items():
+        assert abs(r["train/ratio"] - 1.0) < 1e-4, (s, r["train/ratio"])
+        assert "train/reward/add" in r and r["train/rollout_tokens_per_s"] > 0
+    assert sorted(p.name for p in (run_dir / "rollout_weights").iterdir()) == [f"step_{steps:08d}"]
+    from megatron_opd.stages.trainer import read_ledger
+
+    ids = [i for e in read_ledger(run_dir) for i in e["samples"]]
+    assert len(ids) == steps * 8 and len(set(ids)) == len(ids)
+    first = log_dir / f"job-{job_id}-0"
+    names = sorted(p.name.rsplit("-", 1)[0] for p in first.glob("*.log"))
+    assert names == ["rollout-0", "trainer"], names
+    assert "trainer finished with status 0" in (log_dir / f"job-{job_id}.log").read_text()

@@ -8,8 +8,9 @@ keeps them one line each,
     {"index": 17, "domain": "sort", "prompt": "s:5193=", "response": "1359"}
 
 and `RecordedResponses` wraps the prompt source they came from: training prompt `index` is that
-source's prompt with the recorded response in `metadata["response"]`, which
-`data.domains.demonstrations` trains on. A recorded prompt that is not the source's prompt at its
+source's prompt with the recorded response in `metadata["response"]`, and its demonstration
+(what SFT trains on, stages/sft.py) is that prompt as the user turn answered by the recorded
+response. A recorded prompt that is not the source's prompt at its
 index (another data.seed or domain list), or an index beyond the file, is an error: nothing is
 silently replaced by the rule's answer. Torch-free.
 """
@@ -21,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from megatron_opd.data.prompts import Prompt, PromptSource
+from megatron_opd.data.prompts import Demonstration, Prompt, PromptSource
 
 
 def write_samples(path: str | Path, samples: Iterable[Mapping]) -> int:
@@ -79,6 +80,13 @@ class RecordedResponses:
 
     def prompts(self, start: int, count: int) -> list[Prompt]:
         return [self.prompt(i) for i in range(start, start + count)]
+
+    def demonstrations(self, start: int, count: int) -> list[Demonstration]:
+        """The prompts of [start, start + count), each answered by its recorded response."""
+        return [
+            Demonstration(p, ({"role": "user", "content": p.text}, {"role": "assistant", "content": p.metadata["response"]}))
+            for p in self.prompts(start, count)
+        ]
 
     def eval_prompts(self, domain: str) -> list[Prompt]:
         return self.source.eval_prompts(domain)
