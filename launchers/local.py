@@ -9,8 +9,9 @@ Roles, in order:
                continues from its SFT run with GRPO on its own domains (stages/grpo.py): its SFT
                run is then `<expert dir>-sft` and the GRPO run is the expert directory served;
                an empty list skips RL (the SFT run is the expert);
-  4. servers   one embedded SGLang-compatible teacher server per expert on 127.0.0.1
-               (`pipeline.replicas` per teacher, behind the real sglang-router when > 1);
+  4. servers   one embedded SGLang-compatible teacher server per served expert on 127.0.0.1
+               (`pipeline.replicas` per teacher, behind the real sglang-router when > 1); experts
+               with `teachers.<name>.placement: in_job` get none: the trainer loads them itself;
   5. distill   the OPD stage on `run.nproc` trainer ranks, talking HTTP to those servers;
   6. report    a per-domain table (expert after SFT, expert after GRPO, student before and after
                OPD), summary.json and a plot of the training curves in the run directory.
@@ -72,7 +73,8 @@ def _sft_dir(cfg: JobConfig, name: str) -> Path:
 
 def sft_jobs(cfg: JobConfig) -> tuple[dict[str, JobConfig], JobConfig | None]:
     """The SFT jobs the distillation needs: one per expert, and the student's warm start (or None)."""
-    sft = {"stage": "sft", "teachers": {}, "train.init_from": ""}
+    # Only the distilled student is released (train.export_hf), not the experts or the warm start.
+    sft = {"stage": "sft", "teachers": {}, "train.init_from": "", "train.export_hf": ""}
     experts = {}
     for name in sorted(cfg.teachers):
         out = _sft_dir(cfg, name)
@@ -145,9 +147,12 @@ def run_sft_jobs(jobs: dict[str, JobConfig], parallel: int, label: str = "SFT") 
 
 def _foreign(run_dir: Path) -> bool:
     """A model directory with checkpoints that no `megatron-opd train` run left (a converted or
-    copied teacher): it is served as it is, never trained on."""
+    copied teacher), or a Hugging Face model directory: it is served as it is, never trained on."""
+    from megatron_opd.models.hf.config_json import is_hf_model_dir
     from megatron_opd.runtime.checkpoint import latest_complete
 
+    if is_hf_model_dir(run_dir):
+        return True
     return latest_complete(run_dir / "checkpoints") is not None and not any(
         (run_dir / name).exists() for name in ("summary.json", "config.yaml")
     )
@@ -177,7 +182,8 @@ def expert_accuracy(
 
 
 def start_servers(cfg: JobConfig, stack: ExitStack) -> dict[str, list[str]]:
-    """One embedded teacher server per expert replica (and a router in front of replicas > 1)."""
+    """One embedded teacher server per served expert replica (and a router in front of replicas
+    > 1); in-job teachers get none (their endpoints stay empty)."""
     from megatron_opd.serving.launch import start_router, start_teacher_server, wait_ready
 
     endpoints: dict[str, list[str]] = {}
@@ -185,6 +191,9 @@ def start_servers(cfg: JobConfig, stack: ExitStack) -> dict[str, list[str]]:
     logs = cfg.run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     for name in sorted(cfg.teachers):
+        if cfg.teachers[name].placement == "in_job":
+            endpoints[name] = []
+            continue
         if cfg.teachers[name].endpoints:
             endpoints[name] = list(cfg.teachers[name].endpoints)
             continue
@@ -209,7 +218,11 @@ def start_servers(cfg: JobConfig, stack: ExitStack) -> dict[str, list[str]]:
                 router = stack.enter_context(start_router(urls, log_path=logs / f"router-{name}.log"))
                 urls = [router.url]
             endpoints[name] = urls
-    _say("teacher servers ready: " + ", ".join(f"{n} -> {u}" for n, u in endpoints.items()))
+    if handles or any(endpoints.values()):
+        _say("teacher servers ready: " + ", ".join(f"{n} -> {u}" for n, u in endpoints.items() if u))
+    in_job = [n for n, u in endpoints.items() if not u]
+    if in_job:
+        _say(f"in-job teachers (loaded by the trainer): {', '.join(in_job)}")
     return endpoints
 
 

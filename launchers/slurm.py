@@ -325,6 +325,13 @@ def check(p: JobPlan) -> None:
     for name in sorted(job.teachers):
         teacher = job.teachers[name]
         pool = c.teachers.get(name)
+        if teacher.placement == "in_job":  # the trainer loads it: no servers
+            if pool is not None:
+                errors.append(
+                    f"teacher {name!r} has teachers.{name}.placement=in_job (the trainer loads it) and servers in "
+                    f"cluster.teachers.{name}; remove cluster.teachers.{name} or set teachers.{name}.placement=server"
+                )
+            continue
         if pool is None and not teacher.endpoints:
             errors.append(
                 f"teacher {name!r} has no servers: add cluster.teachers.{name} (model_path, replicas, tp) "

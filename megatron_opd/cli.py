@@ -48,9 +48,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     # Each benchmark declares its own flags; they are parsed by the benchmark itself.
     p.add_argument(
         "which",
-        choices=["loss", "teachers", "rollout", "steps"],
+        choices=["loss", "teachers", "rollout", "steps", "placement"],
         help="loss: reverse-KL kernels; teachers: wire formats; rollout: embedded KV cache vs none; "
-        "steps: SFT vs GRPO vs OPD step (train tokens/s, rollout and scoring time)",
+        "steps: SFT vs GRPO vs OPD step (train tokens/s, rollout and scoring time); "
+        "placement: an OPD step with served vs in-job teachers",
     )
     p.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags (see: bench WHICH --help)")
 
@@ -117,6 +118,7 @@ def bench_command(args) -> int:
         "teachers": "megatron_opd.teachers.bench",
         "rollout": "megatron_opd.rollout.bench",
         "steps": "megatron_opd.stages.bench",
+        "placement": "megatron_opd.stages.placement_bench",
     }[args.which]
     return int(importlib.import_module(module).main(args.args) or 0)
 

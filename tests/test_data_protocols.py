@@ -40,8 +40,9 @@ def test_load_tokenizer_dispatches_on_what_the_directory_holds(tmp_path):
     mine.save(tmp_path / "char")
     loaded = load_tokenizer(tmp_path / "char")
     assert loaded == mine and loaded.fingerprint == mine.fingerprint != CharTokenizer().fingerprint
-    # A Hugging Face tokenizer (the `tokenizers` library's tokenizer.json, or tokenizer_config.json
-    # in hf/ as an import leaves it) is recognised and refused by name, not misread.
+    # Hugging Face tokenizer files (the `tokenizers` library's tokenizer.json, or tokenizer_config.json
+    # in hf/ as an import leaves it) go to the HF tokenizer (tests/test_hf_tokenizer.py); these stubs
+    # are refused by name, not misread as the character tokenizer.
     (tmp_path / "hf_json").mkdir()
     (tmp_path / "hf_json/tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
     with pytest.raises(ValueError, match="Hugging Face tokenizer"):

@@ -15,6 +15,7 @@ rank starts, so a typo never silently falls back to a default or fails deep insi
 from megatron_opd.config.job import (
     DataConfig,
     GRPOConfig,
+    DatasetConfig,
     JobConfig,
     OPDConfig,
     OptimConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "GRPOConfig",
+    "DatasetConfig",
     "JobConfig",
     "OPDConfig",
     "OptimConfig",

@@ -19,6 +19,7 @@ from typing import Callable, Literal
 from megatron_opd.config.stages import CheckContext, stage_spec
 from megatron_opd.config.typed import ConfigError
 from megatron_opd.models.config import ModelConfig
+from megatron_opd.models.hf.config_json import check_model_agrees, is_hf_model_dir
 from megatron_opd.rollout.config import RolloutConfig
 from megatron_opd.runtime.cluster import ClusterConfig
 from megatron_opd.runtime.layout import ParallelLayout
@@ -85,8 +86,14 @@ class TrainConfig:
     # attempt it is given to (megatron_opd/stages/run_dir.py, docs/architecture.md "Resume").
     resume: bool = True
     restart: bool = False
-    # Initialise the model from this checkpoint directory (a step_* dir or a root holding them).
+    # Initialise the model from this checkpoint directory (a step_* dir or a root holding them),
+    # a model directory, or a Hugging Face model directory (config.json + safetensors: `model:`
+    # must describe config.json, models/hf/config_json.py).
     init_from: str = ""
+    # When the run reaches train.steps: release its final checkpoint as a Hugging Face directory
+    # here (config.json, safetensors, tokenizer files, chat template), written beside and swapped
+    # in when complete ("" = no export; a stopped run exports when a rerun finishes it).
+    export_hf: str = ""
     eval_every: int = 0
     # Evaluate before the first step too (the "before" of a distillation report).
     eval_at_start: bool = True
@@ -106,12 +113,71 @@ class TrainConfig:
             )
 
 
+# The tiny domains a job trains on when it names no dataset files.
+DEFAULT_TINY_DOMAINS = ["add", "reverse", "sort"]
+DATASET_SUFFIXES = (".jsonl", ".parquet")
+
+
+@dataclass
+class DatasetConfig:
+    """One prompt file of `data.datasets` (docs/data.md: row format, mixing, held-out rows)."""
+
+    path: str = ""  # a .jsonl or .parquet file
+    # The domain of its rows; a row's own `domain` field may name another domain of data.datasets.
+    domain: str = ""
+    # The reward (rewards/registry.py: math, code, exact, regex, the tiny ones) that verifies the
+    # domain's responses; "" for data that is never verified (SFT conversations).
+    verifier: str = ""
+    weight: float = 1.0  # its share of the training samples: weight / the sum of the weights
+    # Held-out rows, never trained on: a fraction of the file's rows, or the rows of another file.
+    eval_fraction: float = 0.0
+    eval_path: str = ""
+
+    def check(self, where: str) -> None:
+        for key in ("path", "eval_path"):
+            value = getattr(self, key)
+            if key == "path" and not value:
+                raise ConfigError(f"{where}.path is empty; name a .jsonl or .parquet file")
+            if value and not value.endswith(DATASET_SUFFIXES):
+                raise ConfigError(f"{where}.{key}={value}: a dataset file ends in .jsonl or .parquet")
+            if value and not Path(value).is_file():
+                raise ConfigError(f"{where}.{key}={value} does not exist")
+        if not self.domain:
+            raise ConfigError(f"{where}.domain is empty; name the domain of its rows (per-domain metrics and teachers use it)")
+        if not self.weight > 0:
+            raise ConfigError(f"{where}.weight must be > 0, got {self.weight}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"{where}.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction and self.eval_path:
+            raise ConfigError(f"{where} sets both eval_fraction and eval_path; hold out rows one way")
+
+
 @dataclass
 class DataConfig:
-    # Tiny verifiable domains used for training (see megatron_opd.data.domains).
-    domains: list[str] = field(default_factory=lambda: ["add", "reverse", "sort"])
-    eval_size: int = 200
+    # Tiny verifiable domains used for training (see megatron_opd.data.domains) when `datasets`
+    # is empty; with datasets, the domains are theirs.
+    domains: list[str] = field(default_factory=lambda: list(DEFAULT_TINY_DOMAINS))
+    # Prompt files mixed by weight (data/datasets.py); empty: the tiny domains.
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    # A bad row (undecodable, a missing or malformed field, over-long): "error" stops with its
+    # file and line before any step; "drop" leaves it out and reports the count (data/dropped_rows).
+    bad_rows: Literal["error", "drop"] = "error"
+    # The tokenizer directory (Hugging Face files, or a model directory) of a model trained from
+    # scratch; "" the run's own, else train.init_from's, else the character tokenizer.
+    tokenizer: str = ""
+    eval_size: int = 200  # held-out prompts per domain (at most)
     seed: int = 0
+
+    @property
+    def source_domains(self) -> list[str]:
+        """The domains the job's prompts come from, in order: the datasets', else `domains`."""
+        if self.datasets:
+            return list(dict.fromkeys(d.domain for d in self.datasets))
+        return list(self.domains)
+
+    def verifier_of(self) -> dict[str, str]:
+        """domain -> verifier name of the datasets (a domain has one verifier)."""
+        return {d.domain: d.verifier for d in self.datasets}
 
     def check(self) -> None:
         if not self.domains:
@@ -120,6 +186,25 @@ class DataConfig:
         if twice:
             raise ConfigError(f"data.domains lists {twice} more than once")
         _at_least(self, "data", eval_size=0)
+        if self.tokenizer and not Path(self.tokenizer).is_dir():
+            raise ConfigError(f"data.tokenizer={self.tokenizer} is not a directory")
+        if not self.datasets:
+            return
+        if self.domains != DEFAULT_TINY_DOMAINS and self.domains != self.source_domains:
+            raise ConfigError(
+                f"data.domains={self.domains} names tiny domains, but data.datasets is set: the domains are the "
+                f"datasets' ({self.source_domains}); drop data.domains"
+            )
+        verifier: dict[str, tuple[int, str]] = {}
+        for i, d in enumerate(self.datasets):
+            d.check(f"data.datasets[{i}]")
+            if d.domain in verifier and verifier[d.domain][1] != d.verifier:
+                j, other = verifier[d.domain]
+                raise ConfigError(
+                    f"data.datasets[{i}].verifier={d.verifier!r} but data.datasets[{j}] gives domain {d.domain!r} "
+                    f"the verifier {other!r}; a domain has one verifier"
+                )
+            verifier.setdefault(d.domain, (i, d.verifier))
 
 
 @dataclass
@@ -128,8 +213,16 @@ class OPDConfig:
     # output layers in token chunks (O(chunk x V/TP) memory) instead of from materialised logits.
     fused_output_layer: bool = False
     fused_chunk_size: int = 1024
-    # Keep every step's teacher signals in a zarr TeacherStore at this path ("" = off).
+    # Keep every step's teacher signals in a zarr TeacherStore at this path ("" = off). A
+    # restarted run reads the signals of the steps it redoes from it instead of scoring again.
     signal_store: str = ""
+    # In-job teachers (teachers.<name>.placement: in_job; teachers/in_job.py): how many are on the
+    # device at once, where their weights come from (disk: the model directory, read again when
+    # needed; host: read once at start into host memory, pinned on GPUs), and whether the next
+    # teacher's weights are read by a background thread while the current one runs.
+    resident_teachers: int = 1
+    teacher_weights: Literal["disk", "host"] = "disk"
+    prefetch_teachers: bool = True
 
 
 @dataclass
@@ -197,6 +290,41 @@ class PipelineConfig:
         return self.expert_rl_overrides + self.expert_rl_overrides_by_teacher.get(teacher, [])
 
 
+def check_init_from(cfg: "JobConfig") -> None:
+    """A Hugging Face `train.init_from` must be the model `model:` describes (read where the
+    directory is reachable: a login node may not see the cluster's file systems; every rank
+    checks again before it builds the model)."""
+    if cfg.train.init_from and is_hf_model_dir(cfg.train.init_from):
+        check_model_agrees(cfg.model, cfg.train.init_from, "train.init_from")
+
+
+def check_export_hf(cfg: "JobConfig") -> None:
+    """The release directory is a new directory of its own: not the run's, not an input's."""
+    out = cfg.train.export_hf
+    if not out:
+        return
+    target = Path(out).resolve()
+    inputs = {"the run directory (run.output_dir/run.name)": cfg.run_dir, "train.init_from": cfg.train.init_from}
+    inputs.update({f"teachers.{n}.model_dir": t.model_dir for n, t in cfg.teachers.items()})
+    for key, given in inputs.items():
+        if not given:
+            continue
+        source = Path(given).resolve()
+        if target == source or target.is_relative_to(source) or source.is_relative_to(target):
+            raise ConfigError(
+                f"train.export_hf={out} overlaps {key} ({given}): the export would be written into or "
+                f"over it; choose a directory outside it (e.g. {Path(cfg.run.output_dir) / (cfg.run.name + '-hf')})"
+            )
+    if target.is_file():
+        raise ConfigError(f"train.export_hf={out} is a file; name a directory")
+    if target.is_dir() and any(target.iterdir()) and not (target / "manifest.json").is_file():
+        # A release replaces an earlier release (an export writes manifest.json), nothing else.
+        raise ConfigError(
+            f"train.export_hf={out} exists, is not empty and is not a release (no manifest.json): the "
+            f"export would replace it; name a new or empty directory"
+        )
+
+
 def _at_least(section, prefix: str, **minimum: float) -> None:
     for key, low in minimum.items():
         value = getattr(section, key)
@@ -260,6 +388,8 @@ class JobConfig:
         layout = collect(self.parallel.resolve, world) if world >= 1 else None
         collect(self.model.check, layout or self.parallel)
         collect(self.train.check, layout.dp if layout else None)
+        collect(check_init_from, self)
+        collect(check_export_hf, self)
         collect(self.data.check)
         ctx = CheckContext(world, layout, endpoints_from_launcher, by_pipeline)
         for problem in stage_spec(self.stage).check(self, ctx):

@@ -64,11 +64,18 @@ def check_opd(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
         return ["stage opd needs teachers: the teachers: section is empty; add teachers.NAME with its domains"]
     problems += _raised(check_teachers, cfg.teachers, endpoints_required=ctx.endpoints_given)
     owner = {d: n for n, t in cfg.teachers.items() for d in t.domains}
-    for domain in cfg.data.domains:
+    where = "data.datasets" if cfg.data.datasets else "data.domains"
+    for domain in cfg.data.source_domains:
         if domain not in owner:
             problems.append(
-                f"domain {domain!r} (data.domains) has no teacher; add it to the domains of one "
+                f"domain {domain!r} ({where}) has no teacher; add it to the domains of one "
                 f"of teachers {sorted(cfg.teachers)}"
+            )
+    for i, d in enumerate(cfg.data.datasets):
+        if not d.verifier:  # on-policy stages verify every rollout (per-domain accuracy in the report)
+            problems.append(
+                f"data.datasets[{i}] ({d.path}) has no verifier, which the opd stage scores its domain "
+                f"{d.domain!r} with; set data.datasets[{i}].verifier (math, code, exact, regex)"
             )
     for name in sorted(cfg.teachers):
         t = cfg.teachers[name]
@@ -90,7 +97,13 @@ def check_opd(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
         )
     if cfg.opd.fused_chunk_size < 1:
         problems.append(f"opd.fused_chunk_size must be >= 1, got {cfg.opd.fused_chunk_size}")
-    problems += _raised(cfg.rollout.check, endpoints_required=ctx.endpoints_given)
+    if cfg.opd.resident_teachers < 1:
+        problems.append(
+            f"opd.resident_teachers must be >= 1 (in-job teachers on the device at once), got {cfg.opd.resident_teachers}"
+        )
+    if cfg.opd.teacher_weights not in ("disk", "host"):
+        problems.append(f"opd.teacher_weights={cfg.opd.teacher_weights!r}; expected disk or host")
+    problems += _raised(cfg.rollout.check, endpoints_required=ctx.endpoints_given, model=cfg.model, layout=ctx.layout)
     if ctx.by_pipeline:  # only `megatron-opd run` reads the pipeline: section
         problems += _raised(cfg.pipeline.check, cfg.teachers)
     return problems

@@ -13,7 +13,8 @@ Prompts are short on purpose: with BOS and EOS every sequence fits in 16 tokens.
 
 `TinyDomains` is their `PromptSource` (data/prompts.py): a global sample index maps to a prompt
 deterministically (round-robin over the domains), held-out prompts come from a separate stream,
-and each domain is verified by the reward of its own name.
+and each domain is verified by the reward of its own name. Its demonstrations (SFT) are each
+prompt as a user turn answered by the domain's rule.
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from megatron_opd.data.prompts import Prompt, encode_prompts
-from megatron_opd.data.tokenizer import Tokenizer
-from megatron_opd.data.trajectories import Trajectories, pack
+from megatron_opd.data.prompts import Demonstration, Prompt
 
 
 @dataclass(frozen=True)
@@ -126,12 +125,9 @@ class TinyDomains:
     def reward_name(self, domain: str) -> str:
         return domain  # rewards/tiny.py registers each domain's rule verifier under its name
 
-
-def demonstrations(prompts: list[Prompt], tokenizer: Tokenizer, max_len: int) -> Trajectories:
-    """Prompts with their correct answers and EOS as responses: the SFT batch."""
-    encoded = encode_prompts(prompts, tokenizer)
-    rows = [
-        e + tokenizer.encode(get_domain(p.domain).solve(p.text)) + [tokenizer.eos_id]
-        for e, p in zip(encoded, prompts)
-    ]
-    return pack(rows, [len(e) for e in encoded], prompts, tokenizer, max_len)
+    def demonstrations(self, start: int, count: int) -> list[Demonstration]:
+        """The prompts of [start, start + count), each answered by its domain's rule: SFT's data."""
+        return [
+            Demonstration(p, ({"role": "user", "content": p.text}, {"role": "assistant", "content": get_domain(p.domain).solve(p.text)}))
+            for p in self.prompts(start, count)
+        ]

@@ -1,10 +1,14 @@
-"""Prompts and where they come from: `Prompt`, the `PromptSource` protocol, the data cursor.
+"""Prompts and where they come from: `Prompt`, the `PromptSource` protocol, SFT's
+`Demonstration`s and `DemonstrationSource`, the data cursor.
 
 A prompt source maps a global sample index to a prompt deterministically, so a data cursor is one
 integer, a resumed run sees exactly the samples an uninterrupted run would, and every sample has a
 stable id. Held-out evaluation prompts come from a separate stream and are never trained on.
-Implementations: the tiny domains (data/domains.py); prompt files come next (issue 15). This
-module imports no torch, so configuration checks can use it.
+A source that also supplies demonstrations (a whole conversation ending with the assistant's
+turn, for the same index) is what SFT trains on. Implementations: the tiny domains
+(data/domains.py) and prompt files (data/datasets.py). A source may carry `metrics`, counts of
+what loading it did (rows dropped by `data.bad_rows: drop`), which stages report with every step.
+This module imports no torch, so configuration checks can use it.
 
 Batch k of a stream of batches of N items holds global indices [k N, (k + 1) N); data-parallel
 replica d of D takes the d-th of D equal slices (`replica_slice`). Every stage cuts its data that
@@ -29,6 +33,8 @@ class Prompt:
     messages: tuple[Mapping[str, str], ...] | None = field(default=None, hash=False)
     # What a verifier needs besides the text (a reference answer, tests, a rubric); free-form.
     metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    # Where the sample came from ("data/math.jsonl:17"), for error messages; not part of equality.
+    origin: str = field(default="", compare=False, hash=False)
 
 
 @runtime_checkable
@@ -50,6 +56,24 @@ class PromptSource(Protocol):
 
     def reward_name(self, domain: str) -> str:
         """The name, in the rewards/ registry, of the reward that verifies `domain`'s responses."""
+        ...
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """An SFT example: the sample's prompt (id, domain, origin) and the whole conversation, ending
+    with the assistant's turn; `Tokenizer.encode_conversation` renders it with the loss mask."""
+
+    prompt: Prompt
+    messages: tuple[Mapping[str, str], ...] = field(hash=False)
+
+
+@runtime_checkable
+class DemonstrationSource(PromptSource, Protocol):
+    """A prompt source that also supplies a demonstration for each training index."""
+
+    def demonstrations(self, start: int, count: int) -> list[Demonstration]:
+        """The demonstrations of global positions [start, start + count)."""
         ...
 
 

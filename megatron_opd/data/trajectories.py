@@ -41,7 +41,11 @@ class Trajectories:
     # reports it). None when not recorded or when the sampler kept the whole vocabulary.
     kept_ids: torch.Tensor | None = None
     kept_logprobs: torch.Tensor | None = None
-    routed_experts: torch.Tensor | None = None  # [B, T, layers, topk] long, experts chosen when sampling
+    # Keep routing (MoE): [B, T, moe_layers, topk] int32, at each token position the expert ids every
+    # MoE layer (in model order, `ModelConfig.moe_layers`) chose when the sampler fed that token;
+    # -1 where nothing was fed (a row's last token, padding). T is `tokens`' width, so the training
+    # forward of the same rows replays it position for position (models/routing.py).
+    routed_experts: torch.Tensor | None = None
     weight_version: str = ""  # policy version that sampled these rows
 
     def __post_init__(self):

@@ -69,6 +69,13 @@ class ModelConfig:
         return self.num_experts > 0
 
     @property
+    def moe_layers(self) -> list[int]:
+        """0-based indices of the MoE layers (the layers of `Trajectories.routed_experts`)."""
+        if not self.is_moe:
+            return []
+        return [i for i in range(self.num_layers) if not self.moe_layer_freq or self.moe_layer_freq[i]]
+
+    @property
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
 
@@ -106,6 +113,11 @@ class ModelConfig:
         if self.rope_scaling == "llama3" and self.multi_latent_attention:
             raise ValueError("model.rope_scaling=llama3 does not apply to multi-latent attention; use yarn")
         mla_dims = (self.kv_lora_rank, self.qk_head_dim, self.qk_pos_emb_head_dim, self.v_head_dim)
+        if self.multi_latent_attention and self.num_query_groups:
+            raise ValueError(
+                f"model.multi_latent_attention does not take model.num_query_groups={self.num_query_groups} "
+                "(multi-latent attention has one key/value head per query head); set model.num_query_groups=0"
+            )
         if self.multi_latent_attention and not all(mla_dims):
             raise ValueError(
                 "model.multi_latent_attention needs kv_lora_rank, qk_head_dim, qk_pos_emb_head_dim and v_head_dim"

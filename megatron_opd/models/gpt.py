@@ -11,6 +11,8 @@ local (pure megatron-core) spec otherwise: the same model, swappable implementat
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from megatron_opd.models.config import ModelConfig
@@ -28,13 +30,17 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def transformer_config(cfg: ModelConfig, layout: ParallelLayout, dtype: torch.dtype = torch.float32):
+def transformer_config(
+    cfg: ModelConfig, layout: ParallelLayout, dtype: torch.dtype = torch.float32, *, routing_replay: bool = False
+):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     cfg.check(layout)
     moe = {}
     if cfg.is_moe:
         moe = dict(
+            # Keep routing (models/routing.py): every router gets megatron's RouterReplay.
+            moe_enable_routing_replay=routing_replay,
             num_moe_experts=cfg.num_experts,
             moe_router_topk=cfg.moe_topk,
             moe_ffn_hidden_size=cfg.moe_ffn_hidden_size or cfg.ffn_size,
@@ -169,12 +175,14 @@ def build_gpt_model(
     post_process: bool | None = None,
     on_device: torch.device | str | None = None,
     use_transformer_engine: bool | None = None,
+    routing_replay: bool = False,
 ):
     """Build this rank's part of the model (its TP shard and PP stage) on the runtime's device.
 
     Requires `runtime.init_runtime` to have set up megatron's parallel state. `on_device` overrides
     the runtime's device ("meta", inside `with torch.device("meta")`, builds the structure without
-    memory); `use_transformer_engine` overrides the automatic choice of layer spec.
+    memory); `use_transformer_engine` overrides the automatic choice of layer spec;
+    `routing_replay` (MoE models) lets models/routing.py record and replay the routers' choices.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -182,7 +190,7 @@ def build_gpt_model(
 
     from megatron_opd.runtime.distributed import device
 
-    config = transformer_config(cfg, layout, dtype)
+    config = transformer_config(cfg, layout, dtype, routing_replay=routing_replay)
     use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
     # The block spec places dense and MoE layers per moe_layer_freq (all dense without experts).
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
@@ -229,3 +237,25 @@ def mask_vocab_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
         return logits
     is_token = torch.arange(start, start + shard, device=logits.device) < vocab_size
     return logits.masked_fill(~is_token, float("-inf"))
+
+
+@contextlib.contextmanager
+def output_layer_bypassed(model: torch.nn.Module, *, gather_sequence: bool = False):
+    """Make megatron's output layer hand back its input: `GPTModel.forward` then returns the final
+    (post-norm) hidden states [b, s, h] instead of logits, for losses that apply a head themselves
+    and for in-job teachers (teachers/in_job.py). Under sequence parallelism that input is this
+    rank's sequence shard; `gather_sequence` gathers the whole sequence (forward only)."""
+    layer = model.output_layer
+
+    def forward(input_, weight=None, runtime_gather_output=None):
+        if gather_sequence and model.config.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            input_ = gather_from_sequence_parallel_region(input_)
+        return input_, None
+
+    layer.forward = forward
+    try:
+        yield
+    finally:
+        del layer.forward

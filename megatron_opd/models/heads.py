@@ -4,7 +4,9 @@ A `hidden` teacher sends its final (post-norm) hidden states; the trainer multip
 teacher's own output layer, split over the student's tensor-parallel ranks exactly like the
 student's vocab-parallel output layer, so student and teacher logits of one vocabulary shard
 sit on the same rank. Only this rank's rows are read from the teacher's dist checkpoint when the
-padded vocabularies agree; otherwise the full matrix is read once and re-cut.
+padded vocabularies agree; otherwise the full matrix is read once and re-cut. A teacher given as
+a Hugging Face directory has its rows read straight from the memory-mapped safetensors
+(lm_head.weight, or the embedding of a tied model).
 """
 
 from __future__ import annotations
@@ -32,11 +34,15 @@ def load_output_layer_shard(
 ) -> torch.Tensor:
     """Rows [r * V/tp, (r+1) * V/tp) of the teacher's output layer in the student's padded vocab.
 
-    Rows past the teacher's real vocabulary are zero (they are padding, excluded by every loss).
-    Collective when torch.distributed is initialised: every rank calls it.
+    `checkpoint`: a dist checkpoint (step_* directory), or a Hugging Face model directory
+    (ModelDir.latest_checkpoint() gives either). Rows past the teacher's real vocabulary are zero
+    (they are padding, excluded by every loss). Collective for a dist checkpoint when
+    torch.distributed is initialised: every rank calls it.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_opd.models.hf.config_json import is_hf_model_dir
 
     key = output_layer_key(teacher)
     teacher_padded = teacher.padded_vocab_size(1)
@@ -44,6 +50,8 @@ def load_output_layer_shard(
     d = teacher.hidden_size
     if student_padded_vocab % tp_size:
         raise ValueError(f"student padded vocabulary {student_padded_vocab} is not divisible by tp={tp_size}")
+    if is_hf_model_dir(checkpoint):
+        return _hf_output_layer_shard(Path(checkpoint), teacher, shard_rows, tp_rank, dtype)
     # Ranks that read the same rows must say which one is the main replica (replica_id 0); TP is
     # megatron's innermost dimension, so rank // tp numbers the readers of one vocabulary shard.
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -66,4 +74,20 @@ def load_output_layer_shard(
     start = tp_rank * shard_rows
     rows = max(0, min(teacher.vocab_size, start + shard_rows) - start)
     out[:rows] = full[start : start + rows].to(dtype)
+    return out
+
+
+def _hf_output_layer_shard(directory: Path, teacher: ModelConfig, shard_rows: int, tp_rank: int, dtype) -> torch.Tensor:
+    from megatron_opd.models.hf.load import open_hf_model, output_layer_rows
+
+    hf = open_hf_model(directory)
+    if hf.cfg.hidden_size != teacher.hidden_size or hf.cfg.vocab_size != teacher.vocab_size:
+        raise ValueError(
+            f"{directory}: config.json has hidden_size {hf.cfg.hidden_size} and vocab_size {hf.cfg.vocab_size}, "
+            f"the teacher's model config {teacher.hidden_size} and {teacher.vocab_size}"
+        )
+    start = tp_rank * shard_rows
+    rows = output_layer_rows(hf, start, min(start + shard_rows, teacher.vocab_size))
+    out = torch.zeros(shard_rows, teacher.hidden_size, dtype=dtype)
+    out[: rows.shape[0]] = rows.to(dtype)
     return out

@@ -6,9 +6,14 @@ Torch-free on purpose: the config tree imports it (a SLURM login node renders jo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from megatron_opd.runtime.secrets import LITERAL_KEY_REFUSED, SecretError, check_key_source, read_api_key
+
+
+if TYPE_CHECKING:
+    from megatron_opd.models.config import ModelConfig
+    from megatron_opd.runtime.layout import ParallelLayout
 
 
 class RolloutConfigError(ValueError):
@@ -68,6 +73,17 @@ class RolloutConfig:
     # instead of O(length^2); false re-runs every prefix (the reference path; both sample the same
     # tokens under the same seed). Held-out evaluation calls the same `generate` with the cache.
     kv_cache: bool = True
+    # Keep sampling mask (GRPO; notes/opd-math.md section 5): when the sampling truncates (top_p < 1,
+    # top_k > 0 or min_p > 0), record the kept token set of every response position
+    # (`Trajectories.kept_ids`); the SGLang engine asks the servers for it (SGLang's
+    # `return_sampling_mask`, which needs a finite top_k: rollout.top_k=0 is sent as the vocabulary
+    # size). false: never, e.g. OPD over servers that cannot return them.
+    keep_sampling_mask: bool = True
+    # Keep routing (MoE students): record the experts every MoE layer chose for every token while
+    # sampling (`Trajectories.routed_experts`) and replay them in the training forwards
+    # (models/routing.py, megatron-core's RouterReplay). The SGLang engine asks for them
+    # (`return_routed_experts`; SGLang servers need --enable-return-routed-experts).
+    keep_routing: bool = False
     # SGLang engine: "disk" exports weights and calls /update_weights_from_disk; "distributed"
     # broadcasts them under their Hugging Face names from trainer rank 0 through a process group
     # joining it and the servers (/init_weights_update_group, /begin_weight_update,
@@ -93,15 +109,21 @@ class RolloutConfig:
         """The key, read now from $api_key_env or api_key_file ("" when neither is set)."""
         return read_api_key(self.api_key_env, self.api_key_file, prefix="rollout.")
 
-    def check(self, *, endpoints_required: bool = True) -> None:
+    def check(
+        self, *, endpoints_required: bool = True, model: "ModelConfig | None" = None, layout: "ParallelLayout | None" = None
+    ) -> None:
         """Raise `RolloutConfigError` for the first bad key. `endpoints_required=False`: a launcher
-        starts the rollout servers and fills in `endpoints` itself."""
+        starts the rollout servers and fills in `endpoints` itself. `model` and `layout` (when
+        given) are what keep_routing is checked against."""
         # Not through `sampling`: its constructor would refuse the values without the dotted keys.
         problems = sampling_problems(self, "rollout.")
         if self.max_new_tokens < 1:
             problems.append(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not isinstance(self.kv_cache, bool):  # a string "false" would be truthy
-            problems.append(f"rollout.kv_cache must be true or false, got {self.kv_cache!r}")
+        for key in ("kv_cache", "keep_sampling_mask", "keep_routing"):
+            if not isinstance(getattr(self, key), bool):  # a string "false" would be truthy
+                problems.append(f"rollout.{key} must be true or false, got {getattr(self, key)!r}")
+        if self.keep_routing is True:
+            problems += keep_routing_problems(model, layout)
         if problems:
             raise RolloutConfigError("; ".join(problems))
         if self.timeout_s <= 0:
@@ -123,3 +145,19 @@ class RolloutConfig:
             check_key_source(self.api_key_env, self.api_key_file, prefix="rollout.")
         except SecretError as e:
             raise RolloutConfigError(str(e)) from None
+
+
+def keep_routing_problems(model: "ModelConfig | None", layout: "ParallelLayout | None") -> list[str]:
+    """Why rollout.keep_routing=true cannot work for this model and layout (none when unknown)."""
+    out = []
+    if model is not None and not model.is_moe:
+        out.append(
+            "rollout.keep_routing=true replays MoE routing, but model.num_experts=0 (a dense model has no "
+            "routers): set rollout.keep_routing=false, or train an MoE model"
+        )
+    if layout is not None and layout.cp > 1:
+        out.append(
+            f"rollout.keep_routing=true with parallel.cp={layout.cp}: replaying routes under context "
+            "parallelism is not supported; use parallel.cp=1"
+        )
+    return out

@@ -60,8 +60,9 @@ import torch.distributed as dist
 from megatron_opd.data.prompts import Prompt, encode_prompts
 from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.data.trajectories import Trajectories, pack
+from megatron_opd.models.routing import recording
 from megatron_opd.rollout.config import SamplingParams
-from megatron_opd.rollout.sampler import filters, is_greedy, reported_logprobs, sample, stops, token_logprobs
+from megatron_opd.rollout.sampler import filters, is_greedy, kept_set_logprobs, reported_logprobs, sample, stops, token_logprobs
 
 
 def truncates(params: SamplingParams) -> bool:
@@ -75,6 +76,8 @@ class _PrefixForward:
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, device: torch.device):
         self.model, self.vocab_size, self.device = model, vocab_size, device
+        self.first = True
+        self.fed: torch.Tensor | None = None  # [n, s] the token position of each input column, -1: none
 
     def logits(self, tokens: torch.Tensor, lengths: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         from megatron.core import tensor_parallel
@@ -83,6 +86,12 @@ class _PrefixForward:
         cur = int(lengths[active].max())
         inputs = tokens[active, :cur].to(self.device)
         positions = torch.arange(cur, device=self.device).expand_as(inputs)
+        # Positions fed for the first time (the prompt, then each row's newest token); -1: a pad
+        # or a position whose routing an earlier step recorded.
+        column = torch.arange(cur)[None, :]
+        newest = column < lengths[active, None] if self.first else column == lengths[active, None] - 1
+        self.fed = torch.where(newest, column.expand(len(active), cur), -1)
+        self.first = False
         logits = self.model(inputs, positions, None)  # [n, cur, V/tp]
         last = logits[torch.arange(len(active)), lengths[active].to(self.device) - 1]  # [n, V/tp]
         # Sampling and bookkeeping stay on the CPU: one [n, V] row per token is cheap to move.
@@ -104,6 +113,7 @@ class _CachedForward:
         # The last sampled token is never fed back: width + budget - 1 columns are ever written.
         self.context = StaticInferenceContext(len(prompt_lens), self.width + budget - 1)
         self.slots = torch.arange(len(prompt_lens))  # the batch row each cache slot holds
+        self.fed: torch.Tensor | None = None  # [n, s] the token position of each input column, -1: a pad
 
     def logits(self, tokens: torch.Tensor, lengths: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         ctx = self.context
@@ -113,6 +123,7 @@ class _CachedForward:
             is_pad = column[None, :] < self.pads[active, None]
             inputs = tokens[active[:, None], source].masked_fill(is_pad, self.pad_id)
             positions = source
+            self.fed = source.masked_fill(is_pad, -1)
             causal = column[None, :] > column[:, None]  # [q, k]
             mask = causal[None] | is_pad[:, None, :]  # [n, q, k]
         else:  # decode: the token sampled last step, one column per row
@@ -120,6 +131,7 @@ class _CachedForward:
                 self._keep(active)
             inputs = tokens[active, lengths[active] - 1][:, None]
             positions = (lengths[active] - 1)[:, None]
+            self.fed = positions
             keys = torch.arange(ctx.sequence_len_offset + 1)
             mask = (keys[None, :] < self.pads[active, None])[:, None, :]  # [n, 1, k]
         logits = self.model(
@@ -196,13 +208,6 @@ def _broadcast_kept(kept: torch.Tensor | None, rows: int, src: int, group) -> to
     return kept
 
 
-def kept_set_logprobs(reported: torch.Tensor, tokens: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """[n] the log-probability of `tokens` [n] renormalised over the kept sets `kept` [n, K] (-1
-    padded): reported[token] - logsumexp(reported[kept]), with `reported` [n, V] log-probs."""
-    mass = reported.gather(-1, kept.clamp(min=0)).masked_fill(kept < 0, float("-inf")).logsumexp(-1)
-    return reported.gather(-1, tokens[:, None]).squeeze(-1) - mass
-
-
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -214,6 +219,7 @@ def generate(
     generator: torch.Generator | None = None,
     kv_cache: bool = True,
     record_kept: bool | None = None,
+    record_routing: bool = False,
     ignore_eos: bool = False,
 ) -> Trajectories:
     """Sample a response for each prompt; returns the batch with the sampler's log-probs.
@@ -222,8 +228,13 @@ def generate(
     expert-parallel group for MoE students with EP > 1 (each rank its own replica's prompts).
     `kv_cache`: megatron's static KV cache (O(length) forward tokens) or the prefix re-run;
     both sample the same tokens from the same `generator`. `record_kept`: also return the kept
-    sets (`kept_ids`, `kept_logprobs`); None records them when `params` truncate. `ignore_eos`:
-    EOS does not end a row (SGLang's ignore_eos; the benchmark's fixed response lengths).
+    sets (`kept_ids`, `kept_logprobs`); None records them when `params` truncate.
+    `record_routing` (keep routing, MoE models built with routing replay): also return the experts
+    every MoE layer chose for every token fed, `routed_experts` [B, T, moe_layers, topk] int32 (-1:
+    not fed), from the prefill and every decode step. `ignore_eos`: EOS does not end a row
+    (SGLang's ignore_eos; the benchmark's fixed response lengths). An empty `prompts` list returns
+    an empty batch; under EP lockstep the replica still joins its peers' forwards, so callers can
+    make every replica call `generate` the same number of times.
     """
     from megatron.core import parallel_state
 
@@ -236,6 +247,8 @@ def generate(
             "the embedded rollout engine runs with parallel.sequence_parallel=false (a one-token step "
             "cannot be split across TP ranks); use the SGLang rollout engine, or turn sequence parallelism off"
         )
+    if not prompts:
+        return _idle_generate(model, tokenizer)
     encoded = encode_prompts(prompts, tokenizer)
     prompt_lens = [len(e) for e in encoded]
     longest = max(range(len(prompts)), key=lambda i: prompt_lens[i])
@@ -259,6 +272,7 @@ def generate(
     was_training = model.training
     model.eval()
     b = len(prompts)
+    routed = None  # [b, width, moe_layers, topk] once the first forward has recorded
     tokens = torch.full((b, prompt_lens[longest] + budget), tokenizer.pad_id, dtype=torch.long)
     for i, e in enumerate(encoded):
         tokens[i, : len(e)] = torch.tensor(e)
@@ -272,36 +286,42 @@ def generate(
     tp = dist.get_world_size(group)
     lockstep = _lockstep_group()
     eos_id = None if ignore_eos else tokenizer.eos_id
+    end_ids = () if ignore_eos else tokenizer.stop_ids  # EOS and end-of-turn tokens (HF generation_config)
     try:
-        j = 0
-        while _any_rank(j < budget and not bool(done.all()), lockstep):
-            if j >= budget or bool(done.all()):
-                _idle_forward(model, tokenizer.pad_id, device)
-                j += 1
-                continue
-            active = (~done).nonzero().flatten()
-            logits = forward.logits(tokens, lengths, active)
-            # The TP source samples (rollout/sampler.py, SGLang's rules); every rank then takes the
-            # reported log-probability of the broadcast tokens from the same gathered logits.
-            choice = torch.zeros(len(active), dtype=torch.long)
-            kept = None
-            if dist.get_rank() == src:
-                result = sample(logits, params, generator, return_kept=record)
-                choice, kept = result.tokens, result.kept_ids
-            if tp > 1:
-                dist.broadcast(choice, src=src, group=group)
+        with recording(model, record_routing) as recorder:
+            j = 0
+            while _any_rank(j < budget and not bool(done.all()), lockstep):
+                if j >= budget or bool(done.all()):
+                    _idle_forward(model, tokenizer.pad_id, device)
+                    if recorder is not None:
+                        recorder.take(1, 1)  # an idle forward's routing belongs to no row
+                    j += 1
+                    continue
+                active = (~done).nonzero().flatten()
+                logits = forward.logits(tokens, lengths, active)
+                if recorder is not None:
+                    routed = _store_routing(routed, recorder, forward.fed, active, tuple(tokens.shape))
+                # The TP source samples (rollout/sampler.py, SGLang's rules); every rank then takes the
+                # reported log-probability of the broadcast tokens from the same gathered logits.
+                choice = torch.zeros(len(active), dtype=torch.long)
+                kept = None
+                if dist.get_rank() == src:
+                    result = sample(logits, params, generator, return_kept=record)
+                    choice, kept = result.tokens, result.kept_ids
+                if tp > 1:
+                    dist.broadcast(choice, src=src, group=group)
+                    if record:
+                        kept = _broadcast_kept(kept, len(active), src, group)
+                logprobs[active, j] = token_logprobs(logits, choice, params)
                 if record:
-                    kept = _broadcast_kept(kept, len(active), src, group)
-            logprobs[active, j] = token_logprobs(logits, choice, params)
-            if record:
-                kept_steps.append((active, kept, kept_set_logprobs(reported_logprobs(logits, params), choice, kept)))
-            tokens[active, lengths[active]] = choice
-            lengths[active] += 1
-            for a, c in zip(active.tolist(), choice.tolist()):
-                if stops(c, params, eos_id):
-                    done[a] = True
-                    finish[a] = "stop"
-            j += 1
+                    kept_steps.append((active, kept, kept_set_logprobs(reported_logprobs(logits, params), choice, kept)))
+                tokens[active, lengths[active]] = choice
+                lengths[active] += 1
+                for a, c in zip(active.tolist(), choice.tolist()):
+                    if stops(c, params, eos_id) or c in end_ids:
+                        done[a] = True
+                        finish[a] = "stop"
+                j += 1
     finally:
         model.train(was_training)
     rows = [tokens[i, : lengths[i]].tolist() for i in range(b)]
@@ -317,7 +337,38 @@ def generate(
         for step, (active, kept, kept_lp) in enumerate(kept_steps):
             batch.kept_ids[active, step, : kept.shape[1]] = kept
             batch.kept_logprobs[active, step] = kept_lp
+    if routed is not None:
+        batch.routed_experts = torch.full((b, batch.tokens.shape[1], *routed.shape[2:]), -1, dtype=torch.int32)
+        batch.routed_experts[:, : routed.shape[1]] = routed
     return batch
+
+
+def _store_routing(routed, recorder, fed: torch.Tensor, active: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Put the last forward's routing (its input [n, s] columns at token positions `fed`, -1: a
+    pad or already recorded) into `routed` [b, width, moe_layers, topk] (allocated on first use;
+    `shape` is (b, width))."""
+    n, s = fed.shape
+    step = recorder.take(s, n)  # [n, s, moe_layers, topk]
+    if routed is None:
+        routed = torch.full((*shape, *step.shape[2:]), -1, dtype=torch.int32)
+    rows, cols = (fed >= 0).nonzero(as_tuple=True)
+    routed[active[rows], fed[rows, cols]] = step[rows, cols]
+    return routed
+
+
+def _idle_generate(model: torch.nn.Module, tokenizer: Tokenizer) -> Trajectories:
+    """`generate` of no prompts: under EP lockstep, idle forwards until the peers have finished."""
+    lockstep = _lockstep_group()
+    if lockstep is not None:
+        was_training = model.training
+        model.eval()
+        try:
+            while _any_rank(False, lockstep):
+                _idle_forward(model, tokenizer.pad_id, next(model.parameters()).device)
+        finally:
+            model.train(was_training)
+    empty = torch.zeros(0, dtype=torch.long)
+    return Trajectories(tokens=torch.zeros(0, 1, dtype=torch.long), lengths=empty, prompt_lens=empty, domain=[], sample_ids=[])
 
 
 def responses(batch: Trajectories, tokenizer: Tokenizer) -> list[str]:

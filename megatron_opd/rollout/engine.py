@@ -35,7 +35,8 @@ class RolloutEngine(Protocol):
 
 class EmbeddedRolloutEngine:
     """The student samples its own trajectories in-job (collective over its TP group), with the KV
-    cache unless rollout.kv_cache=false, recording kept sets when the sampling truncates."""
+    cache unless rollout.kv_cache=false, recording kept sets when the sampling truncates (unless
+    rollout.keep_sampling_mask=false) and the routed experts with rollout.keep_routing."""
 
     def __init__(self, cfg: RolloutConfig, model: torch.nn.Module, tokenizer: Tokenizer, *, max_len: int, seed: int):
         self.cfg, self.model, self.tokenizer, self.max_len, self.seed = cfg, model, tokenizer, max_len, seed
@@ -53,6 +54,7 @@ class EmbeddedRolloutEngine:
         batch = generate(
             self.model, prompts, self.tokenizer, self.cfg.sampling,
             max_len=self.max_len, generator=generator, kv_cache=self.cfg.kv_cache,
+            record_kept=None if self.cfg.keep_sampling_mask else False, record_routing=self.cfg.keep_routing,
         )  # fmt: skip
         batch.weight_version = str(step)
         return batch

@@ -123,10 +123,17 @@ def sample(
     return SampleResult(tokens, token_logprobs(logits, tokens, params), kept)
 
 
+def kept_set_logprobs(reported: torch.Tensor, tokens: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """[n] the log-probability of `tokens` [n] renormalised over the kept sets `kept` [n, K] (-1
+    padded): reported[token] - logsumexp(reported[kept]), with `reported` [n, V] log-probs."""
+    mass = reported.gather(-1, kept.clamp(min=0)).masked_fill(kept < 0, float("-inf")).logsumexp(-1)
+    return reported.gather(-1, tokens[:, None]).squeeze(-1) - mass
+
+
 def stops(token: int, params: SamplingParams, eos_id: int | None) -> bool:
     """Whether generation finishes after `token` (it is kept in the output, as in SGLang).
     `eos_id` None: EOS does not stop (SGLang's ignore_eos)."""
     return token in params.stop_token_ids or (eos_id is not None and token == eos_id)
 
 
-__all__ = ["SampleResult", "sample", "token_logprobs", "reported_logprobs", "is_greedy", "filters", "stops"]
+__all__ = ["SampleResult", "sample", "token_logprobs", "reported_logprobs", "kept_set_logprobs", "is_greedy", "filters", "stops"]

@@ -4,6 +4,20 @@ Sampling is SGLang's `/generate` with `return_logprob` (the sampler's log-probs 
 become `behavior_logprobs`), EOS as a stop token and a per-sample `sampling_seed` derived from
 the sample id, so a resumed run asks for exactly the samples an uninterrupted one did.
 
+The RL extras, as the embedded engine records them (rollout/embedded.py), in SGLang 0.5.23's
+fields (serving/wire.py has the wire shapes and the file:line they come from):
+- keep sampling mask (truncating sampling, rollout.keep_sampling_mask): `return_sampling_mask`;
+  each output token's kept ids become `kept_ids` [B, R, K] (-1 padded, never a dense [B, R, V]
+  mask) and its "selected" log-prob `kept_logprobs` [B, R]. SGLang needs a finite top_k for it,
+  so rollout.top_k=0 is sent as top_k = the vocabulary size (the same distribution);
+- keep routing (rollout.keep_routing): `return_routed_experts` with `routed_experts_start_len=0`;
+  the base64 int32 [seqlen - 1, num_layers, topk] array becomes `routed_experts` [B, T,
+  moe_layers, topk]. SGLang returns it only when started with --enable-return-routed-experts.
+Before the first rollout every server is probed with a one-token request asking for what the run
+needs; a server that does not return it (an SGLang without the field, our server with
+--plain-sglang, a server without --enable-return-routed-experts) is an error naming its URL and
+the option, before any optimizer step.
+
 Weight sync (`rollout.weight_sync`):
 - "disk": after an update every rank writes a weights-only dist checkpoint under
   `<run_dir>/rollout_weights/` with a manifest.json of every file's sha256 (our server loads only
@@ -38,13 +52,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.data.prompts import Prompt, encode_prompts
-from megatron_opd.data.tokenizer import Tokenizer
+from megatron_opd.data.tokenizer import Tokenizer, description_difference, digest_difference
 from megatron_opd.data.trajectories import Trajectories, pack
 from megatron_opd.rollout.config import RolloutConfig
+from megatron_opd.rollout.embedded import truncates
 from megatron_opd.runtime import checkpoint as ckpt
 from megatron_opd.runtime.distributed import broadcast_object, first_error, replica_group_and_src
 from megatron_opd.serving import wire
-from megatron_opd.serving.client import ClientSettings, EventLoopThread, SGLangClient, gather_all
+from megatron_opd.serving.client import ClientSettings, EventLoopThread, RequestRefused, SGLangClient, gather_all
 
 def update_body_for(tensors: dict[str, torch.Tensor], group_name: str, version: str) -> dict:
     """/update_weights_from_distributed for `tensors` (Hugging Face names, in broadcast order)."""
@@ -71,46 +86,153 @@ class SGLangRolloutEngine:
         self.update_group = None  # distributed sync: trainer rank 0's side of the group
         # Unique per engine: a server can hold groups of several trainers (or tests) at once.
         self.group_name = f"megatron-opd-{os.getpid()}-{id(self):x}"
+        error = None
         if self.is_src:
             self._loop = EventLoopThread("rollout-client")
             settings = ClientSettings(endpoints=tuple(cfg.endpoints), api_key=cfg.api_key, timeout_s=cfg.timeout_s)
             self.client = SGLangClient("rollout server", settings)
             self._loop.run(self.client.start())
+            try:
+                self._loop.run(self._check_tokenizers())
+            except RolloutServerError as e:
+                error = str(e)
+        first = first_error(error)  # every rank refuses together, before any step
+        if first:
+            raise RolloutServerError(first)
         # The servers start from other weights than the student's. The student's own are known
         # only once the trainer has loaded train.init_from or its resumed checkpoint, which
         # happens after the stage (and this engine) is built: they are pushed before the first
         # rollout, whatever step that is.
         self.synced = False
+        self.want_kept = bool(cfg.keep_sampling_mask) and truncates(cfg.sampling)
+        self.want_routing = bool(cfg.keep_routing)
+        self.probed = not (self.want_kept or self.want_routing)
+
+    async def _check_tokenizers(self) -> None:
+        """A server that reports its tokenizer (our server, in /model_info) must serve the
+        student's; the refusal names what differs (the first differing token id, the template...).
+        Stock SGLang reports none: its tokenizer is the one it was started with (docs/serving.md)."""
+        mine = self.tokenizer.fingerprint
+        for url, info in self.client.model_infos.items():
+            theirs = info.get(wire.INFO_FINGERPRINT)
+            if theirs is None or str(theirs) == mine:
+                continue
+            served = await self.client.tokenizer_description(url)
+            what = (
+                description_difference(self.tokenizer.describe(), served, ("student", "server"))
+                if served is not None and served.fingerprint == theirs
+                else digest_difference(self.tokenizer.describe().digest(), info.get(wire.INFO_TOKENIZER_DIGEST) or {}, ("student", "server"))
+            )
+            raise RolloutServerError(
+                f"rollout server {url} serves tokenizer fingerprint {theirs!r} but the student has {mine!r}: {what}; "
+                f"start it with the student's tokenizer"
+            )
 
     # -- sampling ---------------------------------------------------------------------------------
 
     def generate(self, prompts: list[Prompt], step: int, *, refill: int = 0) -> Trajectories:
         """Sample `prompts` (collective: every rank calls it with the same step). Seeds are per
         sample id, so a refill batch (other prompts, other ids) draws its own numbers already."""
+        if not self.probed:
+            self._probe(prompts[0] if prompts else None)
         if not self.synced:
             self.sync_weights(step)
         return broadcast_object(self._request(prompts) if self.is_src else None, self.src, self.group)
 
+    # -- what the run needs of the servers --------------------------------------------------------
+
+    def _params(self, budget: int, seed: int) -> dict:
+        # SGLang's sampling mask needs a finite top_k: the vocabulary size keeps every token.
+        top_k = self.cfg.top_k or (self.tokenizer.vocab_size if self.want_kept else -1)
+        return {
+            "max_new_tokens": budget,
+            "temperature": self.cfg.temperature,
+            "top_p": self.cfg.top_p,
+            "top_k": top_k,
+            "min_p": self.cfg.min_p,
+            "stop_token_ids": list(self.tokenizer.stop_ids),  # EOS and end-of-turn tokens
+            "sampling_seed": seed,
+        }
+
+    def _extras(self) -> dict:
+        body: dict = {}
+        if self.want_kept:
+            body["return_sampling_mask"] = True
+        if self.want_routing:
+            body.update(return_routed_experts=True, routed_experts_start_len=0)
+        return body
+
+    def _missing(self, url: str, what: Exception) -> RolloutServerError:
+        needs = []
+        if self.want_kept:
+            needs.append(
+                "sampling masks (return_sampling_mask: SGLang 0.5.23 or newer; our server without --plain-sglang; "
+                "or set rollout.keep_sampling_mask=false, or sample without truncation: rollout.top_p=1, rollout.top_k=0, "
+                "rollout.min_p=0)"
+            )
+        if self.want_routing:
+            needs.append(
+                "routed experts (return_routed_experts: start the server with --enable-return-routed-experts, not "
+                "--plain-sglang; or set rollout.keep_routing=false)"
+            )
+        # sglang-router 0.3.2 forwards only the fields it knows, and it knows neither of these.
+        router = "; behind an sglang-router, which drops these fields, list the servers themselves in rollout.endpoints"
+        return RolloutServerError(f"rollout server at {url} cannot return {' and '.join(needs)}{router}: {what}")
+
+    def _probe(self, prompt: Prompt | None) -> None:
+        """One-token requests to every server asking for the extras the run needs (collective:
+        every rank raises the same error before any training step)."""
+        error = None
+        if self.is_src and prompt is not None:
+            encoded = encode_prompts([prompt], self.tokenizer)
+            body = {"input_ids": encoded, "sampling_params": [self._params(1, 0)], "return_logprob": True, **self._extras()}
+            for url in self.cfg.endpoints:
+                try:
+                    _, (response,) = self._loop.run(self.client.generate_at(body, url))
+                    self._decode_extras(url, "probe", encoded[0], response)
+                except RolloutServerError as e:
+                    error = str(e)
+                except RequestRefused as e:  # e.g. a top_k beyond the server's --sampling-mask-max-tokens
+                    error = str(self._missing(url, e))
+                except Exception as e:  # noqa: BLE001 - raised on every rank below
+                    error = f"probing the rollout server at {url}: {type(e).__name__}: {e}"
+                if error:
+                    break
+        first = first_error(error)
+        if first:
+            raise RolloutServerError(first)
+        self.probed = True
+
+    def _decode_extras(self, url: str, sample_id: str, prompt: list[int], response: dict) -> tuple:
+        """(kept ids per output token, their selected log-probs, routed experts [rows, moe_layers,
+        topk]) of one response; None for what the run does not need."""
+        out, meta = list(response["output_ids"]), response["meta_info"]
+        where = f"rollout server at {url}, sample {sample_id}"
+        kept = routed = None
+        try:
+            if self.want_kept:
+                kept = wire.decode_sampling_masks(meta, out, self.tokenizer.vocab_size, where)
+            if self.want_routing:
+                model = self.trainer.cfg.model
+                rows = wire.decode_routed_experts(meta, len(prompt) + len(out) - 1, model.num_layers, model.moe_topk, where)
+                routed = rows[:, model.moe_layers]
+                if routed.size and not (0 <= routed.min() and routed.max() < model.num_experts):
+                    raise wire.ProtocolError(f"{where}: routed experts outside [0, {model.num_experts}): is it the student's model?")
+        except wire.ProtocolError as e:
+            raise self._missing(url, e) from None
+        return kept, routed
+
+    # -- sampling ---------------------------------------------------------------------------------
+
     def _request(self, prompts: list[Prompt]) -> Trajectories:
         encoded = encode_prompts(prompts, self.tokenizer)
         budget = min(self.cfg.max_new_tokens, self.max_len - max(len(e) for e in encoded))
-        params = [
-            {
-                "max_new_tokens": budget,
-                "temperature": self.cfg.temperature,
-                "top_p": self.cfg.top_p,
-                "top_k": self.cfg.top_k or -1,
-                "min_p": self.cfg.min_p,
-                "stop_token_ids": [self.tokenizer.eos_id],
-                "sampling_seed": sample_seed(self.seed, p.sample_id),
-            }
-            for p in prompts
-        ]
-        body = {"input_ids": encoded, "sampling_params": params, "return_logprob": True}
-        responses = self._loop.run(self.client.generate(body))
+        params = [self._params(budget, sample_seed(self.seed, p.sample_id)) for p in prompts]
+        body = {"input_ids": encoded, "sampling_params": params, "return_logprob": True, **self._extras()}
+        url, responses = self._loop.run(self.client.generate_at(body))
         if len(responses) != len(prompts):
             raise RolloutServerError(f"rollout servers returned {len(responses)} responses for {len(prompts)} prompts")
-        rows, logprobs, finish, versions = [], [], [], []
+        rows, logprobs, finish, versions, extras = [], [], [], [], []
         for p, e, r in zip(prompts, encoded, responses):
             out = list(r["output_ids"])
             meta = r["meta_info"]
@@ -126,12 +248,26 @@ class SGLangRolloutEngine:
             logprobs.append([float(entry[0]) for entry in lps])
             finish.append(reason)
             versions.append(str(meta.get("weight_version", "")))
+            extras.append(self._decode_extras(url, p.sample_id, e, r))
         batch = pack(rows, [len(e) for e in encoded], prompts, self.tokenizer, self.max_len)
         r = batch.max_response_len
         batch.behavior_logprobs = torch.zeros(len(rows), r)
         for i, lp in enumerate(logprobs):
             batch.behavior_logprobs[i, : len(lp)] = torch.tensor(lp)
         batch.finish_reasons = finish
+        if self.want_kept:
+            width = max(len(m) for kept, _ in extras for m in kept[0])
+            batch.kept_ids = torch.full((len(rows), r, width), -1, dtype=torch.long)
+            batch.kept_logprobs = torch.zeros(len(rows), r)
+            for i, ((masks, lps), _) in enumerate(extras):
+                for j, (mask, lp) in enumerate(zip(masks, lps)):
+                    batch.kept_ids[i, j, : len(mask)] = torch.tensor(mask)
+                    batch.kept_logprobs[i, j] = lp
+        if self.want_routing:
+            layers, k = extras[0][1].shape[1:]
+            batch.routed_experts = torch.full((len(rows), batch.tokens.shape[1], layers, k), -1, dtype=torch.int32)
+            for i, (_, routed) in enumerate(extras):
+                batch.routed_experts[i, : routed.shape[0]] = torch.from_numpy(routed)
         stale = [v for v in versions if v != self.version]
         if stale:
             raise RolloutServerError(

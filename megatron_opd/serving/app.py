@@ -45,6 +45,8 @@ class AppOptions:
     tokenizer_path: str = ""  # reported in /model_info
     max_batch_size: int = 512  # sequences per /generate request
     max_request_tokens: int = 65536  # inputs plus max_new_tokens, summed over a request's sequences
+    sampling_mask_max_tokens: int = 4096  # the largest kept set a sampling mask holds (SGLang's flag)
+    routed_experts: bool = False  # --enable-return-routed-experts: answer return_routed_experts
     max_body_bytes: int = 64 << 20  # request body size (413 beyond)
     health_timeout_s: float = 20.0  # /health is 503 when the model thread is stuck this long
 
@@ -137,7 +139,9 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
     from aiohttp import web
 
     plain = options.plain_sglang
-    limits = ServerLimits(backend.cfg.max_seq_len, options.max_batch_size, options.max_request_tokens)
+    limits = ServerLimits(
+        backend.cfg.max_seq_len, options.max_batch_size, options.max_request_tokens, options.sampling_mask_max_tokens
+    )
     json_response = lambda obj, status=200: web.Response(body=json.dumps(obj).encode(), status=status, content_type="application/json")  # noqa: E731
 
     @web.middleware
@@ -179,7 +183,10 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
         except ValueError as e:
             return json_response({"error": {"message": f"request body is not JSON: {e}"}}, 400)
         try:
-            call = parse_generate(body, vocab_size=backend.cfg.vocab_size, encode=backend.tokenizer.encode, plain=plain, limits=limits)
+            call = parse_generate(
+                body, vocab_size=backend.cfg.vocab_size, encode=backend.tokenizer.encode, plain=plain, limits=limits,
+                routed_experts=options.routed_experts,
+            )  # fmt: skip
         except RequestError as e:
             return json_response(e.body(), e.status)
 
@@ -233,12 +240,16 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
             info.update({
                 wire.INFO_VOCAB_SIZE: backend.cfg.vocab_size,
                 wire.INFO_FINGERPRINT: backend.tokenizer.fingerprint,
+                wire.INFO_TOKENIZER_DIGEST: backend.tokenizer.describe().digest(),
                 wire.INFO_HIDDEN_SIZE: backend.cfg.hidden_size,
                 wire.INFO_CHECKPOINT_ID: backend.checkpoint_id,
                 "max_context_length": backend.cfg.max_seq_len,
                 wire.INFO_SERVER: {"version": 1, "binary_signal": 1, "full_logprobs": True, "hidden_states_layout": options.hidden_states_layout},
             })  # fmt: skip
         return json_response(info)
+
+    async def tokenizer_description(request):
+        return json_response(backend.tokenizer.describe().to_json())
 
     async def flush_cache(request):
         # There is no prefix cache to flush; SGLang's reply text, status 200.
@@ -322,6 +333,8 @@ def build_app(backend: ModelBackend, updates: WeightUpdates, worker: MainThreadW
     app.router.add_get("/health_generate", health_generate)
     app.router.add_get("/model_info", model_info)
     app.router.add_get("/get_model_info", model_info)
+    if not plain:  # stock SGLang has no such route
+        app.router.add_get(wire.TOKENIZER_DESCRIPTION_PATH, tokenizer_description)
     app.router.add_route("*", "/flush_cache", flush_cache)
     app.router.add_post("/update_weights_from_disk", update_weights_from_disk)
     app.router.add_post("/init_weights_update_group", init_weights_update_group)

@@ -10,7 +10,10 @@ manifest-checked checkpoints inside DIR) and --weight-groups (trainers' weight-u
 server that takes updates and binds beyond 127.0.0.1 needs --api-key (serving/weights.py).
 Extensions (ignored by SGLang, off with --plain-sglang so the server stands in for a stock one):
 `return_binary_signal` (our binary form, docs/teachers.md), `return_full_logprobs` (full
-log-softmax rows, the `logits` signal), and the model identity keys of /model_info.
+log-softmax rows, the `logits` signal), and the model identity keys of /model_info; --plain-sglang
+also ignores `return_sampling_mask`, like an SGLang that does not know it. The RL extras follow
+SGLang's flags: `return_routed_experts` only with --enable-return-routed-experts (MoE models),
+sampling masks up to --sampling-mask-max-tokens kept ids.
 """
 
 from __future__ import annotations
@@ -41,6 +44,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="JSON hidden_states as 1-D rows (SGLang's contract type) or a 2-D prefill block then rows (its source)",
     )  # fmt: skip
     p.add_argument("--plain-sglang", action="store_true", help="no extensions: behave like a stock SGLang server")
+    p.add_argument(
+        "--enable-return-routed-experts", action="store_true",
+        help="answer return_routed_experts (SGLang's flag; MoE models): the experts of every MoE layer per position",
+    )  # fmt: skip
+    p.add_argument(
+        "--sampling-mask-max-tokens", type=int, default=4096,
+        help="the largest kept set return_sampling_mask may return (SGLang's flag): it needs top_k=1 or 1 < top_k <= this",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g = p.add_argument_group("weight updates and limits")
     g.add_argument(
@@ -91,7 +102,8 @@ def check_arguments(args: argparse.Namespace) -> str | None:
             f"(--weights-dir, --weight-groups) replace the model: give --api-key (clients send it as a Bearer "
             f"token), or bind --host 127.0.0.1"
         )
-    for flag in ("weight_group_timeout_s", "max_batch_size", "max_request_tokens", "max_body_mb", "health_timeout_s"):
+    for flag in ("weight_group_timeout_s", "max_batch_size", "max_request_tokens", "max_body_mb", "health_timeout_s",
+                 "sampling_mask_max_tokens"):  # fmt: skip
         if getattr(args, flag) <= 0:
             return f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}"
     return None
@@ -111,7 +123,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     source = ModelSource(args.model_dir, args.checkpoint, args.random_init, args.model_config, args.tokenizer, args.seed)
-    backend = ModelBackend.load(source, weight_version=args.weight_version)
+    backend = ModelBackend.load(source, weight_version=args.weight_version, routed_experts=args.enable_return_routed_experts)
     options = AppOptions(
         api_key=args.api_key,
         plain_sglang=args.plain_sglang,
@@ -119,6 +131,8 @@ def serve_command(args: argparse.Namespace) -> int:
         tokenizer_path=args.model_dir or args.tokenizer or "",
         max_batch_size=args.max_batch_size,
         max_request_tokens=args.max_request_tokens,
+        sampling_mask_max_tokens=args.sampling_mask_max_tokens,
+        routed_experts=args.enable_return_routed_experts,
         max_body_bytes=int(args.max_body_mb * (1 << 20)),
         health_timeout_s=args.health_timeout_s,
     )

@@ -215,6 +215,15 @@ class SGLangClient:
         except ValueError:
             raise wire.ProtocolError(f"{self.where(url)} answered {path} with a body that is not JSON") from None
 
+    async def tokenizer_description(self, url: str):
+        """The TokenizerDescription our server at `url` serves (None from a server without the route)."""
+        from megatron_opd.data.tokenizer import TokenizerDescription
+
+        try:
+            return TokenizerDescription.from_json(await self.get_json(url, wire.TOKENIZER_DESCRIPTION_PATH))
+        except (RequestRefused, ValueError, wire.ProtocolError):
+            return None
+
     async def model_info(self, url: str) -> dict:
         try:
             return await self.get_json(url, "/model_info")
@@ -315,11 +324,19 @@ class SGLangClient:
 
     async def generate(self, body: dict) -> list[dict]:
         """A raw /generate (any SGLang body) with failover; returns the response objects."""
+        return (await self.generate_at(body))[1]
+
+    async def generate_at(self, body: dict, url: str | None = None) -> tuple[str, list[dict]]:
+        """`generate` that also says which replica answered; with `url`, to that replica only
+        (no failover: a start-up probe of each server)."""
         sp = body.get("sampling_params")
         for params in sp if isinstance(sp, list) else [sp or {}]:
             wire.check_sampling_params(params)
-        url, payload, ctype = await self.post("/generate", lambda _url: body)
-        return wire.decode_response_body(payload, ctype, self.where(url))
+        if url is None:
+            url, payload, ctype = await self.post("/generate", lambda _url: body)
+        else:
+            payload, ctype = await self.post_to(url, "/generate", body)
+        return url, wire.decode_response_body(payload, ctype, self.where(url))
 
     # -- administrative requests (weight updates): one named replica, no failover --------------
 

@@ -43,6 +43,7 @@ class ServerLimits:
     context_length: int  # the model's max_seq_len
     max_batch_size: int = 512  # sequences per request (--max-batch-size)
     max_request_tokens: int = 65536  # sum over sequences of input + max_new_tokens (--max-request-tokens)
+    sampling_mask_max_tokens: int = 4096  # the largest kept set a sampling mask may hold (SGLang's flag)
 
 
 @dataclass
@@ -60,6 +61,14 @@ class GenItem:
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     return_hidden_states: bool = False
+    # Keep sampling mask (SGLang's return_sampling_mask): each output token's kept set and its
+    # log-prob renormalised over it ("selected") or every kept token's ("support").
+    return_sampling_mask: bool = False
+    sampling_logprobs_mode: str = "selected"
+    # Keep routing (SGLang's return_routed_experts): the experts of every MoE layer for the
+    # positions [routed_experts_start_len, seqlen - 1).
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
     rid: str | None = None
 
     def sampling_params(self) -> SamplingParams:
@@ -113,10 +122,36 @@ def _check_sampling(item: GenItem) -> None:
         raise RequestError(f"min_p must be in [0, 1], got {item.min_p}.")
 
 
+SAMPLING_LOGPROBS_MODES = ("selected", "support")  # sglang/srt/managers/schedule_batch.py SamplingLogprobsMode
+TOP_K_ALL = 1 << 30  # sglang/srt/sampling/sampling_params.py: what top_k=-1 becomes
+
+
+def _check_sampling_mask(item: GenItem, cap: int) -> None:
+    """SGLang's scheduler check (scheduler.py): a sampling mask needs greedy or a finite top-k."""
+    greedy = 0 <= item.temperature < 1e-6
+    top_k = 1 if greedy else TOP_K_ALL if item.top_k == -1 else item.top_k
+    if top_k != 1 and not 1 < top_k <= cap:
+        raise RequestError(
+            "return_sampling_mask requires top_k=1 for greedy sampling "
+            f"or finite 1 < top_k <= {cap}; got top_k={top_k}. Lower top_k or increase --sampling-mask-max-tokens."
+        )
+
+
 def parse_generate(
-    body: Any, *, vocab_size: int, encode: Callable[[str], list[int]], plain: bool, limits: ServerLimits
+    body: Any,
+    *,
+    vocab_size: int,
+    encode: Callable[[str], list[int]],
+    plain: bool,
+    limits: ServerLimits,
+    routed_experts: bool = False,
 ) -> GenerateCall:
-    """Validate a /generate body and split it into items (SGLang's fields, our extensions)."""
+    """Validate a /generate body and split it into items (SGLang's fields, our extensions).
+
+    `plain` (--plain-sglang): the server stands in for a stock SGLang without our extensions and
+    without `return_sampling_mask` (an SGLang that does not know the field ignores it).
+    `routed_experts` (--enable-return-routed-experts, as SGLang's flag): `return_routed_experts`
+    is served; without it the field is ignored, as by SGLang."""
     if not isinstance(body, dict):
         raise RequestError(f"invalid type: {type(body).__name__}, expected struct GenerateRequest", contract=True)
     if body.get("stream"):
@@ -157,6 +192,9 @@ def parse_generate(
 
     return_logprob, start, topn = get("return_logprob", False), get("logprob_start_len", -1), get("top_logprobs_num", 0)
     hidden, rids = get("return_hidden_states", False), get("rid", None)
+    masks, modes = get("return_sampling_mask", False), get("sampling_logprobs_mode", None)
+    want_routing = False if plain else _want(body.get("return_routed_experts") or False, (bool,), "a boolean")
+    routing_start = _want(body.get("routed_experts_start_len") or 0, (int,), "i64")
     if body.get("token_ids_logprob") is not None:
         raise RequestError("token_ids_logprob is not supported by the embedded server")
     items = []
@@ -183,9 +221,25 @@ def parse_generate(
             logprob_start_len=_want(start[i], (int,), "i64"),
             top_logprobs_num=_want(topn[i], (int,), "i64"),
             return_hidden_states=_want(hidden[i], (bool,), "a boolean"),
+            return_routed_experts=want_routing and routed_experts,
+            routed_experts_start_len=routing_start,
             rid=rids[i],
         )
         _check_sampling(item)
+        if not plain:
+            item.return_sampling_mask = _want(masks[i], (bool,), "a boolean")
+            if modes[i] is not None:
+                if not item.return_sampling_mask:
+                    raise RequestError("sampling_logprobs_mode can only be set when return_sampling_mask=true.")
+                if modes[i] not in SAMPLING_LOGPROBS_MODES:
+                    raise RequestError(f"sampling_logprobs_mode={modes[i]!r}; expected one of {list(SAMPLING_LOGPROBS_MODES)}")
+                item.sampling_logprobs_mode = modes[i]
+            if item.return_sampling_mask:
+                _check_sampling_mask(item, limits.sampling_mask_max_tokens)
+        if item.return_routed_experts and not 0 <= routing_start <= len(seq):
+            raise RequestError(
+                f"routed_experts_start_len={routing_start} is outside [0, {len(seq)}] (the number of input tokens)"
+            )
         L = len(seq)
         if item.return_logprob:
             if item.logprob_start_len == -1:

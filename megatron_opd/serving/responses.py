@@ -2,8 +2,8 @@
 
 `ItemResult` is what the backend computed for one `GenItem`; `encode_response` lays it out as
 SGLang does (`{"text", "output_ids", "meta_info"}`, logprob entries `[logprob, id, text]`,
-nested or flat top-k, hidden states as rows or a prefill block), or, for our binary form, leaves
-the large arrays as numpy for `wire.encode_binary`.
+nested or flat top-k, hidden states as rows or a prefill block, sampling masks, routed experts),
+or, for our binary form, leaves the large arrays as numpy for `wire.encode_binary`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ class ItemResult:
     input_logprobs: np.ndarray | None = None  # [n-1, V] log_softmax at positions s .. L-2
     output_logprobs: list[np.ndarray] = field(default_factory=list)  # per generated token, [V], as reported
     hidden: list[np.ndarray] = field(default_factory=list)  # [L, d] prefill block, then [d] per decode step
+    # Per output token: the sampler's kept set (int32 ids, most probable first) and the log-probs
+    # renormalised over it (a float for the token drawn, or one per kept id in "support" mode).
+    sampling_masks: list[np.ndarray] = field(default_factory=list)
+    sampling_logprobs: list = field(default_factory=list)
+    routed_experts: np.ndarray | None = None  # [seqlen - 1 - start, num_layers, topk] int32
 
 
 def topk_rows(lp_rows: np.ndarray, k: int, null_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,6 +101,10 @@ def encode_response(call: GenerateCall, it: GenItem, res: ItemResult, latency: f
             full = np.full((len(ids), ctx.vocab_size), np.nan, np.float32)
             full[1:] = lp_rows
             meta[wire.FULL_LOGPROBS] = full if call.binary else ([None] + full[1:].tolist() if len(ids) else [])
+    if it.return_sampling_mask:
+        meta.update(wire.sampling_mask_fields(res.sampling_masks, res.sampling_logprobs))
+    if it.return_routed_experts and res.routed_experts is not None:
+        meta[wire.ROUTED_EXPERTS] = wire.encode_routed_experts(res.routed_experts)
     if it.return_hidden_states and res.hidden:
         # Like SGLang, keep the states up to the finished length: the prefill block plus one
         # row per decode step (the last sampled token is never fed back).

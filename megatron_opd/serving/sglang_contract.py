@@ -55,6 +55,14 @@ def find_api_types() -> Path | None:
     return Path(explicit) if explicit else _wheel_member(MEMBER)
 
 
+def wheel_source(member: str) -> str:
+    """The text of one file of the pinned wheel (what tests check field names against)."""
+    path = _wheel_member(member)
+    if path is None:
+        raise FileNotFoundError(f"sglang=={PINNED} wheel not found; fetch it with: {FETCH_HINT}")
+    return path.read_text()
+
+
 IO_STRUCT = "sglang/srt/managers/io_struct.py"
 
 

@@ -8,6 +8,8 @@ the sglang==0.5.23 source) and is checked against SGLang's own contract classes 
 - the error bodies servers and routers send, and the message inside each;
 - the logprob entry shapes: `[logprob, token_id, text]`, nested top-k rows, flat (base64) top-k;
 - the weight-update request bodies (checked against SGLang's io_struct.py);
+- the RL extras of SGLang's meta_info: sampling masks (`return_sampling_mask`) and routed experts
+  (`return_routed_experts`), with their decoders;
 - our extensions, which SGLang ignores (unknown top-level request keys and /model_info keys):
   the binary response form (docs/teachers.md) and the model-identity keys of /model_info.
 """
@@ -50,6 +52,11 @@ FULL_LOGPROBS = "input_full_logprobs"
 # teacher pool checks against the student and against a teacher's model_dir.
 INFO_VOCAB_SIZE, INFO_FINGERPRINT, INFO_HIDDEN_SIZE = "vocab_size", "tokenizer_fingerprint", "hidden_size"
 INFO_CHECKPOINT_ID = "checkpoint_id"  # runtime/checkpoint.py: checkpoint_id of what the server serves
+# data/tokenizer.py TokenizerDescription.digest(): per-component hashes, so a mismatch can be named
+INFO_TOKENIZER_DIGEST = "tokenizer_digest"
+# GET: the served tokenizer's whole TokenizerDescription (to_json), fetched only on a fingerprint
+# mismatch so that the refusal names the first differing token id, merge or template line.
+TOKENIZER_DESCRIPTION_PATH = "/tokenizer_description"
 INFO_SERVER = "opd_server"  # {"version", "binary_signal", "full_logprobs", "hidden_states_layout"}
 
 
@@ -267,3 +274,84 @@ def flat_top_logprob_fields(side: str, logprobs: np.ndarray, token_ids: np.ndarr
     fields[f"{side}_top_logprobs_shape"] = [int(vals.shape[0]), int(vals.shape[1])]
     fields[f"{side}_top_logprobs_null_prefix"] = int(null_prefix)
     return fields
+
+
+# ---------------------------------------------------------------------------------------------
+# RL extras: sampling masks and routed experts (sglang 0.5.23)
+#
+# Sampling masks (`return_sampling_mask`, io_struct.py GenerateReqInput; api_types.py
+# GenerateRequest): the tokenizer manager (tokenizer_manager.py, `SamplingMaskChunk.to_lists` of
+# srt/sampling/sampling_mask.py) puts into meta_info, one entry per output token,
+#   output_token_sampling_mask      [[token id, ...], ...]  the kept set, most probable first
+#   output_token_sampling_logprobs  [float, ...]   "selected": log(p(token) / kept mass)
+#                                   [[float, ...], ...]  "support": one per kept id
+#   output_token_sampling_mask_length  int
+# Routed experts (`return_routed_experts`, `routed_experts_start_len`; the server needs
+# --enable-return-routed-experts): meta_info["routed_experts"] is the base64 of the raw int32
+# array [seqlen - 1 - start_len, num_hidden_layers, topk] (detokenizer_manager.py
+# `_b64_encode_per_request`, srt/state_capturer/), row t the routing of position start_len + t.
+
+SAMPLING_MASK, SAMPLING_LOGPROBS = "output_token_sampling_mask", "output_token_sampling_logprobs"
+SAMPLING_MASK_LENGTH = "output_token_sampling_mask_length"
+ROUTED_EXPERTS = "routed_experts"
+
+
+def sampling_mask_fields(masks: Sequence[np.ndarray], logprobs: Sequence) -> dict[str, Any]:
+    """SGLang's meta_info fields of the sampling masks of one sequence's output tokens."""
+    return {
+        SAMPLING_MASK: [np.asarray(m, np.int32).tolist() for m in masks],
+        SAMPLING_LOGPROBS: [np.asarray(v, np.float32).tolist() for v in logprobs],
+        SAMPLING_MASK_LENGTH: len(masks),
+    }
+
+
+def decode_sampling_masks(meta: dict[str, Any], output_ids: Sequence[int], vocab_size: int, where: str) -> tuple[list[list[int]], list[float]]:
+    """(kept set, selected-token log-prob) per output token from a response's meta_info, checked:
+    one entry per output token, ids inside the vocabulary without repeats, the token drawn inside
+    its set, finite log-probs <= 0. A missing field raises `ProtocolError` (the caller names
+    the option)."""
+    masks, logprobs = meta.get(SAMPLING_MASK), meta.get(SAMPLING_LOGPROBS)
+    if masks is None or logprobs is None:
+        raise ProtocolError(f"{where}: meta_info has no {SAMPLING_MASK} / {SAMPLING_LOGPROBS}")
+    if len(masks) != len(output_ids) or len(logprobs) != len(output_ids):
+        raise ProtocolError(
+            f"{where}: {len(masks)} sampling masks and {len(logprobs)} sampling log-probs for {len(output_ids)} output tokens"
+        )
+    out_lp = []
+    for j, (mask, lp, token) in enumerate(zip(masks, logprobs, output_ids)):
+        if not mask or len(set(mask)) != len(mask) or not all(0 <= t < vocab_size for t in mask):
+            raise ProtocolError(f"{where}: the sampling mask of output token {j} is not a set of token ids in [0, {vocab_size}): {mask[:8]}")
+        if token not in mask:
+            raise ProtocolError(f"{where}: output token {j} ({token}) is outside its sampling mask")
+        if isinstance(lp, list):  # "support" mode: one per kept id
+            if len(lp) != len(mask):
+                raise ProtocolError(f"{where}: output token {j} has {len(lp)} support log-probs for {len(mask)} kept ids")
+            lp = lp[mask.index(token)]
+        if lp is None or not math.isfinite(lp) or lp > 1e-6:
+            raise ProtocolError(f"{where}: output token {j} has sampling log-prob {lp}")
+        out_lp.append(float(lp))
+    return [list(m) for m in masks], out_lp
+
+
+def encode_routed_experts(routed: np.ndarray) -> str:
+    """[rows, num_layers, topk] as SGLang sends it: base64 of the raw int32 bytes."""
+    return base64.b64encode(np.ascontiguousarray(routed, dtype="<i4").tobytes()).decode()
+
+
+def decode_routed_experts(meta: dict[str, Any], rows: int, num_layers: int, topk: int, where: str) -> np.ndarray:
+    """meta_info["routed_experts"] as [rows, num_layers, topk] int32 (its shape is not sent:
+    `rows` = seqlen - 1 - routed_experts_start_len, the layers and top-k are the model's)."""
+    value = meta.get(ROUTED_EXPERTS)
+    if not isinstance(value, str):
+        raise ProtocolError(f"{where}: meta_info has no {ROUTED_EXPERTS}")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError as e:
+        raise ProtocolError(f"{where}: {ROUTED_EXPERTS} is not base64: {e}") from None
+    want = rows * num_layers * topk * 4
+    if len(raw) != want:
+        raise ProtocolError(
+            f"{where}: {ROUTED_EXPERTS} holds {len(raw)} bytes; {rows} positions x {num_layers} layers x top-{topk} "
+            f"int32 are {want} (is the server's model the student's?)"
+        )
+    return np.frombuffer(raw, dtype="<i4").reshape(rows, num_layers, topk).astype(np.int32)

@@ -4,6 +4,10 @@
 verifies (a judge or a sandbox runs once per replica), the results reach the rest of the replica,
 and [correct, total] per domain is all-reduced over the replicas. `held_out_accuracy` decodes the
 held-out prompts greedily and counts through it; on-policy stages count their samples through it.
+
+Every data-parallel replica calls `generate` the same number of times for each domain (a replica
+whose share ran out calls it with an empty chunk): an MoE student's expert all-to-alls pair the
+replicas of an EP group, whose shares of the held-out prompts can differ in size by one.
 """
 
 from __future__ import annotations
@@ -62,9 +66,11 @@ def held_out_accuracy(
     max_new_tokens: int,
     batch_size: int = 64,
     limit: int = 0,
+    kv_cache: bool = True,
 ) -> dict[str, float]:
     """{'acc/<domain>': accuracy, 'acc/mean': their mean} on the held-out prompts (greedy decoding
-    of up to `max_new_tokens`), split across data-parallel replicas.
+    of up to `max_new_tokens`, with the embedded engine's KV cache unless `kv_cache` is false),
+    split across data-parallel replicas.
 
     Collective over the whole world (every rank calls it).
     """
@@ -77,11 +83,15 @@ def held_out_accuracy(
     texts: list[str] = []
     for domain in source.domains:
         held_out = source.eval_prompts(domain)
-        mine = (held_out[:limit] if limit else held_out)[dp_rank::dp_size]
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start : start + batch_size]
+        pool = held_out[:limit] if limit else held_out
+        # The same number of calls on every replica (the largest share's chunks; see the module doc).
+        calls = -(-len(pool[0::dp_size]) // batch_size)
+        mine = pool[dp_rank::dp_size]
+        for start in range(0, calls * batch_size, batch_size):
+            chunk = mine[start : start + batch_size]  # empty once this replica's share ran out
             prompts += chunk
-            texts += responses(generate(model, chunk, tokenizer, params, max_len=max_len), tokenizer)
+            batch = generate(model, chunk, tokenizer, params, max_len=max_len, kv_cache=kv_cache)
+            texts += responses(batch, tokenizer)
     _, counts = verify_by_domain(source.domains, prompts, texts, reward_of)
     acc = {f"acc/{d}": float(c / n) if n else float("nan") for d, (c, _, n, _) in zip(source.domains, counts.tolist())}
     acc["acc/mean"] = sum(acc.values()) / len(acc)
@@ -90,7 +100,8 @@ def held_out_accuracy(
 
 def evaluate_held_out(cfg, model: torch.nn.Module, source: PromptSource, tokenizer: Tokenizer, reward_of) -> dict[str, float]:
     """A stage's evaluation: held-out accuracy with the job's response budget
-    (`rollout.max_new_tokens`, the same for every stage) and sequence limit."""
+    (`rollout.max_new_tokens`, the same for every stage), sequence limit and `rollout.kv_cache`."""
     return held_out_accuracy(
-        model, source, tokenizer, reward_of, max_len=cfg.model.max_seq_len, max_new_tokens=cfg.rollout.max_new_tokens
-    )
+        model, source, tokenizer, reward_of, max_len=cfg.model.max_seq_len, max_new_tokens=cfg.rollout.max_new_tokens,
+        kv_cache=cfg.rollout.kv_cache,
+    )  # fmt: skip

@@ -4,7 +4,8 @@
 against the world it will run on) before any rank starts, and again on every rank before it
 builds anything; then every rank builds the runtime, the trainer and the stage (found through
 the stage registry, config/stages.py), runs the shared loop, and rank 0 prints a summary and
-writes `summary.json`. The command exits 0 when the run reached train.steps, and
+writes `summary.json` (and, for a finished run with `train.export_hf`, releases the final
+checkpoint as a Hugging Face directory: stages/release.py). The command exits 0 when the run reached train.steps, and
 EXIT_STOPPED_EARLY (75) when a stop signal ended it earlier with a checkpoint (a rerun resumes
 it). Spawning the ranks itself, it forwards SIGTERM/SIGINT/SIGUSR1 to them (runtime/spawn.py,
 forward_stop_signals).
@@ -44,15 +45,29 @@ def world_size(cfg: JobConfig) -> int:
 
 
 def job_tokenizer(cfg: JobConfig) -> Tokenizer:
-    """The job's tokenizer (the run's own, else its init_from model's, else the character
-    tokenizer), checked against `model.vocab_size` (a rank-free check that needs it)."""
-    tokenizer = run_tokenizer(cfg.run_dir, cfg.train.init_from)
+    """The job's tokenizer (the run's own, else data.tokenizer, else its init_from model's, else the
+    character tokenizer), checked against `model.vocab_size` (a rank-free check that needs it)."""
+    tokenizer = run_tokenizer(cfg.run_dir, cfg.train.init_from, cfg.data.tokenizer)
     if cfg.model.vocab_size != tokenizer.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} tokens; "
             f"set model.vocab_size={tokenizer.vocab_size}"
         )
     return tokenizer
+
+
+def check_job_data(cfg: JobConfig, tokenizer: Tokenizer) -> None:
+    """Read data.datasets' files once as the stage will (SFT: whole conversations), so that a bad
+    row stops the command with its file and line before any rank starts (ConfigError)."""
+    if not cfg.data.datasets:
+        return
+    from megatron_opd.data.datasets import DatasetError
+    from megatron_opd.data.sources import job_prompt_source
+
+    try:
+        job_prompt_source(cfg, tokenizer, demonstrations=cfg.stage == "sft")
+    except DatasetError as e:
+        raise ConfigError(str(e)) from None
 
 
 def run_stage(cfg: JobConfig) -> dict[str, Any]:
@@ -77,9 +92,13 @@ def run_stage(cfg: JobConfig) -> dict[str, Any]:
             write_summary(cfg.run_dir, final)
             _print_summary(cfg, final)
         trainer.close()
-        return final
     finally:
         shutdown()
+    if cfg.train.export_hf and final.get("finished") and trainer.is_logger:
+        from megatron_opd.stages.release import export_release
+
+        export_release(cfg)  # after the final save, outside the job's process group
+    return final
 
 
 def _print_summary(cfg: JobConfig, final: dict[str, Any]) -> None:
@@ -116,6 +135,7 @@ def train_command(args) -> int:
     # Before any rank starts (a ConfigError: the CLI prints it as one line and exits 2).
     cfg.check(world_size(cfg))
     tokenizer = job_tokenizer(cfg)
+    check_job_data(cfg, tokenizer)  # a bad dataset row, too
     plan_start(cfg, tokenizer.fingerprint, act=False)  # a refused resume, too, before any rank starts
     final = launch(cfg)
     return 0 if final.get("finished") else EXIT_STOPPED_EARLY

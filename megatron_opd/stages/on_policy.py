@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from megatron_opd.config import JobConfig
 from megatron_opd.data.prompts import Prompt, replica_slice, repeat_for_group
-from megatron_opd.data.sources import prompt_source
+from megatron_opd.data.sources import job_prompt_source, source_metrics
 from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.data.trajectories import Trajectories
 from megatron_opd.rewards.registry import rewards_for
@@ -102,7 +102,7 @@ class OnPolicyStage:
                 f"data-parallel replicas"
             )
         self.prompts_per_rollout = trajectories // group_size
-        self.source = prompt_source(cfg.data)
+        self.source = job_prompt_source(cfg, tokenizer)  # file rows checked against the token limits
         self.reward_of = rewards_for(self.source)  # unknown reward names fail here, before any step
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.mp_group, self.mp_src = replica_group_and_src()
@@ -181,14 +181,29 @@ class OnPolicyStage:
 
     def row_micro_batches(self, batch: Trajectories, rows: range, host: Callable[[range], dict[str, Any]]) -> list[MicroBatch]:
         """Rows `rows` of `batch` cut into micro-batches of train.micro_batch_size; `host(r)` gives
-        the host-side loss inputs of the micro-batch of rows r."""
+        the host-side loss inputs of the micro-batch of rows r. With rollout.keep_routing each
+        micro-batch carries its rows' routed experts, which the trainer's forwards replay."""
         size = self.cfg.train.micro_batch_size
         positions = torch.arange(batch.tokens.shape[1]).expand_as(batch.tokens)
+        routed = self.routed_experts_of(batch)
         out = []
         for start in range(rows.start, rows.stop, size):
             r = range(start, min(start + size, rows.stop))
-            out.append(MicroBatch(batch.tokens[r.start : r.stop], positions[r.start : r.stop], host=host(r)))
+            mb = MicroBatch(batch.tokens[r.start : r.stop], positions[r.start : r.stop], host=host(r))
+            mb.routed_experts = routed[r.start : r.stop] if routed is not None else None
+            out.append(mb)
         return out
+
+    def routed_experts_of(self, batch: Trajectories) -> torch.Tensor | None:
+        """The batch's routed experts when rollout.keep_routing is on (an error if the rollout
+        engine did not record them), else None."""
+        if not self.cfg.rollout.keep_routing:
+            return None
+        if batch.routed_experts is None:
+            raise RuntimeError(
+                f"rollout.keep_routing=true but the {self.cfg.rollout.engine} rollout engine returned no routed experts"
+            )
+        return batch.routed_experts
 
     def rollout_logprobs(self, batch: Trajectories, model: list[torch.nn.Module] | None = None) -> torch.Tensor | None:
         """[B, T - 1] next-token log-probs of a whole rollout batch from a forward-only pass with
@@ -226,6 +241,7 @@ class OnPolicyStage:
         n = self.trainer.samples_per_rank
         rows = range(update * n, (update + 1) * n)
         metrics = dict(rollout.metrics) if update == 0 else {}
+        metrics.update(source_metrics(self.source))  # rows data.bad_rows=drop left out
         return StepBatch(self.micro_batches(rollout, rows), [rollout.batch.sample_ids[i] for i in rows], metrics)
 
     def after_step(self, step: int) -> dict[str, float]:

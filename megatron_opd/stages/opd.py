@@ -14,38 +14,30 @@ What the loss sees per teacher signal kind (docs/architecture.md, "OPD losses"):
 
 Prompts, rollouts, verification, weight sync and evaluation are the on-policy skeleton's
 (stages/on_policy.py); this stage adds the scoring (route each trajectory to its domain's teacher,
-score it through the `Scorer`, optionally keep the signals in a TeacherStore) and the loss. Within a
-data-parallel replica only the first model-parallel rank talks to the teachers; the signals reach
-the rest of its group from it.
+score it through that teacher's `Scorer`, optionally keep the signals in a TeacherStore) and the
+loss. Teachers are served (`teachers.<name>.placement: server`, the TeacherPool over HTTP: only
+the replica's first model-parallel rank talks to them and shares the signals with its replica) or
+in the job (`in_job`, InJobTeachers: megatron models loaded on demand under the student's layout,
+run by every rank of the replica through `Trainer.forward_only`); a job may mix both. Either way
+the loss gets the same `TeacherSignals`.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
-from megatron_opd.data.trajectories import SIGNAL_FIELDS, TeacherSignals
+from megatron_opd.data.trajectories import SIGNAL_FIELDS, TeacherSignals, Trajectories
+from megatron_opd.models.gpt import output_layer_bypassed
 from megatron_opd.models.heads import load_output_layer_shard
 from megatron_opd.models.model_dir import read_model_dir
-from megatron_opd.runtime.distributed import device, first_error
+from megatron_opd.runtime.distributed import broadcast_object, device, first_error
 from megatron_opd.stages.on_policy import OnPolicyStage, Rollout
 from megatron_opd.stages.trainer import MicroBatch, logits_forward, metric
-from megatron_opd.teachers.scorer import Scorer
-
-
-@contextlib.contextmanager
-def output_layer_bypassed(model: torch.nn.Module):
-    """Make megatron's output layer hand back its input: GPTModel.forward then returns the final
-    (post-norm) hidden states [b, s, h] instead of logits, for losses that apply the head themselves."""
-    layer = model.output_layer
-    layer.forward = lambda input_, weight=None, runtime_gather_output=None: (input_, None)
-    try:
-        yield
-    finally:
-        del layer.forward
+from megatron_opd.teachers.in_job import InJobTeachers, ScoreStats
+from megatron_opd.teachers.scorer import Scorer, route_by_domain
 
 
 def _signals_for_rows(signals: list[TeacherSignals], rows: range) -> list[TeacherSignals]:
@@ -79,11 +71,22 @@ class OPDStage(OnPolicyStage):
     # -- set-up -----------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        # The config's checks (teachers for every domain, signal and temperature, fused output
-        # layer) ran before launch: JobConfig.check, config/stages.py.
+        # The config's checks (teachers for every domain, signal and temperature, placement, fused
+        # output layer) ran before launch: JobConfig.check, config/stages.py.
         cfg = self.cfg
         self.teacher_names = sorted(cfg.teachers)
-        self.scorer: Scorer | None = self._start_pool()
+        self.domain_owner = {d: n for n, t in cfg.teachers.items() for d in t.domains}
+        served = {n: t for n, t in cfg.teachers.items() if t.placement == "server"}
+        in_job = {n: t for n, t in cfg.teachers.items() if t.placement == "in_job"}
+        # The teachers each Scorer owns; `scorer` (HTTP) exists on the replica's first rank only.
+        self.server_teachers, self.in_job_teachers = set(served), set(in_job)
+        self.in_job = self._start_in_job(in_job) if in_job else None
+        try:
+            self.scorer: Scorer | None = self._start_pool(served) if served else None
+        except BaseException:
+            if self.in_job is not None:
+                self.in_job.close()
+            raise
         self.store = None
         if cfg.opd.signal_store and dist.get_rank() == self.mp_src:
             from megatron_opd.teachers.store import TeacherStore
@@ -92,7 +95,7 @@ class OPDStage(OnPolicyStage):
             self.store = TeacherStore(cfg.opd.signal_store, hidden_dtype="float32")
         self.heads = self._load_teacher_heads()
 
-    def _start_pool(self) -> Scorer | None:
+    def _start_pool(self, teachers) -> Scorer | None:
         """Start the pool on the replica's first rank; every rank raises the same error if it fails."""
         from megatron_opd.teachers.pool import TeacherPool
 
@@ -100,9 +103,9 @@ class OPDStage(OnPolicyStage):
         if dist.get_rank() == self.mp_src:
             try:
                 pool = TeacherPool(
-                    self.cfg.teachers,
+                    teachers,
                     student_vocab_size=self.tokenizer.vocab_size,
-                    student_fingerprint=self.tokenizer.fingerprint,
+                    student_tokenizer=self.tokenizer,
                 )
                 pool.start_sync()
             except Exception as e:  # noqa: BLE001 - re-raised on every rank below
@@ -113,6 +116,34 @@ class OPDStage(OnPolicyStage):
                 pool.close()
             raise RuntimeError(f"teacher pool failed to start, before any training step: {first}")
         return pool
+
+    def _start_in_job(self, teachers) -> InJobTeachers:
+        """The in-job teachers, opened and checked on every rank (each reads its own shards); every
+        rank raises the first rank's error."""
+        o = self.cfg.opd
+        scorer = InJobTeachers(
+            teachers,
+            layout=self.trainer.layout,
+            student_vocab_size=self.tokenizer.vocab_size,
+            student_fingerprint=self.tokenizer.fingerprint,
+            student_max_seq_len=self.cfg.model.max_seq_len,
+            dtype=self.trainer.dtype,
+            hidden_forward=self.teacher_hidden,
+            replica_group=self.mp_group,
+            resident=o.resident_teachers,
+            weights=o.teacher_weights,
+            prefetch=o.prefetch_teachers,
+        )
+        error = None
+        try:
+            scorer.start()
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            error = f"{type(e).__name__}: {e}"
+        first = first_error(error)
+        if first:
+            scorer.close()
+            raise RuntimeError(f"in-job teachers failed to load, before any training step: {first}")
+        return scorer
 
     def _load_teacher_heads(self) -> dict[str, torch.Tensor]:
         """Output-layer shards of hidden-signal teachers, cut like the student's vocab shard."""
@@ -134,25 +165,68 @@ class OPDStage(OnPolicyStage):
             ).to(device())
         return heads
 
+    def teacher_hidden(self, model: torch.nn.Module, batch: Trajectories) -> torch.Tensor:
+        """An in-job teacher's final hidden states [B, T, d] (float32, host) at every position of
+        `batch`, on every rank of the replica: `Trainer.forward_only` with the teacher's chunk
+        (its TP shard and PP stage), output layer bypassed. Collective over the replica."""
+        from megatron.core import parallel_state
+
+        def forward(chunk: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+            with output_layer_bypassed(chunk, gather_sequence=True):
+                return logits_forward(chunk, mb)
+
+        mbs = self.row_micro_batches(batch, range(len(batch)), lambda r: {})
+        out = self.trainer.forward_only(mbs, lambda mb, h: h.float().cpu(), forward=forward, model=[model])
+        hidden = torch.cat(out) if out else None
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # outputs are on the last stage
+            hidden = broadcast_object(
+                hidden, parallel_state.get_pipeline_model_parallel_last_rank(), parallel_state.get_pipeline_model_parallel_group()
+            )
+        return hidden
+
     # -- scoring and micro-batches ----------------------------------------------------------------
 
+    def make_rollout(self, index: int) -> Rollout:
+        if self.in_job is not None and not self._stored(index * self.updates_per_rollout):
+            # The rollout's domains are known before it is sampled: read the first in-job teacher
+            # to load while the student generates.
+            domains = {p.domain for p in self.replica_prompts(index)}
+            self.in_job.prefetch_for({self.domain_owner[d] for d in domains} & self.in_job_teachers)
+        return super().make_rollout(index)
+
+    def _stored(self, step: int) -> bool:
+        """Whether the signal store holds this replica's signals of `step` (all ranks agree)."""
+        if not self.cfg.opd.signal_store:
+            return False
+        return self.on_replica_source(lambda: self.store.is_written(step, self.trainer.dp_rank))
+
     def score(self, rollout: Rollout) -> list[TeacherSignals]:
-        """Route and score on the replica's first rank (or read a rollout already in the signal
-        store, as after a restart); every rank of the replica gets the routing and the signals."""
+        """Route every row to its domain's teacher and score it through that teacher's Scorer (or
+        read a rollout already in the signal store, as after a restart); every rank of the
+        replica gets the routing and the signals."""
         batch, step = rollout.batch, rollout.index * self.updates_per_rollout
-
-        def route_and_score():
-            routed = self.scorer.route(batch)
-            part = self.trainer.dp_rank
-            if self.store is not None and self.store.is_written(step, part):
-                signals = self.store.read(step, routed.sample_ids)
-            else:
-                signals = self.scorer.score(routed)
-                if self.store is not None:
-                    self.store.write(step, part, routed.sample_ids, signals)
-            return routed.teacher, signals
-
-        batch.teacher, signals = self.on_replica_source(route_and_score)
+        route_by_domain(batch, self.domain_owner)  # on every rank: a function of the domains
+        if self._stored(step):
+            signals = self.on_replica_source(lambda: self.store.read(step, batch.sample_ids))
+            if self.in_job is not None:
+                rollout.metrics.update(ScoreStats().metrics())  # nothing recomputed
+            return signals
+        signals = []
+        for scorer, names in ((self.scorer, self.server_teachers), (self.in_job, self.in_job_teachers)):
+            rows = [i for i, t in enumerate(batch.teacher) if t in names]
+            if not rows:
+                continue
+            part = batch if len(rows) == len(batch) else batch.select(rows)
+            if names is self.in_job_teachers:  # collective: every rank of the replica runs the models
+                got = scorer.score(part)
+                rollout.metrics.update(scorer.last_stats.metrics())
+            else:  # HTTP on the replica's first rank, shared with the rest
+                got = self.on_replica_source(lambda: scorer.score(part))
+            index = torch.tensor(rows, dtype=torch.long)
+            signals += [replace(s, rows=index[s.rows]) for s in got]
+        signals.sort(key=lambda s: int(s.rows.min()))  # one order whatever the placements
+        if self.store is not None:
+            self.store.write(step, self.trainer.dp_rank, batch.sample_ids, signals)
         return signals
 
     def micro_batches(self, rollout: Rollout, rows: range) -> list[MicroBatch]:
@@ -280,5 +354,9 @@ class OPDStage(OnPolicyStage):
     # -- around the step --------------------------------------------------------------------------
 
     def teardown(self) -> None:
-        if self.scorer is not None:
-            self.scorer.close()
+        try:
+            if self.scorer is not None:
+                self.scorer.close()
+        finally:
+            if self.in_job is not None:
+                self.in_job.close()

@@ -4,7 +4,7 @@ resume, and when it is finished.
     <run_dir>/checkpoints/step_N/   megatron dist checkpoints (runtime/checkpoint.py); each one's
                                     common state holds the job config that wrote it
     <run_dir>/config.yaml           the job config of the latest attempt
-    <run_dir>/model.yaml, tokenizer.json    the model directory (models/model_dir.py)
+    <run_dir>/model.yaml, tokenizer.json or hf/   the model directory (models/model_dir.py)
     <run_dir>/metrics.jsonl, tensorboard/   stages/reporting.py
     <run_dir>/samples.jsonl         the sample ledger (stages/trainer.py)
     <run_dir>/summary.json          final metrics, the step reached, and whether that was train.steps
@@ -44,11 +44,15 @@ RESUME_RULES: list[tuple[str, Kind, str]] = [
     ("model.*", "fixed", "the architecture: the checkpoint's tensors have its shapes and meaning"),
     ("run.seed", "fixed", "seeds: the resumed steps must draw what the first attempt would have"),
     ("data.domains", "fixed", "the prompt source: the step is the data cursor into it"),
+    ("data.datasets", "fixed", "the prompt files, their weights and held-out rows: the step is the data cursor into their mix"),
+    ("data.bad_rows", "fixed", "which rows the data cursor runs over"),
     ("data.seed", "fixed", "the prompt source"),
+    ("data.tokenizer", "changeable", "the run keeps its own tokenizer; another one is refused by its fingerprint"),
     ("data.*", "changeable", "evaluation size"),
     ("train.global_batch_size", "fixed", "samples per step: the step is the data cursor"),
     ("train.precision", "fixed", "the optimizer state (float32 main params under bf16)"),
     ("train.use_distributed_optimizer", "fixed", "the optimizer state's layout"),
+    ("train.export_hf", "changeable", "where the finished run is released; the weights are the checkpoint's"),
     ("train.optim.*", "changeable", "applied: the LR schedule is rebuilt from the new values at the checkpoint's step"),
     ("train.*", "changeable", "steps, micro-batch size, eval/checkpoint cadence, resume/restart/init_from"),
     ("teachers", "fixed", "the set of teachers (an empty section; a named teacher has the keys below)"),
@@ -57,10 +61,13 @@ RESUME_RULES: list[tuple[str, Kind, str]] = [
     ("teachers.*.topk", "fixed", "the distillation objective"),
     ("teachers.*.temperature", "fixed", "the distillation objective"),
     ("teachers.*.model_dir", "fixed", "the teacher itself"),
+    ("teachers.*.placement", "changeable", "where the teacher runs: in-job and served teachers give the same signals"),
     ("teachers.*", "changeable", "endpoints, keys, timeouts, batching, wire format: how the teacher is reached"),
     ("parallel.*", "changeable", "checkpoints reshard to another layout (RNG states restore only under the same one)"),
+    ("rollout.keep_routing", "fixed", "the training forward's routing: replayed experts are part of the objective"),
+    ("rollout.keep_sampling_mask", "fixed", "the policy's action space: log-probs renormalised over the kept sets"),
     ("rollout.*", "changeable", "sampling settings and the engine"),
-    ("opd.*", "changeable", "numerically equivalent paths and the signal cache"),
+    ("opd.*", "changeable", "numerically equivalent paths, the signal cache, how in-job teachers are scheduled"),
     ("grpo.eps_low", "changeable", "the clip range: applied to the updates after the resumed step"),
     ("grpo.eps_high", "changeable", "the clip range: applied to the updates after the resumed step"),
     ("grpo.opsm_delta", "changeable", "the masking threshold: applied to the updates after the resumed step"),
@@ -188,7 +195,7 @@ def plan_start(cfg: JobConfig, tokenizer_fingerprint: str | None = None, *, act:
 
 # What a run writes into its directory; train.restart=true moves exactly these aside.
 RUN_FILES = ("checkpoints", "samples.jsonl", "metrics.jsonl", "tensorboard", "summary.json", "config.yaml",
-             "model.yaml", "tokenizer.json")
+             "model.yaml", "tokenizer.json", "hf")
 
 
 def move_aside(run_dir: Path) -> Path | None:

@@ -31,7 +31,10 @@ import torch.distributed as dist
 from megatron_opd.config import JobConfig, dump_config
 from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.models.gpt import build_gpt_model
-from megatron_opd.models.model_dir import write_model_dir
+from megatron_opd.models.hf.config_json import is_hf_model_dir
+from megatron_opd.models.model_dir import load_model_dir_weights, write_model_dir
+from megatron_opd.models.routing import replaying
+from megatron_opd.rollout.config import keep_routing_problems
 from megatron_opd.runtime import checkpoint as ckpt
 from megatron_opd.runtime.distributed import broadcast_object, device, replica_group_and_src
 from megatron_opd.runtime.layout import ParallelLayout
@@ -50,10 +53,14 @@ class MicroBatch:
     # Bookkeeping the loss reads on the host (row indices, teacher signals): never moved, so the
     # loss does not sync the device to read it back.
     host: dict[str, Any] = field(default_factory=dict)
+    # Keep routing: [b, s, moe_layers, topk] experts the sampler chose for these rows
+    # (Trajectories.routed_experts), replayed in the trainer's own forwards (models/routing.py).
+    routed_experts: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "MicroBatch":
         data = {k: v.to(device) for k, v in self.data.items()}
-        return MicroBatch(self.tokens.to(device), self.position_ids.to(device), data, self.host)
+        routed = self.routed_experts.to(device) if self.routed_experts is not None else None
+        return MicroBatch(self.tokens.to(device), self.position_ids.to(device), data, self.host, routed)
 
 
 # loss(micro_batch, output) -> (sum of per-token losses, number of tokens, {metric: [sum, count]})
@@ -134,7 +141,10 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         t = cfg.train
         self.dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
-        model = build_gpt_model(cfg.model, layout, dtype=self.dtype)
+        keep_routing = cfg.rollout.keep_routing
+        if keep_routing and (problems := keep_routing_problems(cfg.model, layout)):
+            raise ValueError("; ".join(problems))
+        model = build_gpt_model(cfg.model, layout, dtype=self.dtype, routing_replay=keep_routing)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -221,7 +231,9 @@ class Trainer:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator).to(on)
-            return forward(model, mb), partial(loss, mb)
+            with replaying(model, mb.routed_experts):  # keep routing: the sampler's experts
+                output = forward(model, mb)
+            return output, partial(loss, mb)
 
         reports = get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -272,16 +284,21 @@ class Trainer:
         (megatron's schedule with forward_only=True, pipeline stages included), in eval mode:
         old-policy log-probs, or with `model` (chunks built for the same layout, e.g. frozen
         reference weights) reference log-probs. The list is filled on the last pipeline stage,
-        where the outputs are; other stages get []. Collective like a training step."""
+        where the outputs are; other stages get []. Collective like a training step. Micro-batches
+        that carry routed experts replay them in the trainer's own chunks, not in `model`'s (a
+        reference routes as it would)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         on = device()
+        own = model is None
         chunks = self.model if model is None else model
         modes = [chunk.training for chunk in chunks]
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            output = forward(model, mb.to(on))
+            on_device = mb.to(on)
+            with replaying(model, on_device.routed_experts if own else None):
+                output = forward(model, on_device)
             # Megatron's non-loss path: whatever this returns is what the schedule keeps.
             return output, lambda out, non_loss_data=True: collect(mb, out)
 
@@ -395,7 +412,7 @@ class Trainer:
             return
         dump_config(self.cfg, self.run_dir / "config.yaml")
         if self.tokenizer is not None:
-            write_model_dir(self.run_dir, self.cfg.model, self.tokenizer)
+            write_model_dir(self.run_dir, self.cfg.model, self.tokenizer, origin=self.cfg.train.init_from)
 
     def _open_records(self, step: int) -> None:
         """Metrics and ledger from `step` on: what an interrupted attempt logged after it is dropped."""
@@ -406,16 +423,26 @@ class Trainer:
     def load_weights(
         self, path: str | Path, model: list[torch.nn.Module] | None = None, *, key: str = "train.init_from"
     ) -> Path:
-        """Initialise the model (not the optimizer), or other chunks of its layout (`model`: a
-        frozen reference), from a checkpoint dir or a root holding them (a run or model directory);
-        returns the checkpoint. `key`: the config key that named `path`, for the error."""
+        """Initialise the model (not the optimizer state), or other chunks of its layout (`model`:
+        a frozen reference), from a checkpoint dir, a root or model directory holding them, or a
+        Hugging Face model directory (converted in memory under this layout; config.json must
+        describe `model:`, which JobConfig.check holds). Returns what was loaded. `key`: the
+        config key that named `path`, for the error."""
         path = Path(path)
-        if not (path / ckpt.COMPLETE).exists():
-            found = ckpt.latest_complete(path) or ckpt.latest_complete(path / "checkpoints")
-            if found is None:
-                raise FileNotFoundError(f"{key}={path} holds no complete checkpoint")
-            path = found
-        ckpt.load_checkpoint(path, self.model if model is None else model, None, load_rng=False)
+        chunks = self.model if model is None else model
+        if is_hf_model_dir(path):
+            load_model_dir_weights(path, chunks, model_config=self.cfg.model)
+        else:
+            if not (path / ckpt.COMPLETE).exists():
+                found = ckpt.latest_complete(path) or ckpt.latest_complete(path / "checkpoints")
+                if found is None:
+                    raise FileNotFoundError(f"{key}={path} holds no complete checkpoint")
+                path = found
+            ckpt.load_checkpoint(path, chunks, None, load_rng=False)
+        if model is None:
+            # Main parameters were copied from the random init when the optimizer was built;
+            # without this the first step would write them back over the loaded weights.
+            self.optimizer.reload_model_params()
         return path
 
     # -- the loop ---------------------------------------------------------------------------------

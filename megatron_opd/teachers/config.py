@@ -14,11 +14,13 @@ teacher name to one of these; `megatron_opd.config.build` checks every key and t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from megatron_opd.runtime.secrets import LITERAL_KEY_REFUSED, check_key_source, read_api_key
 
 SIGNAL_KINDS = ("hidden", "topk", "sampled", "logits")
+PLACEMENTS = ("server", "in_job")
 
 
 class TeacherConfigError(ValueError):
@@ -27,6 +29,10 @@ class TeacherConfigError(ValueError):
 
 @dataclass
 class TeacherConfig:
+    # Where the teacher runs. server: its own processes, reached over HTTP (endpoints; the
+    # TeacherPool). in_job: a megatron model loaded from model_dir inside the training job under
+    # the student's layout, on demand (teachers/in_job.py; opd.resident_teachers at a time).
+    placement: Literal["server", "in_job"] = "server"
     # Base URLs of the teacher's replicas (each an SGLang server, our embedded server, or a router).
     endpoints: list[str] = field(default_factory=list)
     # Trajectory domains this teacher scores; every domain belongs to exactly one teacher.
@@ -56,10 +62,12 @@ class TeacherConfig:
     topk_format: Literal["b64", "flat", "nested"] = "b64"
     # dtype of hidden states in our binary form (JSON always carries full floats).
     hidden_dtype: Literal["float32", "float16"] = "float32"
-    # A real SGLang server does not report its tokenizer: declare what the operator checked, and
-    # the pool verifies it against the student and probes the vocabulary (docs/teachers.md).
+    # A real SGLang server does not report its tokenizer: name the directory of the tokenizer it
+    # serves (the pool loads it and compares it with the student's, naming what differs), or
+    # declare what the operator checked; the pool then probes the vocabulary (docs/teachers.md).
+    tokenizer_dir: str = ""
     tokenizer_fingerprint: str = ""
-    vocab_size: int = 0
+    vocab_size: int = 0  # 0: the tokenizer_dir's
 
     REFUSED_KEYS: ClassVar[dict[str, str]] = {"api_key": LITERAL_KEY_REFUSED}
 
@@ -72,7 +80,20 @@ class TeacherConfig:
         """Raise `TeacherConfigError` for the first inconsistent key. `endpoints_required=False`:
         a launcher starts this teacher's servers and fills in `endpoints` itself."""
         where = f"teachers.{name}"
-        if not self.endpoints and endpoints_required:
+        if self.placement not in PLACEMENTS:
+            raise TeacherConfigError(f"{where}.placement={self.placement!r}; expected one of {list(PLACEMENTS)}")
+        if self.placement == "in_job":
+            if self.endpoints:
+                raise TeacherConfigError(
+                    f"{where}.endpoints={self.endpoints} but {where}.placement is 'in_job': an in-job teacher "
+                    f"runs inside the trainer; remove the endpoints or set {where}.placement=server"
+                )
+            if self.signal != "hidden":
+                raise TeacherConfigError(
+                    f"{where}.signal={self.signal!r} but {where}.placement is 'in_job': in-job teachers give "
+                    f"their hidden states (the exact distribution through their head); set {where}.signal=hidden"
+                )
+        elif not self.endpoints and endpoints_required:
             raise TeacherConfigError(f"{where}.endpoints is empty; give at least one base URL")
         for url in self.endpoints:
             if not url.startswith(("http://", "https://")):
@@ -94,6 +115,8 @@ class TeacherConfig:
                 raise TeacherConfigError(f"{where}.{key} must be > 0, got {getattr(self, key)}")
         if self.max_retries < 0 or self.retry_backoff_s < 0:
             raise TeacherConfigError(f"{where}.max_retries and retry_backoff_s must be >= 0")
+        if self.tokenizer_dir and not Path(self.tokenizer_dir).is_dir():
+            raise TeacherConfigError(f"{where}.tokenizer_dir={self.tokenizer_dir} is not a directory")
         if self.vocab_size < 0:
             raise TeacherConfigError(f"{where}.vocab_size must be >= 0 (0: not declared), got {self.vocab_size}")
         try:

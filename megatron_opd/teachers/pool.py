@@ -10,10 +10,15 @@ never a default.
 Start-up compatibility (every replica of every teacher; docs/teachers.md, "Compatibility"):
 - our embedded server reports `vocab_size` and `tokenizer_fingerprint` in /model_info: both must
   equal the student's;
-- a stock SGLang server reports neither, so its config must declare them (what the operator
-  checked), they must equal the student's, and a probe proves the vocabulary claim as far as
-  the protocol can: scoring a few tokens with `top_logprobs_num` = the student's vocabulary size
-  must return that many ids, all inside the student's id range, holding probability mass 1;
+- a stock SGLang server reports neither, so its config names the teacher's tokenizer directory
+  (`teachers.<name>.tokenizer_dir`, compared here) or declares both (what the operator checked);
+  they must equal the student's, and a probe proves the vocabulary claim as far as the protocol
+  can: scoring a few tokens with `top_logprobs_num` = the student's vocabulary size must return
+  that many ids, all inside the student's id range, holding probability mass 1;
+- a refusal says what differs (data/tokenizer.py `tokenizer_difference`: the first differing
+  token id with both tokens, the chat template, ...) when the teacher's tokenizer is at hand
+  (`tokenizer_dir`, or `model_dir`'s), else from the digest our server reports in /model_info
+  (which block of ids, which component);
 - then one scoring request per teacher with its own signal kind proves the whole path (hidden
   states enabled, top-k honoured, row counts right); for hidden-state teachers the state width
   must match the `model_dir` whose output layer the trainer will apply, and the checkpoint the
@@ -35,11 +40,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from megatron_opd.data.tokenizer import (
+    Tokenizer,
+    TokenizerDescription,
+    description_difference,
+    digest_difference,
+    load_tokenizer,
+)
 from megatron_opd.data.trajectories import SIGNAL_FIELDS, TeacherSignals, Trajectories
 from megatron_opd.serving import wire
 from megatron_opd.serving.client import ClientSettings, EventLoopThread, SGLangClient, ServerError, gather_all
 from megatron_opd.teachers import protocol as P
 from megatron_opd.teachers.config import TeacherConfig, check_teachers
+from megatron_opd.teachers.scorer import RoutingError, route_by_domain, rows_by_teacher
 
 PROBE_MASS_TOLERANCE = 1e-3
 log = logging.getLogger(__name__)
@@ -47,20 +60,15 @@ log = logging.getLogger(__name__)
 
 def _newest_id(model_dir: str) -> str | None:
     from megatron_opd.models.model_dir import read_model_dir
-    from megatron_opd.runtime.checkpoint import checkpoint_id
 
     try:
-        return checkpoint_id(read_model_dir(model_dir).latest_checkpoint())
+        return read_model_dir(model_dir).weights_id()  # a checkpoint's id, or an HF directory's
     except (OSError, ValueError):
         return None
 
 
 class TeacherIncompatible(ServerError):
     """A teacher does not share the student's vocabulary/tokenizer (or cannot serve its signal)."""
-
-
-class RoutingError(ValueError):
-    """A trajectory's domain (or teacher) is not one the pool knows."""
 
 
 def client_for(name: str, cfg: TeacherConfig, *, trace: bool = False) -> SGLangClient:
@@ -115,18 +123,29 @@ async def score_items(
 
 
 class TeacherPool:
+    collective = False  # teachers.scorer.Scorer: called on the replica's first rank only
+
     def __init__(
         self,
         teachers: dict[str, TeacherConfig],
         *,
         student_vocab_size: int,
-        student_fingerprint: str,
+        student_fingerprint: str = "",
+        student_tokenizer: Tokenizer | None = None,
         trace: bool = False,
     ):
+        """`student_tokenizer` (optional): lets a refusal name what differs from a teacher's."""
         self.teachers = dict(teachers)
         self.domain_owner = check_teachers(self.teachers)
         self.student_vocab_size = student_vocab_size
-        self.student_fingerprint = student_fingerprint
+        if student_tokenizer is not None and student_fingerprint not in ("", student_tokenizer.fingerprint):
+            raise ValueError(
+                f"student_fingerprint {student_fingerprint!r} is not that of student_tokenizer ({student_tokenizer.fingerprint!r})"
+            )
+        self.student_tokenizer = student_tokenizer
+        self.student_fingerprint = student_fingerprint or (student_tokenizer.fingerprint if student_tokenizer else "")
+        if not self.student_fingerprint:
+            raise ValueError("TeacherPool needs the student's tokenizer: give student_tokenizer (or student_fingerprint)")
         self.clients = {name: client_for(name, cfg, trace=trace) for name, cfg in self.teachers.items()}
         self.started = False
         self._loop: EventLoopThread | None = None
@@ -155,7 +174,12 @@ class TeacherPool:
             if info.get(wire.INFO_VOCAB_SIZE) is None or info.get(wire.INFO_FINGERPRINT) is None:
                 await self._check_stock_sglang(name, url)
             else:
-                self._compare(name, url, int(info[wire.INFO_VOCAB_SIZE]), str(info[wire.INFO_FINGERPRINT]), "reported by /model_info")
+                fingerprint = str(info[wire.INFO_FINGERPRINT])
+                served = None
+                if fingerprint != self.student_fingerprint and self.student_tokenizer is not None:
+                    served = await client.tokenizer_description(url)  # to name what differs
+                self._compare(name, url, int(info[wire.INFO_VOCAB_SIZE]), fingerprint, "reported by /model_info",
+                              digest=info.get(wire.INFO_TOKENIZER_DIGEST), teacher=served)  # fmt: skip
             if cfg.signal == "logits" and not (info.get(wire.INFO_SERVER) or {}).get("full_logprobs"):
                 raise TeacherIncompatible(
                     f"teacher {name!r} at {url} cannot send signal 'logits': SGLang has no full-vocabulary output "
@@ -163,27 +187,63 @@ class TeacherPool:
                 )
         await self._probe_signal(name)
 
-    def _compare(self, name: str, url: str, vocab: int, fingerprint: str, source: str) -> None:
+    def _compare(
+        self, name: str, url: str, vocab: int, fingerprint: str, source: str, *,
+        digest: dict | None = None, teacher: TokenizerDescription | None = None,
+    ) -> None:  # fmt: skip
         if vocab != self.student_vocab_size:
+            what = self._what_differs(name, fingerprint, digest, teacher) if fingerprint != self.student_fingerprint else ""
             raise TeacherIncompatible(
                 f"teacher {name!r} at {url} has vocabulary size {vocab} ({source}) but the student has "
-                f"{self.student_vocab_size}; refusing to start"
+                f"{self.student_vocab_size}{what}; refusing to start"
             )
         if fingerprint != self.student_fingerprint:
             raise TeacherIncompatible(
                 f"teacher {name!r} at {url} has tokenizer fingerprint {fingerprint!r} ({source}) but the student has "
-                f"{self.student_fingerprint!r}; refusing to start"
+                f"{self.student_fingerprint!r}{self._what_differs(name, fingerprint, digest, teacher)}; refusing to start"
             )
+
+    def _what_differs(self, name: str, fingerprint: str, digest: dict | None, teacher: TokenizerDescription | None) -> str:
+        """': <what differs>' between the student's tokenizer and teacher `name`'s (whose fingerprint
+        is `fingerprint`): exact from the teacher's own description (served, or its tokenizer_dir or
+        model_dir's), else by component from the digest its server reported, else a hint."""
+        if self.student_tokenizer is not None:
+            if teacher is None and (local := self._local_tokenizer(name)) is not None:
+                teacher = local.describe()
+            if teacher is not None and teacher.fingerprint == fingerprint:
+                return f": {description_difference(self.student_tokenizer.describe(), teacher)}"
+            if digest and digest.get("fingerprint") == fingerprint:
+                return f": {digest_difference(self.student_tokenizer.describe().digest(), digest)}"
+        return f" (set teachers.{name}.tokenizer_dir to the teacher's tokenizer directory to have the difference named)"
+
+    def _local_tokenizer(self, name: str) -> Tokenizer | None:
+        cfg = self.teachers[name]
+        for path in (cfg.tokenizer_dir, cfg.model_dir):
+            if path:
+                try:
+                    return load_tokenizer(path)
+                except (OSError, ValueError):
+                    continue
+        return None
 
     async def _check_stock_sglang(self, name: str, url: str) -> None:
         cfg = self.teachers[name]
-        if not cfg.tokenizer_fingerprint or not cfg.vocab_size:
+        if cfg.tokenizer_dir:
+            try:
+                tok = load_tokenizer(cfg.tokenizer_dir)
+            except (OSError, ValueError) as e:
+                raise TeacherIncompatible(f"teachers.{name}.tokenizer_dir={cfg.tokenizer_dir}: {e}") from None
+            self._compare(name, url, cfg.vocab_size or tok.vocab_size, tok.fingerprint,
+                          f"teachers.{name}.tokenizer_dir", teacher=tok.describe())  # fmt: skip
+        elif not cfg.tokenizer_fingerprint or not cfg.vocab_size:
             raise TeacherIncompatible(
-                f"teacher {name!r} at {url} does not report its tokenizer (a stock SGLang server): declare "
+                f"teacher {name!r} at {url} does not report its tokenizer (a stock SGLang server): set "
+                f"teachers.{name}.tokenizer_dir to the directory of the tokenizer it serves, or declare "
                 f"teachers.{name}.tokenizer_fingerprint and teachers.{name}.vocab_size after checking that it uses the "
                 f"student's tokenizer (student: fingerprint {self.student_fingerprint!r}, vocabulary {self.student_vocab_size})"
             )
-        self._compare(name, url, cfg.vocab_size, cfg.tokenizer_fingerprint, f"declared in teachers.{name}")
+        else:
+            self._compare(name, url, cfg.vocab_size, cfg.tokenizer_fingerprint, f"declared in teachers.{name}")
         # The probe: the whole distribution must live on the student's ids.
         V = self.student_vocab_size
         probe = [t % V for t in (1, 2, 3, 4)]
@@ -227,16 +287,17 @@ class TeacherPool:
                     f"teacher {name!r} sends hidden states of width {width} but teachers.{name}.model_dir "
                     f"({cfg.model_dir}) has hidden_size {mdir.model.hidden_size}: its output layer cannot apply"
                 )
-            self._compare(name, cfg.model_dir, mdir.model.vocab_size, mdir.tokenizer.fingerprint, f"teachers.{name}.model_dir")
+            self._compare(name, cfg.model_dir, mdir.model.vocab_size, mdir.tokenizer.fingerprint,
+                          f"teachers.{name}.model_dir", teacher=mdir.tokenizer.describe())  # fmt: skip
             self._check_head_checkpoint(name, mdir.latest_checkpoint())
 
     def _check_head_checkpoint(self, name: str, head: Path) -> None:
         """The output layer the trainer applies to a teacher's hidden states must be the served
         model's: every replica's checkpoint id (/model_info) must be that of the checkpoint the
         head is loaded from (teachers.<name>.model_dir's newest)."""
-        from megatron_opd.runtime.checkpoint import checkpoint_id
+        from megatron_opd.models.model_dir import weights_id_of
 
-        want = checkpoint_id(head)
+        want = weights_id_of(head)  # a checkpoint's id, or an HF directory's (the server reports the same)
         for url, info in self.clients[name].model_infos.items():
             served = info.get(wire.INFO_CHECKPOINT_ID)
             if want is None or served is None:
@@ -264,16 +325,7 @@ class TeacherPool:
 
     def route(self, traj: Trajectories) -> Trajectories:
         """Fill `traj.teacher` from each row's domain (in place; returns `traj`)."""
-        names = []
-        for i, domain in enumerate(traj.domain):
-            if domain not in self.domain_owner:
-                raise RoutingError(
-                    f"trajectory {traj.sample_ids[i]!r} has domain {domain!r}, which no teacher owns; "
-                    f"known domains: {sorted(self.domain_owner)}"
-                )
-            names.append(self.domain_owner[domain])
-        traj.teacher = names
-        return traj
+        return route_by_domain(traj, self.domain_owner)
 
     def score(self, traj: Trajectories) -> list[TeacherSignals]:
         return self._runner().run(self._score(traj))
@@ -286,11 +338,7 @@ class TeacherPool:
             raise RuntimeError("TeacherPool.score before start(): call pool.start_sync() (or await pool.start()) first")
         if any(t == "" for t in traj.teacher):
             self.route(traj)
-        rows_of: dict[str, list[int]] = {}
-        for i, name in enumerate(traj.teacher):
-            if name not in self.clients:
-                raise RoutingError(f"trajectory {traj.sample_ids[i]!r} names teacher {name!r}; the pool has {sorted(self.clients)}")
-            rows_of.setdefault(name, []).append(i)
+        rows_of = rows_by_teacher(traj, self.clients)
         R = traj.max_response_len
 
         async def one(name: str, rows: list[int]) -> TeacherSignals:

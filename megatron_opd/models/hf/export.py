@@ -9,10 +9,12 @@ tokenizer files and manifest.json (sha256 per file).
   (MODEL_DIR/hf/), else the one that expresses model.yaml exactly (MLA: deepseek_v3; MoE:
   qwen3_moe; q/k norm: qwen3; QKV bias: qwen2; else llama). A model the architecture cannot
   express is an error naming the field.
-- config.json: the original one when the model came from HF and model.yaml still matches it
-  (so an import/export round trip is bit-exact, config included), else generated.
-- Tokenizer: the HF tokenizer files kept by the import; for our own tiny models, their
-  character tokenizer.json (not loadable by transformers' AutoTokenizer: serve such a model
+- config.json: the original one when the model came from HF and model.yaml still describes its
+  architecture (training-side keys such as max_seq_len may differ), so an import/export round trip
+  is bit-exact, config included; else generated.
+- Tokenizer: the HF tokenizer files kept by the import (or by a run that started from an HF
+  directory: <run_dir>/hf/), else the tokenizer files in the model directory; for our own tiny
+  models, their character tokenizer.json (not loadable by transformers' AutoTokenizer: serve such a model
   with SGLang's --skip-tokenizer-init and token ids).
 - Streaming: one safetensors shard (--max-shard-size) is in memory at a time; each is read
   from the dist checkpoint region by region, straight into the HF tensors.
@@ -20,7 +22,6 @@ tokenizer files and manifest.json (sha256 per file).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shutil
@@ -29,6 +30,20 @@ from pathlib import Path
 from typing import Callable
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# A model directory's tokenizer files that a release carries (a model without an hf/ directory:
+# our character tokenizer.json, or the files a Hugging Face tokenizer saved there).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "generation_config.json",
+)
 
 
 def torch_dtype(name: str | None):
@@ -143,8 +158,10 @@ def megatron_to_hf(
             for f in side.iterdir():
                 if f.is_file() and f.name != "config.json":
                     shutil.copy2(f, out / f.name)
-        elif model.model_dir is not None and (model.model_dir / "tokenizer.json").is_file():
-            shutil.copy2(model.model_dir / "tokenizer.json", out / "tokenizer.json")
+        elif model.model_dir is not None:  # a model of ours: the tokenizer files it was saved with
+            for name in TOKENIZER_FILES:
+                if (model.model_dir / name).is_file():
+                    shutil.copy2(model.model_dir / name, out / name)
         write_manifest(
             out,
             "checkpoints_tools.export",
@@ -160,12 +177,15 @@ def megatron_to_hf(
 def _hf_config(architecture, cfg, original, dtype_name, cast, model, side) -> dict:
     """The original config.json when model.yaml still matches it (bit-exact round trips), else generated."""
     from megatron_opd.models.hf.architectures import hf_config_from_model, model_config_from_hf
+    from megatron_opd.models.hf.config_json import architecture_differences
 
     if original is not None and architecture.name == original.get("model_type"):
-        again = model_config_from_hf(architecture, original)
-        if dataclasses.replace(again, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by) == cfg:
+        # A job may train the model at a shorter context, another padding or init scale
+        # (TRAINING_FIELDS): the weights are still the original architecture's.
+        if not architecture_differences(cfg, model_config_from_hf(architecture, original)):
             config = dict(original)
-            if cast:
+            # The dtype the weights are stored in now (a bf16 model trained in fp32 is fp32).
+            if cast or config.get("torch_dtype", config.get("dtype")) != dtype_name:
                 config["torch_dtype"] = dtype_name
                 config.pop("dtype", None)
             return config

@@ -23,10 +23,9 @@ from typing import Callable, Iterable
 
 import torch
 
+from megatron_opd.models.hf.config_json import INDEX, WEIGHT_SUFFIXES, is_hf_model_dir, side_files  # noqa: F401 - re-exported
 from megatron_opd.models.hf.errors import CheckpointError, CorruptCheckpoint, name_list
 
-INDEX = "model.safetensors.index.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -50,12 +49,6 @@ def mapped_tensor(mm: mmap.mmap, offset: int, shape: tuple[int, ...], dtype: tor
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(mm, dtype=dtype, count=numel, offset=offset).view(shape)
-
-
-def is_hf_model_dir(path: str | Path) -> bool:
-    """A Hugging Face model directory (config.json), as opposed to a megatron one (model.yaml)."""
-    path = Path(path)
-    return (path / "config.json").is_file() and not (path / "model.yaml").is_file()
 
 
 @dataclass(frozen=True)
@@ -187,11 +180,7 @@ class HFCheckpoint:
 
     def side_files(self) -> list[Path]:
         """Files that travel with the weights: config, generation config, tokenizer files, templates."""
-        return sorted(
-            p
-            for p in self.path.iterdir()
-            if p.is_file() and p.suffix not in WEIGHT_SUFFIXES and p.name not in (INDEX, "manifest.json")
-        )
+        return side_files(self.path)
 
 
 def copy_side_files(files: Iterable[Path], out_dir: Path) -> list[Path]:

@@ -35,6 +35,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from megatron_opd.models.config import ModelConfig
+from megatron_opd.models.hf.config_json import HF_SIDE_DIR  # noqa: F401 - re-exported (tools import it here)
 from megatron_opd.models.hf.errors import (
     CheckpointError,
     CorruptCheckpoint,
@@ -236,9 +237,13 @@ def stored_tensors(step_dir: Path) -> dict[str, StoredTensor]:
     }
 
 
+_OPTIMIZER_KEY = re.compile(r"(chained_\d+\.)?optimizer")
+
+
 def is_model_key(key: str) -> bool:
-    """Model weights, as opposed to optimizer state and TE/extra state."""
-    return not key.startswith("optimizer") and "_extra_state" not in key and key != "rng_state"
+    """Model weights, as opposed to optimizer state and TE/extra state. A MoE model's optimizer
+    is megatron's ChainedOptimizer (dense and expert parameters): its keys are chained_<i>.optimizer.*."""
+    return not _OPTIMIZER_KEY.match(key) and "_extra_state" not in key and key != "rng_state"
 
 
 @dataclass(frozen=True)
@@ -477,7 +482,6 @@ def write_checkpoint(
 # ---------------------------------------------------------------------------------------------
 # Model directories (megatron_opd.models.model_dir): model.yaml + checkpoints/step_* (+ hf/)
 
-HF_SIDE_DIR = "hf"  # the original HF config and tokenizer files of a converted model
 
 
 @dataclass(frozen=True)
