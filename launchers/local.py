@@ -373,5 +373,10 @@ def run_command(args) -> int:
     from megatron_opd.stages.launch import EXIT_STOPPED_EARLY
 
     with forward_stop_signals():
-        summary = run_pipeline(cfg)
+        if cfg.recipe.methods:  # the experiment: base, experts, every method (launchers/recipe.py)
+            from launchers.recipe import run_recipe
+
+            summary = run_recipe(cfg)
+        else:
+            summary = run_pipeline(cfg)
     return 0 if summary is not None else EXIT_STOPPED_EARLY

@@ -815,6 +815,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def submit_command(args) -> int:
     """`megatron-opd submit CONFIG [overrides] [--dry-run]`; a `ConfigError` means nothing was submitted."""
+    job, _ = load_job(args.config, args.overrides)
+    if job.recipe.methods:  # the recipe: a chain of jobs with dependencies (launchers/recipe.py)
+        from launchers.recipe import submit_recipe_command
+
+        return submit_recipe_command(job, dry_run=args.dry_run, sbatch=args.sbatch)
     p = prepare(args.config, args.overrides)
     if args.dry_run:
         sys.stdout.write(render(p))

@@ -64,7 +64,7 @@ _CHECKPOINT_TOOLS = {
     "convert": "Hugging Face <-> megatron dist checkpoint",
     "export": "any trained model to Hugging Face format (SGLang, transformers)",
     "reshard": "a megatron checkpoint to another TP/PP/EP layout",
-    "merge": "weight-merging baselines (uniform average, task arithmetic)",
+    "merge": "weight-merging baselines (uniform average, task arithmetic, TIES)",
 }
 
 # Older names that still work.

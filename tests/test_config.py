@@ -253,6 +253,7 @@ def test_layout_checks_the_model():
 SHIPPED = {
     "tiny/sft.yaml": "train",
     "tiny/opd.yaml": "run",
+    "tiny/recipe.yaml": "run",
     "tiny/grpo.yaml": "train",
     "tiny/grm_sft.yaml": "train",
     "tiny/grm.yaml": "train",

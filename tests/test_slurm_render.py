@@ -270,13 +270,13 @@ def test_every_problem_is_listed_at_once(tmp_path):
 
 def test_unimplemented_stage_is_refused_at_load(tmp_path, fake_sbatch):
     exe, calls = fake_sbatch
-    path = _write(tmp_path, {"stage": "grpo"})
-    with pytest.raises(ConfigError, match=r"stage: 'grpo' is not implemented yet; the stages that run are: sft, opd"):
+    path = _write(tmp_path, {"stage": "grm"})
+    with pytest.raises(ConfigError, match=r"stage: 'grm' is not implemented yet; the stages that run are: sft, opd, grpo"):
         load_job(path)
     result = subprocess.run([sys.executable, "-m", "megatron_opd.cli", "submit", str(path), "--sbatch", str(exe)],
                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=tmp_path)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.strip().splitlines() == ["error: stage: 'grpo' is not implemented yet; the stages that run are: sft, opd"]
+    assert result.stderr.strip().splitlines() == ["error: stage: 'grm' is not implemented yet; the stages that run are: sft, opd, grpo"]
     assert not calls.exists()
 
 

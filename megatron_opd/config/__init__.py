@@ -21,6 +21,7 @@ from megatron_opd.config.job import (
     OPDConfig,
     OptimConfig,
     PipelineConfig,
+    RecipeConfig,
     RunConfig,
     TrainConfig,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "OPDConfig",
     "OptimConfig",
     "PipelineConfig",
+    "RecipeConfig",
     "RunConfig",
     "STAGES",
     "StageSpec",

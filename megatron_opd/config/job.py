@@ -172,6 +172,10 @@ class DataConfig:
     # this annotation file, JSON lines), and the judge template.
     annotations: str = ""
     judge_template: str = JUDGE_TEMPLATE
+    # A JSONL of {"index", "domain", "prompt", "response"}: SFT trains on these responses for the
+    # prompts at those indices instead of the rule's answers (the recipe's mixed SFT on the experts'
+    # own samples, launchers/recipe.py). "" = the rule's answers.
+    samples: str = ""
 
     @property
     def source_domains(self) -> list[str]:
@@ -197,6 +201,10 @@ class DataConfig:
                               f"a job trains on one or the other")  # fmt: skip
         if "judge" in self.domains and not self.annotations:
             raise ConfigError("data.domains lists 'judge' but data.annotations is empty; name the annotation file")
+        if self.samples and not Path(self.samples).is_file():
+            raise ConfigError(f"data.samples={self.samples} is not a file; point it at a JSONL of samples, or unset it")
+        if self.samples and self.datasets:
+            raise ConfigError("data.samples answers the tiny domains' prompts; it cannot be combined with data.datasets")
         if self.tokenizer and not Path(self.tokenizer).is_dir():
             raise ConfigError(f"data.tokenizer={self.tokenizer} is not a directory")
         if not self.datasets:
@@ -336,6 +344,55 @@ class PipelineConfig:
         return self.expert_rl_overrides + self.expert_rl_overrides_by_teacher.get(teacher, [])
 
 
+RECIPE_METHODS = ("opd_hidden", "opd_topk", "opd_sampled", "mixed_rl", "mixed_sft", "uniform", "task_arithmetic", "ties")
+
+
+@dataclass
+class RecipeConfig:
+    """The experiment `megatron-opd run` drives when `recipe.methods` is not empty
+    (launchers/recipe.py): one shared base, every expert fine-tuned from it, then each method from
+    the base with the same budget, evaluated on every domain's held-out set, per seed."""
+
+    # Which methods to compare (RECIPE_METHODS); [] = not a recipe, the plain distillation pipeline.
+    methods: list[str] = field(default_factory=list)
+    # run.seed of each repetition; every phase (base, experts, methods) is repeated per seed.
+    seeds: list[int] = field(default_factory=lambda: [1234])
+    # The shared base: SFT on every domain (a generic mixture) from random weights. Each expert is
+    # then fine-tuned from it as `megatron-opd run` trains experts: SFT (pipeline.expert_overrides),
+    # then GRPO where pipeline.expert_rl_overrides (and _by_teacher) say.
+    base_overrides: list[str] = field(default_factory=list)
+    # The budget: applied to every trained method (the same steps and samples for each).
+    budget_overrides: list[str] = field(default_factory=list)
+    # Per method, after the budget (e.g. a topk for opd_topk, grpo.* for mixed_rl); they may not
+    # change train.steps or train.global_batch_size (the budget).
+    method_overrides: dict[str, list[str]] = field(default_factory=dict)
+    ties_density: float = 0.2
+    ties_lambda: float = 1.0
+    task_arithmetic_scale: float = 1.0
+    topk: int = 8  # k of opd_topk
+    # Run only this phase ("seed<S>/base", "seed<S>/experts/<name>/sft", "seed<S>/methods/<m>",
+    # "seed<S>/report", or "report": the table over every seed): one job of the SLURM chain.
+    only: str = ""
+
+    def check(self) -> None:
+        unknown = sorted(set(self.methods) - set(RECIPE_METHODS))
+        if unknown:
+            raise ConfigError(f"recipe.methods names {unknown}; the methods are {list(RECIPE_METHODS)}")
+        stray = sorted(set(self.method_overrides) - set(self.methods))
+        if stray:
+            raise ConfigError(f"recipe.method_overrides names {stray}, which are not in recipe.methods {self.methods}")
+        for method, overrides in self.method_overrides.items():
+            for o in overrides:
+                if o.split("=", 1)[0].strip() in ("train.steps", "train.global_batch_size"):
+                    raise ConfigError(
+                        f"recipe.method_overrides.{method} sets {o.split('=', 1)[0]}: every method has the same "
+                        f"budget; set it in recipe.budget_overrides"
+                    )
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"recipe.seeds must list distinct seeds, got {self.seeds}")
+        if not 0 < self.ties_density <= 1:
+            raise ConfigError(f"recipe.ties_density must lie in (0, 1], got {self.ties_density}")
+        _at_least(self, "recipe", topk=1)
 def check_init_from(cfg: "JobConfig") -> None:
     """A Hugging Face `train.init_from` must be the model `model:` describes (read where the
     directory is reachable: a login node may not see the cluster's file systems; every rank
@@ -397,6 +454,7 @@ class JobConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     grm: GRMConfig = field(default_factory=GRMConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)  # launchers/recipe.py
     cluster: ClusterConfig = field(default_factory=ClusterConfig)  # SLURM jobs (launchers/slurm.py)
 
     def __post_init__(self):

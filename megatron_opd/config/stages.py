@@ -104,8 +104,9 @@ def check_opd(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
     if cfg.opd.teacher_weights not in ("disk", "host"):
         problems.append(f"opd.teacher_weights={cfg.opd.teacher_weights!r}; expected disk or host")
     problems += _raised(cfg.rollout.check, endpoints_required=ctx.endpoints_given, model=cfg.model, layout=ctx.layout)
-    if ctx.by_pipeline:  # only `megatron-opd run` reads the pipeline: section
+    if ctx.by_pipeline:  # only `megatron-opd run` reads the pipeline: and recipe: sections
         problems += _raised(cfg.pipeline.check, cfg.teachers)
+        problems += _raised(cfg.recipe.check)
     return problems
 
 

@@ -14,6 +14,7 @@ from megatron_opd.data.datasets import FileDatasets, Limits
 from megatron_opd.data.domains import TinyDomains
 from megatron_opd.data.prompts import PromptSource
 from megatron_opd.data.rubric import JUDGE_DOMAIN, TASK_DOMAIN, GRMSource, JudgeTemplate, annotation_baselines, load_annotations
+from megatron_opd.data.samples import RecordedResponses
 from megatron_opd.data.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -28,7 +29,10 @@ def prompt_source(data: "DataConfig", limits: Limits = Limits(), *, demonstratio
         return FileDatasets(data, limits, demonstrations=demonstrations)
     if set(data.domains) & {TASK_DOMAIN, JUDGE_DOMAIN}:
         return grm_source(data)
-    return TinyDomains(data.domains, data.seed, data.eval_size)
+    source: PromptSource = TinyDomains(data.domains, data.seed, data.eval_size)
+    if data.samples:  # the tiny prompts answered by recorded responses (data/samples.py)
+        source = RecordedResponses(source, data.samples)
+    return source
 
 
 def grm_source(data: "DataConfig") -> GRMSource:

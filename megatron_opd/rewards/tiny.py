@@ -1,5 +1,6 @@
 """Rule verifiers of the tiny domains: a response is correct iff it equals the domain's solution
-of the prompt text (the rule itself, not a stored answer)."""
+of the prompt text (the rule itself, not a stored answer). A prompt of another domain (a twin's,
+under its own tag) is an error, not a score."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ class TinyDomainReward:
         return score_each(self.name, samples, self._score_one)
 
     def _score_one(self, sample: RewardInput) -> RewardResult:
+        tag = self.domain.tag
+        # A twin's prompt (same body, other tag) would otherwise be scored by this domain's rule.
+        if not (sample.prompt.startswith(tag) and sample.prompt.endswith("=")):
+            raise ValueError(f"prompt {sample.prompt!r} is not a {self.name} prompt (those read {tag}...=)")
         expected = self.domain.solve(sample.prompt)
         equal = sample.response == expected
         return RewardResult(score=1.0 if equal else 0.0, info={"expected": expected})

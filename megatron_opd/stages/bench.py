@@ -91,7 +91,8 @@ def _timed(run_dir: Path, warmup: int) -> dict[str, float]:
         return sum(r.get(key, 0.0) for r in rows) / len(rows)
 
     step_s = mean("train/step_time_s")
-    tokens = mean("train/train_tokens_per_s") * step_s  # tokens of one step
+    # Each row's tokens from its own rate and time (the mean of the products, not their product).
+    tokens = sum(r["train/train_tokens_per_s"] * r["train/step_time_s"] for r in rows) / len(rows)
     rollout_s, score_s = mean("train/rollout_time_s"), mean("train/score_time_s")
     return {
         "tokens": tokens,

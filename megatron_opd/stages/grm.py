@@ -29,7 +29,6 @@ so the evaluator can score them with the oracle afterwards (the judge-vs-oracle 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import torch
 

@@ -49,6 +49,7 @@ RESUME_RULES: list[tuple[str, Kind, str]] = [
     ("data.seed", "fixed", "the prompt source"),
     ("data.annotations", "fixed", "the judge's prompt source and labels"),
     ("data.judge_template", "fixed", "the judge's prompts"),
+    ("data.samples", "fixed", "the prompt source: the responses SFT trains on"),
     ("data.tokenizer", "changeable", "the run keeps its own tokenizer; another one is refused by its fingerprint"),
     ("data.*", "changeable", "evaluation size"),
     ("train.global_batch_size", "fixed", "samples per step: the step is the data cursor"),
@@ -80,6 +81,7 @@ RESUME_RULES: list[tuple[str, Kind, str]] = [
     ("grm.*", "fixed", "the judge and its rewards: a rollout a checkpoint keeps was scored with them"),
     ("run.*", "changeable", "where and how the run reports"),
     ("pipeline.*", "changeable", "read by `megatron-opd run`, not by the trainer"),
+    ("recipe.*", "changeable", "read by `megatron-opd run` (launchers/recipe.py), not by the trainer"),
     ("cluster.*", "changeable", "read by the SLURM launcher, not by the trainer"),
 ]
 
