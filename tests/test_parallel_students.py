@@ -10,8 +10,13 @@ The MoE student runs with rollout.keep_routing: the server returns the routed ex
 (`return_routed_experts`) and the training forward replays them through RouterReplay.
 
 Compared: the step's KL (the loss) and every gradient by global parameter name (layers and
-experts renumbered, test_parallel_equivalence's helpers). The GRPO step is not here: the GRPO
-stage (stages/grpo.py) is another branch's and had not landed on main.
+experts renumbered, test_parallel_equivalence's helpers).
+
+The GRPO step is compared the same way (its loss and every gradient), on the same students and
+the same server rollouts. A random student never solves add or reverse, so every group would
+score 0 and every advantage vanish (a vacuous comparison): the worker grades responses with a
+deterministic test reward instead (a function of the response text alone), which gives each
+group different scores.
 """
 
 from __future__ import annotations
@@ -156,3 +161,95 @@ def test_opd_step_with_an_moe_student_at_ep2_equals_the_single_rank_step(setup, 
         assert routed is not None and routed.shape == (n, 2, 2), f"{sid}: no routed experts from the server"
         assert (routed[: n - 1] >= 0).all() and (routed[n - 1] == -1).all()
         assert torch.equal(routed, theirs[sid][1]), f"{sid}: the server routed differently for the two worlds"
+
+
+# -- GRPO ---------------------------------------------------------------------------------------
+
+
+def _grpo_step_worker(cfg_tree: dict) -> tuple:
+    """One GRPO step's forward/backward on the first rollout: (loss, gradients, rollout tokens)."""
+    from megatron_opd.config import JobConfig, build
+    from megatron_opd.data.tokenizer import CharTokenizer
+    from megatron_opd.rewards import registry
+    from megatron_opd.rewards.tiny import TinyDomainReward
+    from megatron_opd.rewards.types import RewardResult
+    from megatron_opd.runtime.distributed import init_runtime
+    from megatron_opd.stages.grpo import GRPOStage
+    from megatron_opd.stages.trainer import Trainer
+
+    class Graded(TinyDomainReward):
+        """A score in [0, 1] from the response's characters: differs within a group, the same
+        on every rank and in every world for the same response."""
+
+        def _score_one(self, sample):
+            return RewardResult(score=(sum(map(ord, sample.response)) % 7) / 6.0, info={})
+
+    for domain in ("add", "reverse"):
+        registry.REWARDS[domain] = lambda d=domain: Graded(d)
+    cfg = build(JobConfig, cfg_tree)
+    trainer = Trainer(cfg, init_runtime(cfg.parallel, cfg.run.seed))
+    stage = GRPOStage(cfg, trainer, CharTokenizer())
+    try:
+        assert not trainer.resume(stage)  # loads train.init_from
+        batch = stage.make_batch(0)  # pushes the weights, samples, scores
+        metrics = trainer.forward_backward(batch.micro_batches, stage.loss, stage.forward)
+        traj = stage.current.batch
+        rows = {
+            sid: (traj.tokens[i, : traj.lengths[i]], None if traj.routed_experts is None else traj.routed_experts[i, : traj.lengths[i]])
+            for i, sid in enumerate(traj.sample_ids)
+        }
+        grads = _grads(trainer, cfg.model.num_layers, cfg.model.num_experts)
+        if cfg.model.tie_embeddings and "output_layer.weight" in grads:
+            grads["embedding.word_embeddings.weight"] = grads.pop("output_layer.weight")
+        advantages = stage.current.scores["advantages"]
+        return metrics.get("loss"), grads, rows, float(advantages.abs().max())
+    finally:
+        stage.close()
+
+
+def _grpo_step(setup, tmp_path: Path, student: str, name: str, nproc: int, *overrides: str) -> list:
+    dirs, _ = setup
+    run = tmp_path / name
+    extra = ["--enable-return-routed-experts"] if student == "moe" else []
+    with start_teacher_server(model_dir=dirs[student], weights_dir=run / "grpo" / "rollout_weights", extra_args=extra) as server:
+        cfg = derive(
+            load_config(REPO / "configs/tiny/grpo.yaml"),
+            [f"run.nproc={nproc}", "parallel.tp=1", "train.steps=1", "train.global_batch_size=8", "train.micro_batch_size=2",
+             "train.eval_every=0", "train.eval_at_start=false", "train.checkpoint_every=0", "run.progress=none",
+             "rollout.engine=sglang", "rollout.weight_sync=disk", "data.domains=[add,reverse]", "grpo.group_size=4",
+             "rollout.max_new_tokens=6", *[f"model.{k}={v}" for k, v in MODELS[student].items()], *overrides],
+            **{"run.output_dir": str(run), "run.name": "grpo", "train.init_from": dirs[student],
+               "rollout.endpoints": [server.url]},
+        )  # fmt: skip
+        return spawn_world(_grpo_step_worker, nproc, (to_dict(cfg),), timeout_s=420)
+
+
+def _assert_same_grpo_step(ref: list, got: list, tol: float) -> dict:
+    same, theirs = _rollouts([r[:3] for r in ref]), _rollouts([r[:3] for r in got])
+    assert sorted(same) == sorted(theirs) and len(same) == 8, "the worlds sampled different prompts"
+    for sid, (tokens, _) in same.items():
+        assert torch.equal(tokens, theirs[sid][0]), f"sample {sid} differs between the worlds"
+    assert ref[0][3] > 1e-3, "all advantages 0: the comparison would be vacuous"
+    loss = ref[0][0]
+    for r in got:
+        if r[0] is not None:
+            assert abs(r[0] - loss) <= tol * max(1.0, abs(loss)), f"loss {r[0]} differs from the single rank's {loss}"
+    merged = _merge([(None, r[1]) for r in ref])
+    assert max(float(g.abs().max()) for g in merged.values()) > 1e-4, "zero gradients: a vacuous comparison"
+    _assert_same_grads(merged, _merge([(None, r[1]) for r in got]), tol)
+    return same
+
+
+def test_grpo_step_with_a_pp2_student_equals_the_single_rank_step(setup, tmp_path):
+    ref = _grpo_step(setup, tmp_path, "dense", "pp1", 1)
+    got = _grpo_step(setup, tmp_path, "dense", "pp2", 2, "parallel.pp=2")
+    _assert_same_grpo_step(ref, got, 1e-5)
+
+
+def test_grpo_step_with_an_moe_student_at_ep2_equals_the_single_rank_step(setup, tmp_path):
+    keep = "rollout.keep_routing=true"
+    ref = _grpo_step(setup, tmp_path, "moe", "ep1", 1, keep)
+    got = _grpo_step(setup, tmp_path, "moe", "ep2", 2, "parallel.ep=2", keep)
+    rollouts = _assert_same_grpo_step(ref, got, 1e-5)
+    for sid, (tokens, routed) in rollouts.items():
+        assert routed is not None and routed.shape == (len(tokens), 2, 2), f"{sid}: no routed experts from the server"
