@@ -6,7 +6,7 @@ by their rule, or the conversations of data.datasets' files. Each is rendered by
 assistant turn's content and its end token); position t's loss is on token t + 1 where that
 token is the assistant's, with Megatron's padded vocabulary columns excluded.
 
-Long sequences: a step's examples are sorted by length into micro-batches (length buckets), each
+Long sequences (data.datasets): a step's examples are sorted by length into micro-batches (length buckets), each
 padded only to its own longest row (rounded up to 8, for sequence parallelism), so a step of
 mostly short conversations with a few long ones does not pad every row to model.max_seq_len.
 The loss returns its sum and token count, and the trainer divides by the step's total count
@@ -108,7 +108,9 @@ class SFTStage:
         self.eval_source = VerifiedDomains(self.source, verified)
         self.reward_of = self.make_rewards()  # held-out accuracy verifies with them
         self.data_metrics = source_metrics(self.source)
-        self.bucket = cfg.parallel.pp == 1
+        # Length buckets pay off for files of mixed lengths; the tiny domains all fit one width, and
+        # keeping their rows in order keeps runs identical to earlier releases of the default job.
+        self.bucket = cfg.parallel.pp == 1 and bool(cfg.data.datasets)
 
     def make_rewards(self):
         """The reward of each verified domain (the GRM's cold start attaches its judge)."""
