@@ -67,17 +67,36 @@ def setup(tmp_path_factory):
         yield dirs, teacher.url
 
 
-def _opd_step_worker(cfg_tree: dict) -> tuple:
-    """One OPD step's forward/backward on the first rollout: (KL, gradients, rollout tokens)."""
+def _install_graded_rewards() -> None:
+    """Score add and reverse in [0, 1] from the response's characters: scores differ within a
+    group, and are the same on every rank and in every world for the same response."""
+    from megatron_opd.rewards import registry
+    from megatron_opd.rewards.tiny import TinyDomainReward
+    from megatron_opd.rewards.types import RewardResult
+
+    class Graded(TinyDomainReward):
+        def _score_one(self, sample):
+            return RewardResult(score=(sum(map(ord, sample.response)) % 7) / 6.0, info={})
+
+    for domain in ("add", "reverse"):
+        registry.REWARDS[domain] = lambda d=domain: Graded(d)
+
+
+def _step_worker(cfg_tree: dict) -> tuple:
+    """One OPD or GRPO step's forward/backward on the first rollout: (the step's loss metric: KL
+    for OPD, loss for GRPO; gradients; rollout tokens; the largest |advantage|, GRPO only)."""
     from megatron_opd.config import JobConfig, build
     from megatron_opd.data.tokenizer import CharTokenizer
     from megatron_opd.runtime.distributed import init_runtime
+    from megatron_opd.stages.grpo import GRPOStage
     from megatron_opd.stages.opd import OPDStage
     from megatron_opd.stages.trainer import Trainer
 
     cfg = build(JobConfig, cfg_tree)
+    if cfg.stage == "grpo":
+        _install_graded_rewards()
     trainer = Trainer(cfg, init_runtime(cfg.parallel, cfg.run.seed))
-    stage = OPDStage(cfg, trainer, CharTokenizer())
+    stage = (GRPOStage if cfg.stage == "grpo" else OPDStage)(cfg, trainer, CharTokenizer())
     try:
         assert not trainer.resume(stage)  # loads train.init_from
         batch = stage.make_batch(0)  # pushes the weights, samples, scores
@@ -92,34 +111,41 @@ def _opd_step_worker(cfg_tree: dict) -> tuple:
             # The last pipeline stage's copy of the tied embedding: megatron all-reduces the two
             # copies' gradients, so it must equal the first stage's (`_merge` checks).
             grads["embedding.word_embeddings.weight"] = grads.pop("output_layer.weight")
-        return metrics["kl"], grads, rows
+        if cfg.stage == "grpo":
+            return metrics.get("loss"), grads, rows, float(stage.current.scores["advantages"].abs().max())
+        return metrics["kl"], grads, rows, None
     finally:
         stage.close()
 
 
-def _opd_step(setup, tmp_path: Path, student: str, name: str, nproc: int, *overrides: str) -> list:
+def _step(setup, tmp_path: Path, stage: str, student: str, name: str, nproc: int, *overrides: str) -> list:
+    """The step of `stage` (opd or grpo) for `student` on `nproc` ranks, rollouts from a server
+    of the student's weights; OPD's teacher is the setup's hidden-state server."""
     dirs, teacher_url = setup
     run = tmp_path / name
     extra = ["--enable-return-routed-experts"] if student == "moe" else []
-    with start_teacher_server(model_dir=dirs[student], weights_dir=run / "opd" / "rollout_weights", extra_args=extra) as server:
+    keys = {"run.output_dir": str(run), "run.name": stage, "train.init_from": dirs[student]}
+    if stage == "opd":
+        keys["teachers"] = {"expert": {"endpoints": [teacher_url], "domains": ["add", "reverse"], "signal": "hidden",
+                                       "model_dir": dirs["teacher"]}}  # fmt: skip
+    else:
+        overrides = ("grpo.group_size=4", "rollout.max_new_tokens=6", *overrides)
+    with start_teacher_server(model_dir=dirs[student], weights_dir=run / stage / "rollout_weights", extra_args=extra) as server:
         cfg = derive(
-            load_config(REPO / "configs/tiny/opd.yaml"),
+            load_config(REPO / f"configs/tiny/{stage}.yaml"),
             [f"run.nproc={nproc}", "parallel.tp=1", "train.steps=1", "train.global_batch_size=8", "train.micro_batch_size=2",
              "train.eval_every=0", "train.eval_at_start=false", "train.checkpoint_every=0", "run.progress=none",
              "rollout.engine=sglang", "rollout.weight_sync=disk", "data.domains=[add,reverse]",
              *[f"model.{k}={v}" for k, v in MODELS[student].items()], *overrides],
-            **{"run.output_dir": str(run), "run.name": "opd", "train.init_from": dirs[student],
-               "rollout.endpoints": [server.url],
-               "teachers": {"expert": {"endpoints": [teacher_url], "domains": ["add", "reverse"], "signal": "hidden",
-                                       "model_dir": dirs["teacher"]}}},
+            **keys, **{"rollout.endpoints": [server.url]},
         )  # fmt: skip
-        return spawn_world(_opd_step_worker, nproc, (to_dict(cfg),), timeout_s=420)
+        return spawn_world(_step_worker, nproc, (to_dict(cfg),), timeout_s=420)
 
 
 def _rollouts(results) -> dict:
     """sample id -> (tokens, routed experts) over every replica's rollout (pipeline stages agree)."""
     out = {}
-    for _, _, rows in results:
+    for _, _, rows, _ in results:
         for sid, (tokens, routed) in rows.items():
             if sid in out:
                 assert torch.equal(out[sid][0], tokens), f"ranks disagree on the rollout of {sid}"
@@ -128,23 +154,30 @@ def _rollouts(results) -> dict:
 
 
 def _assert_same_step(ref: list, got: list, tol: float) -> dict:
-    """The parallel step equals the single-rank one: same rollouts, same KL, same gradients."""
+    """The parallel step equals the single-rank one: same rollouts, same loss metric (OPD's KL,
+    GRPO's loss), same gradients; and the comparison is not vacuous (a KL, advantages and
+    gradients that are not zero)."""
     same, theirs = _rollouts(ref), _rollouts(got)
     assert sorted(same) == sorted(theirs) and len(same) == 8, "the worlds sampled different prompts"
     for sid, (tokens, _) in same.items():
         assert torch.equal(tokens, theirs[sid][0]), f"sample {sid} differs between the worlds"
-    kl = ref[0][0]
-    assert kl > 1e-3, "a zero KL would make the comparison vacuous"
+    value, advantage = ref[0][0], ref[0][3]
+    if advantage is None:
+        assert value > 1e-3, "a zero KL would make the comparison vacuous"
+    else:
+        assert advantage > 1e-3, "all advantages 0: the comparison would be vacuous"
     for r in got:
-        if r[0] is not None:  # NaN-free KL on every rank that computed a loss
-            assert abs(r[0] - kl) <= tol * max(1.0, abs(kl)), f"KL {r[0]} differs from the single rank's {kl}"
-    _assert_same_grads(_merge([(None, r[1]) for r in ref]), _merge([(None, r[1]) for r in got]), tol)
+        if r[0] is not None:  # every rank that computed a loss
+            assert abs(r[0] - value) <= tol * max(1.0, abs(value)), f"{r[0]} differs from the single rank's {value}"
+    merged = _merge([(None, r[1]) for r in ref])
+    assert max(float(g.abs().max()) for g in merged.values()) > 1e-4, "zero gradients: a vacuous comparison"
+    _assert_same_grads(merged, _merge([(None, r[1]) for r in got]), tol)
     return same
 
 
 def test_opd_step_with_a_pp2_student_equals_the_single_rank_step(setup, tmp_path):
-    ref = _opd_step(setup, tmp_path, "dense", "pp1", 1)
-    got = _opd_step(setup, tmp_path, "dense", "pp2", 2, "parallel.pp=2")
+    ref = _step(setup, tmp_path, "opd", "dense", "pp1", 1)
+    got = _step(setup, tmp_path, "opd", "dense", "pp2", 2, "parallel.pp=2")
     _assert_same_step(ref, got, 1e-5)
 
 
@@ -152,8 +185,8 @@ def test_opd_step_with_an_moe_student_at_ep2_equals_the_single_rank_step(setup, 
     # EP=2 on 2 ranks is DP=2: each replica samples and trains on 4 of the 8 rollouts with 2 of
     # the 4 experts; the single rank has all of both. Both replay the server's routed experts.
     keep = "rollout.keep_routing=true"
-    ref = _opd_step(setup, tmp_path, "moe", "ep1", 1, keep)
-    got = _opd_step(setup, tmp_path, "moe", "ep2", 2, "parallel.ep=2", keep)
+    ref = _step(setup, tmp_path, "opd", "moe", "ep1", 1, keep)
+    got = _step(setup, tmp_path, "opd", "moe", "ep2", 2, "parallel.ep=2", keep)
     rollouts = _assert_same_step(ref, got, 1e-5)
     theirs = _rollouts(got)
     for sid, (tokens, routed) in rollouts.items():
@@ -166,90 +199,16 @@ def test_opd_step_with_an_moe_student_at_ep2_equals_the_single_rank_step(setup, 
 # -- GRPO ---------------------------------------------------------------------------------------
 
 
-def _grpo_step_worker(cfg_tree: dict) -> tuple:
-    """One GRPO step's forward/backward on the first rollout: (loss, gradients, rollout tokens)."""
-    from megatron_opd.config import JobConfig, build
-    from megatron_opd.data.tokenizer import CharTokenizer
-    from megatron_opd.rewards import registry
-    from megatron_opd.rewards.tiny import TinyDomainReward
-    from megatron_opd.rewards.types import RewardResult
-    from megatron_opd.runtime.distributed import init_runtime
-    from megatron_opd.stages.grpo import GRPOStage
-    from megatron_opd.stages.trainer import Trainer
-
-    class Graded(TinyDomainReward):
-        """A score in [0, 1] from the response's characters: differs within a group, the same
-        on every rank and in every world for the same response."""
-
-        def _score_one(self, sample):
-            return RewardResult(score=(sum(map(ord, sample.response)) % 7) / 6.0, info={})
-
-    for domain in ("add", "reverse"):
-        registry.REWARDS[domain] = lambda d=domain: Graded(d)
-    cfg = build(JobConfig, cfg_tree)
-    trainer = Trainer(cfg, init_runtime(cfg.parallel, cfg.run.seed))
-    stage = GRPOStage(cfg, trainer, CharTokenizer())
-    try:
-        assert not trainer.resume(stage)  # loads train.init_from
-        batch = stage.make_batch(0)  # pushes the weights, samples, scores
-        metrics = trainer.forward_backward(batch.micro_batches, stage.loss, stage.forward)
-        traj = stage.current.batch
-        rows = {
-            sid: (traj.tokens[i, : traj.lengths[i]], None if traj.routed_experts is None else traj.routed_experts[i, : traj.lengths[i]])
-            for i, sid in enumerate(traj.sample_ids)
-        }
-        grads = _grads(trainer, cfg.model.num_layers, cfg.model.num_experts)
-        if cfg.model.tie_embeddings and "output_layer.weight" in grads:
-            grads["embedding.word_embeddings.weight"] = grads.pop("output_layer.weight")
-        advantages = stage.current.scores["advantages"]
-        return metrics.get("loss"), grads, rows, float(advantages.abs().max())
-    finally:
-        stage.close()
-
-
-def _grpo_step(setup, tmp_path: Path, student: str, name: str, nproc: int, *overrides: str) -> list:
-    dirs, _ = setup
-    run = tmp_path / name
-    extra = ["--enable-return-routed-experts"] if student == "moe" else []
-    with start_teacher_server(model_dir=dirs[student], weights_dir=run / "grpo" / "rollout_weights", extra_args=extra) as server:
-        cfg = derive(
-            load_config(REPO / "configs/tiny/grpo.yaml"),
-            [f"run.nproc={nproc}", "parallel.tp=1", "train.steps=1", "train.global_batch_size=8", "train.micro_batch_size=2",
-             "train.eval_every=0", "train.eval_at_start=false", "train.checkpoint_every=0", "run.progress=none",
-             "rollout.engine=sglang", "rollout.weight_sync=disk", "data.domains=[add,reverse]", "grpo.group_size=4",
-             "rollout.max_new_tokens=6", *[f"model.{k}={v}" for k, v in MODELS[student].items()], *overrides],
-            **{"run.output_dir": str(run), "run.name": "grpo", "train.init_from": dirs[student],
-               "rollout.endpoints": [server.url]},
-        )  # fmt: skip
-        return spawn_world(_grpo_step_worker, nproc, (to_dict(cfg),), timeout_s=420)
-
-
-def _assert_same_grpo_step(ref: list, got: list, tol: float) -> dict:
-    same, theirs = _rollouts([r[:3] for r in ref]), _rollouts([r[:3] for r in got])
-    assert sorted(same) == sorted(theirs) and len(same) == 8, "the worlds sampled different prompts"
-    for sid, (tokens, _) in same.items():
-        assert torch.equal(tokens, theirs[sid][0]), f"sample {sid} differs between the worlds"
-    assert ref[0][3] > 1e-3, "all advantages 0: the comparison would be vacuous"
-    loss = ref[0][0]
-    for r in got:
-        if r[0] is not None:
-            assert abs(r[0] - loss) <= tol * max(1.0, abs(loss)), f"loss {r[0]} differs from the single rank's {loss}"
-    merged = _merge([(None, r[1]) for r in ref])
-    assert max(float(g.abs().max()) for g in merged.values()) > 1e-4, "zero gradients: a vacuous comparison"
-    _assert_same_grads(merged, _merge([(None, r[1]) for r in got]), tol)
-    return same
-
-
 def test_grpo_step_with_a_pp2_student_equals_the_single_rank_step(setup, tmp_path):
-    ref = _grpo_step(setup, tmp_path, "dense", "pp1", 1)
-    got = _grpo_step(setup, tmp_path, "dense", "pp2", 2, "parallel.pp=2")
-    _assert_same_grpo_step(ref, got, 1e-5)
+    ref = _step(setup, tmp_path, "grpo", "dense", "pp1", 1)
+    got = _step(setup, tmp_path, "grpo", "dense", "pp2", 2, "parallel.pp=2")
+    _assert_same_step(ref, got, 1e-5)
 
 
 def test_grpo_step_with_an_moe_student_at_ep2_equals_the_single_rank_step(setup, tmp_path):
     keep = "rollout.keep_routing=true"
-    ref = _grpo_step(setup, tmp_path, "moe", "ep1", 1, keep)
-    got = _grpo_step(setup, tmp_path, "moe", "ep2", 2, "parallel.ep=2", keep)
-    rollouts = _assert_same_grpo_step(ref, got, 1e-5)
+    ref = _step(setup, tmp_path, "grpo", "moe", "ep1", 1, keep)
+    got = _step(setup, tmp_path, "grpo", "moe", "ep2", 2, "parallel.ep=2", keep)
+    rollouts = _assert_same_step(ref, got, 1e-5)
     for sid, (tokens, routed) in rollouts.items():
         assert routed is not None and routed.shape == (len(tokens), 2, 2), f"{sid}: no routed experts from the server"
