@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 import torch
 
 from megatron_opd.config import ConfigError, JobConfig, derive, load_config, to_dict
+from run_records import final_weights, step_records
 from megatron_opd.runtime.spawn import WorldFailed, spawn_world
 from megatron_opd.stages.trainer import read_ledger
 
@@ -210,25 +210,6 @@ def test_grpo_step_tp2_equals_tp1_and_the_reference_is_the_initial_model(warm_st
 # -- a run: updates per batch, dynamic sampling, a rank killed mid-run ----------------------------
 
 
-def _records(run_dir: Path) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out.setdefault(r["step"], {}).update(r)  # a resumed run re-logs redone steps: the last counts
-    return out
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    from megatron_opd.runtime.checkpoint import latest_complete
-
-    out = run_dir / "final.pt"
-    dcp_to_torch_save(str(latest_complete(run_dir / "checkpoints")), str(out))
-    state = torch.load(out, weights_only=False)
-    return {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith("optimizer")}
-
-
 def _run_with_lenient_count(cfg_tree: dict):
     """`_run` with count verified leniently (an answer within 1 of the count scores 1): the short
     warm start gets count exactly right too rarely for every rollout to have groups with an
@@ -260,7 +241,7 @@ def test_updates_per_batch_dynamic_sampling_and_a_killed_rank_resumes_exactly(wa
 
     straight = _run_job(warm_start, tmp_path / "straight")
     spawn_world(_run_with_lenient_count, 2, (to_dict(straight),), timeout_s=600)
-    rec = _records(straight.run_dir)
+    rec = step_records(straight.run_dir)
     train = {s: r for s, r in rec.items() if "train/loss" in r}
     assert sorted(train) == [1, 2, 3, 4, 5, 6]
     # Each rollout feeds 2 updates: the first on-policy, the second not.
@@ -295,7 +276,7 @@ def test_updates_per_batch_dynamic_sampling_and_a_killed_rank_resumes_exactly(wa
     with pytest.raises(WorldFailed, match="exit code 17"):
         spawn_world(_run_with_lenient_count, 2, (to_dict(killed),), timeout_s=600, env={"MEGATRON_OPD_FAULT": "exit:1:5"})
     spawn_world(_run_with_lenient_count, 2, (to_dict(killed),), timeout_s=600)
-    again = {s: r for s, r in _records(killed.run_dir).items() if "train/loss" in r}
+    again = {s: r for s, r in step_records(killed.run_dir).items() if "train/loss" in r}
     assert sorted(again) == sorted(train)
     for s in train:
         for k in ("train/loss", "train/kl", "train/ratio", "train/entropy"):
@@ -303,7 +284,7 @@ def test_updates_per_batch_dynamic_sampling_and_a_killed_rank_resumes_exactly(wa
         if "train/dynamic/dropped_frac" in train[s]:
             assert again[s]["train/dynamic/dropped_frac"] == train[s]["train/dynamic/dropped_frac"]
     assert [e["samples"] for e in read_ledger(killed.run_dir)] == [e["samples"] for e in ledger]
-    wa, wb = _weights(straight.run_dir), _weights(killed.run_dir)
+    wa, wb = final_weights(straight.run_dir), final_weights(killed.run_dir)
     assert wa.keys() == wb.keys() and len(wa) > 5
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
@@ -341,7 +322,7 @@ def test_grpo_samples_through_the_sglang_engine_from_a_real_server(warm_start, t
                            "rollout.weight_sync=disk", "train.checkpoint_every=0"], run, "grpo")  # fmt: skip
         cfg = derive(cfg, **{"rollout.endpoints": [server.url]})
         spawn_world(_run, 1, (to_dict(cfg),), timeout_s=400)
-    train = {s: r for s, r in _records(cfg.run_dir).items() if "train/loss" in r}
+    train = {s: r for s, r in step_records(cfg.run_dir).items() if "train/loss" in r}
     assert sorted(train) == [1, 2]
     for s in (1, 2):
         assert train[s]["train/ratio"] == pytest.approx(1.0, abs=1e-4), (s, train[s]["train/ratio"])

@@ -12,12 +12,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from run_records import final_weights, step_records
 from megatron_opd.runtime.spawn import WorldFailed, spawn_world
 
 MODEL = [
@@ -220,25 +219,6 @@ def _toy_worker(overrides: list[str], run_dir: str):
     return trainer.dp_size, sum(not torch.equal(g[0], g[1]) for g in groups)
 
 
-def _records(run_dir: Path) -> dict[int, dict]:
-    out = {}
-    for line in (run_dir / "t/metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out.setdefault(r["step"], {}).update(r)  # a resumed run re-logs redone steps: the last counts
-    return out
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    from megatron_opd.runtime.checkpoint import latest_complete
-
-    out = run_dir / "final.pt"
-    dcp_to_torch_save(str(latest_complete(run_dir / "t/checkpoints")), str(out))
-    state = torch.load(out, weights_only=False)
-    return {k: v for k, v in state.items() if torch.is_tensor(v) and not k.startswith("optimizer")}
-
-
 def test_skeleton_groups_updates_per_rollout_and_resume_inside_a_rollout(tmp_path):
     from megatron_opd.data.domains import TinyDomains
     from megatron_opd.stages.trainer import read_ledger
@@ -246,7 +226,7 @@ def test_skeleton_groups_updates_per_rollout_and_resume_inside_a_rollout(tmp_pat
     straight = tmp_path / "straight"
     (dp, distinct_groups), _ = spawn_world(_toy_worker, 2, ([], str(straight)), timeout_s=300)
     assert dp == 2 and distinct_groups > 0  # a group's samples are sampled separately
-    rec = _records(straight)
+    rec = step_records(straight / "t")
     assert sorted(rec) == [1, 2, 3, 4]
     # One rollout per two optimizer steps: its metrics come with its first update.
     assert [("train/rollout_acc" in rec[s]) for s in (1, 2, 3, 4)] == [True, False, True, False]
@@ -275,11 +255,11 @@ def test_skeleton_groups_updates_per_rollout_and_resume_inside_a_rollout(tmp_pat
             _toy_worker, 2, (["train.checkpoint_every=3"], str(killed)), timeout_s=300, env={"MEGATRON_OPD_FAULT": "exit:1:4"}
         )
     spawn_world(_toy_worker, 2, (["train.checkpoint_every=3"], str(killed)), timeout_s=300)
-    again = _records(killed)
+    again = step_records(killed / "t")
     for s in (1, 2, 3, 4):
         assert again[s]["train/loss"] == pytest.approx(rec[s]["train/loss"], abs=1e-6), s
     assert [e["samples"] for e in read_ledger(killed / "t")] == [e["samples"] for e in ledger]
-    wa, wb = _weights(straight), _weights(killed)
+    wa, wb = final_weights(straight / "t"), final_weights(killed / "t")
     assert wa.keys() == wb.keys() and len(wa) > 5
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
