@@ -385,3 +385,126 @@ def test_grpo_job_with_its_rollout_pool(slurm, tmp_path, cancel_on_failure, monk
     names = sorted(p.name.rsplit("-", 1)[0] for p in first.glob("*.log"))
     assert names == ["rollout-0", "trainer"], names
     assert "trainer finished with status 0" in (log_dir / f"job-{job_id}.log").read_text()
+
+
+def _jobs_now(ids: list[str]) -> dict[str, dict[str, str]]:
+    """{job id: its scontrol fields} for the jobs of `ids` the controller still knows."""
+    out = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True).stdout
+    jobs = {}
+    for line in out.splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        if fields.get("JobId") in ids:
+            jobs[fields["JobId"]] = fields
+    return jobs
+
+
+_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+
+
+# Eleven jobs of one seed, each its own `megatron-opd run` (a Python start and at least one
+# world of spawned ranks): several minutes on 2 cores.
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_recipe_chain_runs_on_slurm_with_its_dependencies(slurm, tmp_path, cancel_on_failure):
+    """`megatron-opd submit` of a cut-down recipe (three domains with a conflicting pair, one seed,
+    a few steps; OPD from hidden states with its teacher servers, mixed SFT on the experts' samples
+    and a TIES merge) submits the whole chain to the real slurmctld: one job per phase with
+    afterok dependencies, as the controller shows them before anything ran. Every job completes;
+    each started only after the jobs it needs had ended; the experts ran in parallel (each
+    needs only the base); and the last job wrote the recipe's summary with every expert and
+    every method on every domain, the budget and the seed."""
+    from test_recipe import DOMAINS, _cut_down
+
+    from launchers.recipe import phases, plan_seed
+    from megatron_opd.config import load_config
+
+    methods = ["opd_hidden", "mixed_sft", "ties"]
+    config = yaml.safe_load(_cut_down(tmp_path).read_text())
+    config["recipe"].update(methods=methods, method_overrides={})  # the cut-down's are mixed RL's
+    cluster = _cluster(tmp_path)
+    # One core and a small --mem per job: two jobs at a time on the 2-core test node. The batch
+    # shell lowers its own priority first, so the chain yields to the rest of the suite.
+    config["cluster"] = {
+        **{k: cluster[k] for k in ("layout", "gpus_per_node", "exclusive", "python", "env", "workdir")},
+        "job_name": "recipe-chain",
+        "cpus_per_node": 1,
+        "time": "00:20:00",
+        "signal_seconds": 120,
+        "max_requeues": 1,
+        "setup": ["renice -n 19 -p $$ >/dev/null"],
+        "trainer": {"nodes": 1, "procs_per_node": 1, "mem": "3000M"},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cfg = load_config(path)
+    run_dir = cfg.run_dir
+    logs = run_dir / "slurm"
+    want = {p.id: p.needs for p in phases(cfg, plan_seed(cfg, 7))}
+    want["report"] = ["seed7/report"]
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, "-m", "megatron_opd.cli", "submit", str(path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    # Whatever was submitted is cancelled if the test fails, even when the submission itself failed.
+    queued = [line.split() for line in subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True).stdout.splitlines()]
+    cancel_on_failure.extend(job_id for job_id, name in queued if name.startswith("recipe-chain-"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    ids = dict(line.split(" ", 1)[::-1] for line in result.stdout.splitlines())  # phase -> job id
+    cancel_on_failure.extend(i for i in ids.values() if i not in cancel_on_failure)
+    assert sorted(ids) == sorted(want), result.stdout
+
+    # The dependencies as the controller holds them, before any dependent job could run.
+    first = _jobs_now(list(ids.values()))
+    for phase, needs in want.items():
+        job = first[ids[phase]]
+        assert job["JobName"] == f"recipe-chain-{phase.replace('/', '-')}"
+        for need in needs:
+            assert f"afterok:{ids[need]}" in job["Dependency"], (phase, job["Dependency"])
+        if needs:
+            assert job["JobState"] == "PENDING", (phase, job["JobState"])
+        else:
+            assert job["Dependency"] == "(null)", (phase, job["Dependency"])
+
+    # Watch the chain until every job ended; keep each job's last fields (the controller forgets
+    # an ended job after MinJobAge). A failed job fails the test at once: its dependents would wait forever.
+    last: dict[str, dict[str, str]] = {}
+    deadline = time.monotonic() + 1800
+    while True:
+        last.update(_jobs_now(list(ids.values())))
+        states = {phase: last.get(job_id, {}).get("JobState", "GONE") for phase, job_id in ids.items()}
+        bad = {phase: s for phase, s in states.items() if s in _ENDED and s != "COMPLETED"}
+        assert not bad, f"jobs ended badly: {bad}\n{_dump(logs)}"
+        if all(s == "COMPLETED" for s in states.values()):
+            break
+        assert time.monotonic() < deadline, f"the chain did not finish in 1800 s: {states}\n{_dump(logs)}"
+        time.sleep(2)
+
+    # Each job started only after every job it needs had ended (SLURM's times, 1 s resolution).
+    from datetime import datetime
+
+    start = {p: datetime.fromisoformat(last[ids[p]]["StartTime"]) for p in ids}
+    end = {p: datetime.fromisoformat(last[ids[p]]["EndTime"]) for p in ids}
+    for phase, needs in want.items():
+        for need in needs:
+            assert start[phase] >= end[need], (phase, start[phase], need, end[need])
+    # The experts in parallel: two of them ran at the same time (one core each on a node of 2 or more).
+    sft = [p for p in ids if p.startswith("seed7/experts/") and p.endswith("/sft")]
+    assert len(sft) == 3
+    node_cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0].rstrip("+"))
+    assert node_cpus < 2 or any(start[a] < end[b] and start[b] < end[a] for a in sft for b in sft if a < b), {p: (start[p], end[p]) for p in sft}
+    assert all(last[ids[p]]["Restarts"] == "0" for p in ids)
+
+    # The report: every expert and every method on every domain, the budget and the seed.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["experts"]) == set(DOMAINS)
+    assert all(0 <= a <= 1 for a in summary["experts"].values())
+    assert list(summary["methods"]) == methods
+    for m in methods:
+        assert set(summary["methods"][m]) == set(DOMAINS), m
+        assert all(0 <= a <= 1 for a in summary["methods"][m].values()), m
+    assert summary["budget"]["optimizer_steps"] == 4 and summary["budget"]["samples"] == 4 * 24
+    assert summary["seeds"] == [7]
+    # The table was printed by the last job, into its own log.
+    report_log = (logs / "report" / f"job-{ids['report']}.log").read_text()
+    assert "opd_hidden" in report_log and "ties" in report_log
