@@ -387,6 +387,11 @@ def test_grpo_job_with_its_rollout_pool(slurm, tmp_path, cancel_on_failure, monk
     assert "trainer finished with status 0" in (log_dir / f"job-{job_id}.log").read_text()
 
 
+
+# ---------------------------------------------------------------------------------------------
+# The recipe as a chain of jobs (launchers/recipe.py chain, `megatron-opd submit` of a recipe)
+
+
 def _jobs_now(ids: list[str]) -> dict[str, dict[str, str]]:
     """{job id: its scontrol fields} for the jobs of `ids` the controller still knows."""
     out = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True).stdout
@@ -401,29 +406,15 @@ def _jobs_now(ids: list[str]) -> dict[str, dict[str, str]]:
 _ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 
-# Eleven jobs of one seed, each its own `megatron-opd run` (a Python start and at least one
-# world of spawned ranks): several minutes on 2 cores.
-@pytest.mark.slow
-@pytest.mark.timeout(2400)
-def test_recipe_chain_runs_on_slurm_with_its_dependencies(slurm, tmp_path, cancel_on_failure):
-    """`megatron-opd submit` of a cut-down recipe (three domains with a conflicting pair, one seed,
-    a few steps; OPD from hidden states with its teacher servers, mixed SFT on the experts' samples
-    and a TIES merge) submits the whole chain to the real slurmctld: one job per phase with
-    afterok dependencies, as the controller shows them before anything ran. Every job completes;
-    each started only after the jobs it needs had ended; the experts ran in parallel (each
-    needs only the base); and the last job wrote the recipe's summary with every expert and
-    every method on every domain, the budget and the seed."""
-    from test_recipe import DOMAINS, _cut_down
+def _recipe_config(tmp_path: Path, methods: list[str], **recipe) -> Path:
+    """tests/test_recipe.py's cut-down recipe (three domains with a conflicting pair, one seed, a
+    few steps) with `methods`, as a chain of one-core jobs on the test node: two at a time on 2
+    cores, each batch shell lowering its own priority first so the chain yields to the rest of the suite."""
+    from test_recipe import _cut_down
 
-    from launchers.recipe import phases, plan_seed
-    from megatron_opd.config import load_config
-
-    methods = ["opd_hidden", "mixed_sft", "ties"]
     config = yaml.safe_load(_cut_down(tmp_path).read_text())
-    config["recipe"].update(methods=methods, method_overrides={})  # the cut-down's are mixed RL's
+    config["recipe"].update(methods=methods, method_overrides={}, **recipe)  # the cut-down's overrides are mixed RL's
     cluster = _cluster(tmp_path)
-    # One core and a small --mem per job: two jobs at a time on the 2-core test node. The batch
-    # shell lowers its own priority first, so the chain yields to the rest of the suite.
     config["cluster"] = {
         **{k: cluster[k] for k in ("layout", "gpus_per_node", "exclusive", "python", "env", "workdir")},
         "job_name": "recipe-chain",
@@ -436,15 +427,22 @@ def test_recipe_chain_runs_on_slurm_with_its_dependencies(slurm, tmp_path, cance
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    cfg = load_config(path)
-    run_dir = cfg.run_dir
-    logs = run_dir / "slurm"
-    want = {p.id: p.needs for p in phases(cfg, plan_seed(cfg, 7))}
-    want["report"] = ["seed7/report"]
+    return path
 
+
+def _submit_recipe(path: Path, cancel_on_failure: list[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """`megatron-opd submit` of the recipe (a subprocess, like a user); ({phase: the phases it
+    needs}, {phase: job id}), after checking that the controller holds every job's afterok
+    dependencies while the jobs that have some are still pending."""
+    from launchers.recipe import phases, plan_seed
+    from megatron_opd.config import load_config
+
+    cfg = load_config(path)
+    want = {p.id: p.needs for s in cfg.recipe.seeds for p in phases(cfg, plan_seed(cfg, s))}
+    want["report"] = [f"seed{s}/report" for s in cfg.recipe.seeds]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run(
-        [sys.executable, "-m", "megatron_opd.cli", "submit", str(path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+        [sys.executable, "-m", "megatron_opd.cli", "submit", str(path)], capture_output=True, text=True, env=env, cwd=path.parent, timeout=300
     )
     # Whatever was submitted is cancelled if the test fails, even when the submission itself failed.
     queued = [line.split() for line in subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True).stdout.splitlines()]
@@ -465,37 +463,47 @@ def test_recipe_chain_runs_on_slurm_with_its_dependencies(slurm, tmp_path, cance
             assert job["JobState"] == "PENDING", (phase, job["JobState"])
         else:
             assert job["Dependency"] == "(null)", (phase, job["Dependency"])
+    return want, ids
 
-    # Watch the chain until every job ended; keep each job's last fields (the controller forgets
-    # an ended job after MinJobAge). A failed job fails the test at once: its dependents would wait forever.
+
+def _watch_chain(ids: dict[str, str], logs: Path, timeout_s: float, every_poll=None) -> dict[str, dict[str, str]]:
+    """Wait until every job of the chain completed; {phase: its last scontrol fields} (kept as
+    they come: the controller forgets an ended job after MinJobAge). A job that ended otherwise
+    fails the test at once (its dependents would wait forever); `every_poll(fields)` is called
+    on each poll."""
     last: dict[str, dict[str, str]] = {}
-    deadline = time.monotonic() + 1800
+    deadline = time.monotonic() + timeout_s
     while True:
         last.update(_jobs_now(list(ids.values())))
+        if every_poll:
+            every_poll(last)
         states = {phase: last.get(job_id, {}).get("JobState", "GONE") for phase, job_id in ids.items()}
         bad = {phase: s for phase, s in states.items() if s in _ENDED and s != "COMPLETED"}
         assert not bad, f"jobs ended badly: {bad}\n{_dump(logs)}"
         if all(s == "COMPLETED" for s in states.values()):
-            break
-        assert time.monotonic() < deadline, f"the chain did not finish in 1800 s: {states}\n{_dump(logs)}"
-        time.sleep(2)
+            return {phase: last[job_id] for phase, job_id in ids.items()}
+        assert time.monotonic() < deadline, f"the chain did not finish in {timeout_s:.0f} s: {states}\n{_dump(logs)}"
+        time.sleep(1)
 
-    # Each job started only after every job it needs had ended (SLURM's times, 1 s resolution).
+
+def _times(jobs: dict[str, dict[str, str]], key: str) -> dict:
     from datetime import datetime
 
-    start = {p: datetime.fromisoformat(last[ids[p]]["StartTime"]) for p in ids}
-    end = {p: datetime.fromisoformat(last[ids[p]]["EndTime"]) for p in ids}
+    return {phase: datetime.fromisoformat(job[key]) for phase, job in jobs.items()}
+
+
+def _check_order(want: dict[str, list[str]], jobs: dict[str, dict[str, str]]) -> None:
+    """Each job started only after every job it needs had ended (SLURM's times, 1 s resolution)."""
+    start, end = _times(jobs, "StartTime"), _times(jobs, "EndTime")
     for phase, needs in want.items():
         for need in needs:
             assert start[phase] >= end[need], (phase, start[phase], need, end[need])
-    # The experts in parallel: two of them ran at the same time (one core each on a node of 2 or more).
-    sft = [p for p in ids if p.startswith("seed7/experts/") and p.endswith("/sft")]
-    assert len(sft) == 3
-    node_cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0].rstrip("+"))
-    assert node_cpus < 2 or any(start[a] < end[b] and start[b] < end[a] for a in sft for b in sft if a < b), {p: (start[p], end[p]) for p in sft}
-    assert all(last[ids[p]]["Restarts"] == "0" for p in ids)
 
-    # The report: every expert and every method on every domain, the budget and the seed.
+
+def _check_summary(run_dir: Path, methods: list[str], steps: int, samples_per_step: int) -> None:
+    """The report: every expert and every method on every domain, the budget and the seed."""
+    from test_recipe import DOMAINS
+
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["experts"]) == set(DOMAINS)
     assert all(0 <= a <= 1 for a in summary["experts"].values())
@@ -503,8 +511,86 @@ def test_recipe_chain_runs_on_slurm_with_its_dependencies(slurm, tmp_path, cance
     for m in methods:
         assert set(summary["methods"][m]) == set(DOMAINS), m
         assert all(0 <= a <= 1 for a in summary["methods"][m].values()), m
-    assert summary["budget"]["optimizer_steps"] == 4 and summary["budget"]["samples"] == 4 * 24
+    assert summary["budget"]["optimizer_steps"] == steps and summary["budget"]["samples"] == steps * samples_per_step
     assert summary["seeds"] == [7]
+
+
+# Eleven jobs of one seed, each its own `megatron-opd run` (a Python start and at least one
+# world of spawned ranks): about two minutes on 2 cores.
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_recipe_chain_runs_on_slurm_with_its_dependencies(slurm, tmp_path, cancel_on_failure):
+    """`megatron-opd submit` of a cut-down recipe (three domains with a conflicting pair, one seed,
+    a few steps, experts by SFT then GRPO; OPD from hidden states with its teacher servers, mixed
+    SFT on the experts' samples and a TIES merge) submits the whole chain to the real slurmctld:
+    one job per phase with afterok dependencies, as the controller shows them before anything
+    ran. Every job completes; each started only after the jobs it needs had ended; the experts
+    ran in parallel (each needs only the base); and the last job wrote the recipe's summary with
+    every expert and every method on every domain, the budget and the seed."""
+    methods = ["opd_hidden", "mixed_sft", "ties"]
+    path = _recipe_config(tmp_path, methods)
+    want, ids = _submit_recipe(path, cancel_on_failure)
+    logs = tmp_path / "runs" / "cut" / "slurm"
+    jobs = _watch_chain(ids, logs, 1800)
+    _check_order(want, jobs)
+    # The experts in parallel: two of them ran at the same time (one core each on a node of 2 or more).
+    start, end = _times(jobs, "StartTime"), _times(jobs, "EndTime")
+    sft = [p for p in ids if p.startswith("seed7/experts/") and p.endswith("/sft")]
+    assert len(sft) == 3 and all(f"{p[:-3]}grpo" in ids for p in sft)
+    node_cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0].rstrip("+"))
+    assert node_cpus < 2 or any(start[a] < end[b] and start[b] < end[a] for a in sft for b in sft if a < b), {p: (start[p], end[p]) for p in sft}
+    assert all(job["Restarts"] == "0" for job in jobs.values())
+    _check_summary(tmp_path / "runs" / "cut", methods, 4, 24)
     # The table was printed by the last job, into its own log.
     report_log = (logs / "report" / f"job-{ids['report']}.log").read_text()
     assert "opd_hidden" in report_log and "ties" in report_log
+
+
+# Seven jobs, one of them twice: about two minutes on 2 cores.
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_recipe_chain_phase_preempted_requeues_and_its_dependents_wait(slurm, tmp_path, cancel_on_failure):
+    """SLURM's warning signal (USR1 to the batch shell, as --signal=B:USR1@N sends it) to the OPD
+    phase's job mid-run: `megatron-opd run recipe.only=...` saves a checkpoint and exits 75, the
+    job requeues itself, the second attempt starts new teacher servers and resumes from that
+    checkpoint; the phases after it wait for that attempt (afterok holds through the requeue),
+    and the chain completes with every sample of the method trained once."""
+    from megatron_opd.stages.trainer import read_ledger
+
+    steps = 150  # the OPD phase must outlast the poll that signals it (5-15 steps a second here)
+    path = _recipe_config(tmp_path, ["opd_hidden", "uniform"], budget_overrides=[f"train.steps={steps}", "train.global_batch_size=24", "train.micro_batch_size=24"])
+    config = yaml.safe_load(path.read_text())
+    config["pipeline"]["expert_rl_overrides"] = []  # SFT experts: fewer jobs before the one that is stopped
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    want, ids = _submit_recipe(path, cancel_on_failure)
+    run_dir = tmp_path / "runs" / "cut"
+    logs = run_dir / "slurm"
+    opd = ids["seed7/methods/opd_hidden"]
+    log = logs / "seed7" / "methods" / "opd_hidden" / f"job-{opd}.log"
+
+    def step() -> int:
+        found = re.findall(r"\[opd\] step (\d+)/", _read(log))
+        return int(found[-1]) if found else 0
+
+    signalled: list[int] = []
+
+    def signal_once(last: dict[str, dict[str, str]]) -> None:
+        if not signalled and last.get(opd, {}).get("JobState") == "RUNNING" and step() >= 5:
+            subprocess.run(["scancel", "--batch", "--signal=USR1", opd], check=True)
+            signalled.append(step())
+
+    jobs = _watch_chain(ids, logs, 1800, signal_once)
+    assert signalled, "the OPD phase ended before it was signalled"
+    assert jobs["seed7/methods/opd_hidden"]["Restarts"] == "1"
+    assert all(job["Restarts"] == "0" for phase, job in jobs.items() if phase != "seed7/methods/opd_hidden")
+    text = _read(log)
+    stopped = int(re.search(r"stopped by \w+ at step (\d+); checkpoint saved", text).group(1))
+    assert signalled[0] <= stopped < steps, "the OPD phase finished before the signal reached it: raise steps"
+    assert f"resumed from {run_dir / 'seed7' / 'methods' / 'opd_hidden' / 'checkpoints' / f'step_{stopped:08d}'}" in text
+    assert text.count("teacher servers ready") == 2  # each attempt starts its own
+    _check_order(want, jobs)  # the seed's report started after the second attempt ended
+    ledger = read_ledger(run_dir / "seed7" / "methods" / "opd_hidden")
+    assert [e["step"] for e in ledger] == list(range(1, steps + 1))
+    ids_trained = [i for e in ledger for i in e["samples"]]
+    assert len(ids_trained) == steps * 24 and len(set(ids_trained)) == len(ids_trained)
+    _check_summary(run_dir, ["opd_hidden", "uniform"], steps, 24)
