@@ -2,7 +2,8 @@
 
 Each test renders a job with `launchers.slurm`, submits it with the real sbatch and watches it
 run: the trainer under torchrun or ft_launcher, embedded teacher servers as their own job steps,
-per-role logs, the preemption signal, requeue and resume, a hung rank found by heartbeats.
+per-role logs, the preemption signal, requeue and resume, a hung rank found by heartbeats; and
+the recipe as a chain of jobs with afterok dependencies (`megatron-opd submit` of a recipe config).
 The jobs run this checkout's code (PYTHONPATH) with this interpreter, and write into tmp dirs.
 
 Without SLURM the tests start it (as root, with apt); where that is impossible they skip, unless
@@ -441,11 +442,11 @@ def _submit_recipe(path: Path, cancel_on_failure: list[str]) -> tuple[dict[str, 
     want = {p.id: p.needs for s in cfg.recipe.seeds for p in phases(cfg, plan_seed(cfg, s))}
     want["report"] = [f"seed{s}/report" for s in cfg.recipe.seeds]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run(
-        [sys.executable, "-m", "megatron_opd.cli", "submit", str(path)], capture_output=True, text=True, env=env, cwd=path.parent, timeout=300
-    )
+    submit = [sys.executable, "-m", "megatron_opd.cli", "submit", str(path)]
+    result = subprocess.run(submit, capture_output=True, text=True, env=env, cwd=path.parent, timeout=300)
     # Whatever was submitted is cancelled if the test fails, even when the submission itself failed.
-    queued = [line.split() for line in subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True).stdout.splitlines()]
+    queued = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True).stdout.splitlines()
+    queued = [line.split() for line in queued]
     cancel_on_failure.extend(job_id for job_id, name in queued if name.startswith("recipe-chain-"))
     assert result.returncode == 0, result.stdout + result.stderr
     ids = dict(line.split(" ", 1)[::-1] for line in result.stdout.splitlines())  # phase -> job id
@@ -538,7 +539,8 @@ def test_recipe_chain_runs_on_slurm_with_its_dependencies(slurm, tmp_path, cance
     sft = [p for p in ids if p.startswith("seed7/experts/") and p.endswith("/sft")]
     assert len(sft) == 3 and all(f"{p[:-3]}grpo" in ids for p in sft)
     node_cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0].rstrip("+"))
-    assert node_cpus < 2 or any(start[a] < end[b] and start[b] < end[a] for a in sft for b in sft if a < b), {p: (start[p], end[p]) for p in sft}
+    overlap = any(start[a] < end[b] and start[b] < end[a] for a in sft for b in sft if a < b)
+    assert node_cpus < 2 or overlap, {p: (start[p], end[p]) for p in sft}
     assert all(job["Restarts"] == "0" for job in jobs.values())
     _check_summary(tmp_path / "runs" / "cut", methods, 4, 24)
     # The table was printed by the last job, into its own log.
@@ -558,7 +560,8 @@ def test_recipe_chain_phase_preempted_requeues_and_its_dependents_wait(slurm, tm
     from megatron_opd.stages.trainer import read_ledger
 
     steps = 150  # the OPD phase must outlast the poll that signals it (5-15 steps a second here)
-    path = _recipe_config(tmp_path, ["opd_hidden", "uniform"], budget_overrides=[f"train.steps={steps}", "train.global_batch_size=24", "train.micro_batch_size=24"])
+    budget = [f"train.steps={steps}", "train.global_batch_size=24", "train.micro_batch_size=24"]
+    path = _recipe_config(tmp_path, ["opd_hidden", "uniform"], budget_overrides=budget)
     config = yaml.safe_load(path.read_text())
     config["pipeline"]["expert_rl_overrides"] = []  # SFT experts: fewer jobs before the one that is stopped
     path.write_text(yaml.safe_dump(config, sort_keys=False))
