@@ -389,7 +389,7 @@ def step_times(plan: SeedPlan) -> dict[str, dict[str, float]]:
 # -- the report ------------------------------------------------------------------------------
 
 
-def _mean_spread(values: list[float]) -> tuple[float, float]:
+def mean_spread(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     m = sum(values) / len(values)
     if len(values) < 2:
@@ -405,7 +405,7 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, dict[str, float]]]], owner
     seeds = sorted(per_seed)
     experts, expert_sd = {}, {}
     for d in domains:
-        experts[d], expert_sd[d] = _mean_spread([per_seed[s]["experts"][owner[d]][d] for s in seeds])
+        experts[d], expert_sd[d] = mean_spread([per_seed[s]["experts"][owner[d]][d] for s in seeds])
     method_names = list(per_seed[seeds[0]]["methods"])
     methods: dict[str, dict[str, float]] = {}
     spread: dict[str, dict[str, float]] = {}
@@ -424,9 +424,9 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, dict[str, float]]]], owner
         ]
         summary[m], methods[m], spread[m] = {}, {}, {}
         for k, vs in rows.items():
-            mean, spread[m][k] = _mean_spread(vs)
+            mean, spread[m][k] = mean_spread(vs)
             (methods if k in domains else summary)[m][k] = mean
-    experts_mean = _mean_spread([sum(per_seed[s]["experts"][owner[d]][d] for d in domains) / len(domains) for s in seeds])
+    experts_mean = mean_spread([sum(per_seed[s]["experts"][owner[d]][d] for d in domains) / len(domains) for s in seeds])
     return {
         "experts": experts,
         "experts_spread": expert_sd,
