@@ -127,10 +127,12 @@ def plan_seed(cfg: JobConfig, seed: int) -> SeedPlan:
         out = root / "methods"
         if method in OPD_SIGNALS:
             signal = OPD_SIGNALS[method]
+            placement = r.hidden_placement if signal == "hidden" else "server"
             teachers = {
-                n: replace(t, signal=signal, topk=r.topk if signal == "topk" else 0, model_dir=str(plan.expert_dir(n)))
+                n: replace(t, signal=signal, topk=r.topk if signal == "topk" else 0, model_dir=str(plan.expert_dir(n)),
+                           placement=placement)
                 for n, t in cfg.teachers.items()
-            }
+            }  # fmt: skip
             job = _phase(cfg, overrides, out, method, seed, stage="opd", **common, teachers={n: to_dict(t) for n, t in teachers.items()})
         elif method == "mixed_sft":
             job = _phase(cfg, overrides, out, method, seed, stage="sft", **common, **{"data.samples": str(plan.samples_path)})
@@ -192,17 +194,19 @@ def phase_done(phase: Phase) -> bool:
 
 
 class TeacherServers:
-    """The experts' servers, started for the first OPD phase and kept for the next ones (one
-    server per expert serves every signal kind); stopped by `close`."""
+    """The experts' servers, started for the first OPD phase with served teachers and kept for the
+    next ones (one server per expert serves every signal kind); stopped by `close`. In-job
+    teachers get no endpoints."""
 
     def __init__(self):
         self.stack = ExitStack()
         self.endpoints: dict[str, list[str]] | None = None
 
     def get(self, job: JobConfig) -> dict[str, list[str]]:
-        if self.endpoints is None:
+        served = [n for n, t in job.teachers.items() if t.placement == "server"]
+        if served and self.endpoints is None:
             self.endpoints = start_servers(job, self.stack)
-        return self.endpoints
+        return {n: list(self.endpoints[n]) if n in served else [] for n in job.teachers}
 
     def close(self) -> None:
         self.stack.close()

@@ -397,6 +397,10 @@ class RecipeConfig:
     ties_lambda: float = 1.0
     task_arithmetic_scale: float = 1.0
     topk: int = 8  # k of opd_topk
+    # Where opd_hidden's teachers run: inside the trainer (in_job: teachers/in_job.py, no servers)
+    # or as one server each. The signal is the same (the in-job path equals the served one); the
+    # sampled and top-k signals always come from servers (in-job teachers give hidden states).
+    hidden_placement: Literal["in_job", "server"] = "in_job"
     # Run only this phase ("seed<S>/base", "seed<S>/experts/<name>/sft", "seed<S>/methods/<m>",
     # "seed<S>/report", or "report": the table over every seed): one job of the SLURM chain.
     only: str = ""
