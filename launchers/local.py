@@ -360,8 +360,18 @@ def plot_curves(cfg: JobConfig, opd_dir: Path, out: Path) -> None:
 
 def run_command(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    from megatron_opd.stages.launch import EXIT_STOPPED_EARLY
+
+    if cfg.stage == "grm":  # the GRM report: annotations, cold start, judge RL, every reward (launchers/grm.py)
+        from launchers.grm import run_grm_report
+
+        with forward_stop_signals():
+            return 0 if run_grm_report(cfg) is not None else EXIT_STOPPED_EARLY
     if cfg.stage != "opd":
-        raise SystemExit(f"megatron-opd run expects a distillation config (stage: opd), {args.config} has stage={cfg.stage!r}")
+        raise SystemExit(
+            f"megatron-opd run expects a distillation config (stage: opd) or a GRM report config (stage: grm), "
+            f"{args.config} has stage={cfg.stage!r}"
+        )
     # Before anything starts; this pipeline trains the experts and starts their servers itself.
     cfg.check(cfg.run.nproc, by_pipeline=True)
     experts, _ = sft_jobs(cfg)
@@ -370,7 +380,6 @@ def run_command(args) -> int:
             job.check(job.run.nproc)
         except ConfigError as e:
             raise ConfigError(f"the GRPO job of expert {name!r} (pipeline.expert_rl_overrides): {e}") from None
-    from megatron_opd.stages.launch import EXIT_STOPPED_EARLY
 
     with forward_stop_signals():
         if cfg.recipe.methods:  # the experiment: base, experts, every method (launchers/recipe.py)

@@ -127,10 +127,12 @@ def plan_seed(cfg: JobConfig, seed: int) -> SeedPlan:
         out = root / "methods"
         if method in OPD_SIGNALS:
             signal = OPD_SIGNALS[method]
+            placement = r.hidden_placement if signal == "hidden" else "server"
             teachers = {
-                n: replace(t, signal=signal, topk=r.topk if signal == "topk" else 0, model_dir=str(plan.expert_dir(n)))
+                n: replace(t, signal=signal, topk=r.topk if signal == "topk" else 0, model_dir=str(plan.expert_dir(n)),
+                           placement=placement)
                 for n, t in cfg.teachers.items()
-            }
+            }  # fmt: skip
             job = _phase(cfg, overrides, out, method, seed, stage="opd", **common, teachers={n: to_dict(t) for n, t in teachers.items()})
         elif method == "mixed_sft":
             job = _phase(cfg, overrides, out, method, seed, stage="sft", **common, **{"data.samples": str(plan.samples_path)})
@@ -192,17 +194,19 @@ def phase_done(phase: Phase) -> bool:
 
 
 class TeacherServers:
-    """The experts' servers, started for the first OPD phase and kept for the next ones (one
-    server per expert serves every signal kind); stopped by `close`."""
+    """The experts' servers, started for the first OPD phase with served teachers and kept for the
+    next ones (one server per expert serves every signal kind); stopped by `close`. In-job
+    teachers get no endpoints."""
 
     def __init__(self):
         self.stack = ExitStack()
         self.endpoints: dict[str, list[str]] | None = None
 
     def get(self, job: JobConfig) -> dict[str, list[str]]:
-        if self.endpoints is None:
+        served = [n for n, t in job.teachers.items() if t.placement == "server"]
+        if served and self.endpoints is None:
             self.endpoints = start_servers(job, self.stack)
-        return self.endpoints
+        return {n: list(self.endpoints[n]) if n in served else [] for n in job.teachers}
 
     def close(self) -> None:
         self.stack.close()
@@ -389,7 +393,7 @@ def step_times(plan: SeedPlan) -> dict[str, dict[str, float]]:
 # -- the report ------------------------------------------------------------------------------
 
 
-def _mean_spread(values: list[float]) -> tuple[float, float]:
+def mean_spread(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     m = sum(values) / len(values)
     if len(values) < 2:
@@ -405,7 +409,7 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, dict[str, float]]]], owner
     seeds = sorted(per_seed)
     experts, expert_sd = {}, {}
     for d in domains:
-        experts[d], expert_sd[d] = _mean_spread([per_seed[s]["experts"][owner[d]][d] for s in seeds])
+        experts[d], expert_sd[d] = mean_spread([per_seed[s]["experts"][owner[d]][d] for s in seeds])
     method_names = list(per_seed[seeds[0]]["methods"])
     methods: dict[str, dict[str, float]] = {}
     spread: dict[str, dict[str, float]] = {}
@@ -424,9 +428,9 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, dict[str, float]]]], owner
         ]
         summary[m], methods[m], spread[m] = {}, {}, {}
         for k, vs in rows.items():
-            mean, spread[m][k] = _mean_spread(vs)
+            mean, spread[m][k] = mean_spread(vs)
             (methods if k in domains else summary)[m][k] = mean
-    experts_mean = _mean_spread([sum(per_seed[s]["experts"][owner[d]][d] for d in domains) / len(domains) for s in seeds])
+    experts_mean = mean_spread([sum(per_seed[s]["experts"][owner[d]][d] for d in domains) / len(domains) for s in seeds])
     return {
         "experts": experts,
         "experts_spread": expert_sd,

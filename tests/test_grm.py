@@ -40,7 +40,8 @@ from megatron_opd.rewards.types import RewardInput, RewardError
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_opd"
 # The only modules allowed to import the hidden oracle: the annotation maker (inside the oracle's
 # package) and the evaluator.
-ORACLE_IMPORTERS = {"megatron_opd.grm_oracle.annotate", "megatron_opd.grm_oracle.oracle", "megatron_opd.stages.grm_eval"}
+ORACLE_IMPORTERS = {"megatron_opd.grm_oracle.annotate", "megatron_opd.grm_oracle.oracle", "megatron_opd.grm_oracle.reward",
+                    "megatron_opd.stages.grm_eval"}
 
 
 def _module_name(path: Path) -> str:
@@ -64,6 +65,19 @@ def test_only_the_annotation_maker_and_the_evaluator_import_the_oracle():
                 importers.add(_module_name(path))
     assert importers, "the annotation maker imports the oracle: the scan found nothing, so it is broken"
     assert importers <= ORACLE_IMPORTERS, f"training code imports the hidden oracle: {sorted(importers - ORACLE_IMPORTERS)}"
+
+
+def test_only_the_oracle_baseline_names_the_oracle_and_only_in_its_branch():
+    """Training code reaches the oracle by name in one place: the oracle baseline's reward
+    (grm.policy_reward=oracle) in stages/grm.py; nothing else imports it by name either."""
+    calls = []
+    for path in PACKAGE.rglob("*.py"):
+        if _module_name(path) in ORACLE_IMPORTERS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and any(isinstance(a, ast.Constant) and "grm_oracle" in str(a.value) for a in node.args):
+                calls.append((_module_name(path), node.args[0].value))
+    assert calls == [("megatron_opd.stages.grm", "megatron_opd.grm_oracle.reward")], calls
 
 
 def test_the_trainer_side_runs_with_the_oracle_unreachable(tmp_path):
@@ -420,8 +434,8 @@ def test_grm_source_interleaves_the_task_and_judge_prompts_with_permuted_rubrics
 
 
 def test_reward_gap_plot_is_written(tmp_path):
-    from megatron_opd.stages.grm_eval import plot_reward_gap
+    from megatron_opd.stages.grm_eval import plot_reward_gaps
 
-    plot_reward_gap([{"rollout": 0, "judge": 0.2, "oracle": 0.3, "gap": -0.1},
-                     {"rollout": 1, "judge": 0.5, "oracle": 0.2, "gap": 0.3}], tmp_path / "gap.png")  # fmt: skip
+    gap = [{"rollout": 0, "judge": 0.2, "oracle": 0.3, "gap": -0.1}, {"rollout": 1, "judge": 0.5, "oracle": 0.2, "gap": 0.3}]
+    plot_reward_gaps({1: {"grm": gap, "scalar_rm": gap}, 2: {"grm": gap[:1]}}, tmp_path / "gap.png")
     assert (tmp_path / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -176,3 +176,26 @@ def test_judging_over_http_equals_the_in_job_judge(cold_start, tmp_path):
     a, b = _judged(tmp_path / "in_job"), _judged(tmp_path / "http")
     assert len(a) == 8 and a == b
     assert len({r for _, r in a.values()}) > 1, "the verdicts do not vary: the comparison would prove little"
+
+
+def test_the_scalar_reward_model_fits_the_annotations_and_rewards_grpo_without_the_oracle(cold_start, tmp_path):
+    """grm_rm regresses the annotations' scores from the cold start (its squared error on them
+    falls well below the start's, its ranking of them rises above chance); GRPO then takes the
+    scalar RM's values as the rubric reward with the oracle unreachable, while the oracle baseline,
+    the one run meant to read it, fails to start without it."""
+    annotations, cold = cold_start
+    _train(tmp_path, MODEL + ["stage=grm_rm", "data.domains=[judge]", f"data.annotations={annotations}",
+                              f"train.init_from={cold}", "train.steps=40", "train.global_batch_size=30",
+                              "train.micro_batch_size=30", "train.optim.lr=1e-3", "train.eval_every=40",
+                              "train.eval_at_start=true", "train.checkpoint_every=0", f"run.output_dir={tmp_path}",
+                              "run.name=rm"])  # fmt: skip
+    rec = _records(tmp_path / "rm")
+    assert rec[40]["eval/rm_mse"] < 0.5 * rec[0]["eval/rm_mse"], (rec[0]["eval/rm_mse"], rec[40]["eval/rm_mse"])
+    assert rec[40]["eval/rm_pairwise_acc"] > 0.6
+    one = ["data.domains=[rubric]", "train.steps=2", "train.checkpoint_every=0"]
+    _train(tmp_path, _grm(annotations, cold, tmp_path, "by_rm", *one, "grm.policy_reward=scalar_rm",
+                          f"grm.reward_model={tmp_path / 'rm'}"))  # fmt: skip
+    rewards = [r for _, r in _judged(tmp_path / "by_rm").values()]
+    assert len(rewards) == 16 and len(set(rewards)) > 1 and all(-1.0 < r < 2.0 for r in rewards)
+    code, log = _train(tmp_path, _grm(annotations, cold, tmp_path, "by_oracle", *one, "grm.policy_reward=oracle"), check=False)
+    assert code != 0 and "the hidden oracle is unreachable from training" in log

@@ -276,6 +276,10 @@ class GRPOConfig:
 
 
 GRM_DOMAINS = (TASK_DOMAIN, JUDGE_DOMAIN)
+# The policies the GRM report compares (launchers/grm.py): GRPO with the actor judging itself
+# (live weights), with a frozen snapshot of the cold-start judge, with the scalar reward model,
+# with the hidden oracle, and no RL (the cold start).
+GRM_POLICIES = ("grm", "grm_frozen", "scalar_rm", "oracle", "none")
 
 
 @dataclass
@@ -296,9 +300,32 @@ class GRMConfig:
     # The annotation set `megatron-opd run` makes (B labelled samples of the start policy).
     annotations_size: int = 100
     annotator_noise: float = 0.1
+    # The policy's reward on the rubric task: the judge's voted verdicts ("judge"), a scalar
+    # reward model (stage grm_rm) on the same backbone trained on the same annotations
+    # ("scalar_rm": reward_model, its run directory), or the hidden oracle ("oracle": the
+    # report's upper bound, the only training run that reads it).
+    policy_reward: Literal["judge", "scalar_rm", "oracle"] = "judge"
+    reward_model: str = ""
+    # `megatron-opd run` of a grm config (launchers/grm.py): the report's phases, per seed.
+    seeds: list[int] = field(default_factory=lambda: [1234])
+    compare: list[str] = field(default_factory=lambda: list(GRM_POLICIES))
+    cold_start_overrides: list[str] = field(default_factory=list)  # stage grm_sft, from random weights
+    judge_rl_overrides: list[str] = field(default_factory=list)  # judge RL from the cold start: the start policy
+    reward_model_overrides: list[str] = field(default_factory=list)  # stage grm_rm, from the cold start
+    eval_samples: int = 16  # samples per held-out prompt (data.eval_size prompts; best-of-N up to this N)
+    eval_votes: list[int] = field(default_factory=lambda: [1, 4])
 
     def check(self) -> None:
-        _at_least(self, "grm", votes=1, annotations_size=1, judge_temperature=0.0)
+        _at_least(self, "grm", votes=1, annotations_size=1, judge_temperature=0.0, eval_samples=1)
+        if self.policy_reward == "scalar_rm" and not self.reward_model:
+            raise ConfigError("grm.policy_reward=scalar_rm needs grm.reward_model (the run directory of a grm_rm run)")
+        unknown = sorted(set(self.compare) - set(GRM_POLICIES))
+        if unknown or not self.compare or len(set(self.compare)) != len(self.compare):
+            raise ConfigError(f"grm.compare={self.compare} must list distinct policies from {list(GRM_POLICIES)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"grm.seeds={self.seeds} must list distinct seeds (at least one)")
+        if not self.eval_votes or any(k < 1 for k in self.eval_votes):
+            raise ConfigError(f"grm.eval_votes={self.eval_votes} must list vote counts k >= 1")
         if not 0.0 <= self.item_weight <= 1.0:
             raise ConfigError(f"grm.item_weight={self.item_weight} must be in [0, 1]")
         if not 0.0 <= self.annotator_noise < 0.5:
@@ -370,6 +397,10 @@ class RecipeConfig:
     ties_lambda: float = 1.0
     task_arithmetic_scale: float = 1.0
     topk: int = 8  # k of opd_topk
+    # Where opd_hidden's teachers run: inside the trainer (in_job: teachers/in_job.py, no servers)
+    # or as one server each. The signal is the same (the in-job path equals the served one); the
+    # sampled and top-k signals always come from servers (in-job teachers give hidden states).
+    hidden_placement: Literal["in_job", "server"] = "in_job"
     # Run only this phase ("seed<S>/base", "seed<S>/experts/<name>/sft", "seed<S>/methods/<m>",
     # "seed<S>/report", or "report": the table over every seed): one job of the SLURM chain.
     only: str = ""

@@ -166,6 +166,9 @@ def check_grm(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
         problems.append(f"stage grm trains on the GRM's domains: set data.domains to [rubric], [judge] or "
                         f"[rubric, judge], got {cfg.data.domains}")  # fmt: skip
     problems += _in_job_judge(cfg, ctx)
+    if cfg.grm.policy_reward != "judge" and "rubric" not in cfg.data.domains:
+        problems.append(f"grm.policy_reward={cfg.grm.policy_reward} is the rubric task's reward, but data.domains="
+                        f"{cfg.data.domains} has no rubric")  # fmt: skip
     if cfg.grm.judge == "frozen" and not (cfg.grm.judge_weights or cfg.train.init_from):
         problems.append("grm.judge=frozen needs the snapshot's weights: set grm.judge_weights or train.init_from")
     return problems
@@ -177,6 +180,22 @@ def check_grm_sft(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
     if not set(cfg.data.domains) <= {"rubric", "judge"}:
         problems.append(f"stage grm_sft trains on the GRM's domains [rubric, judge], got data.domains={cfg.data.domains}")
     return problems + _in_job_judge(cfg, ctx)
+
+
+def check_grm_rm(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
+    """The scalar reward model: fit on the annotations (data.domains [judge]) from a backbone, on
+    one model-parallel rank (its value column is the output layer's first padding row)."""
+    problems = _raised(cfg.grm.check)
+    if list(cfg.data.domains) != ["judge"]:
+        problems.append(f"stage grm_rm fits the annotations: set data.domains=[judge], got {cfg.data.domains}")
+    if ctx.layout is not None and (ctx.layout.tp > 1 or ctx.layout.pp > 1):
+        problems.append(f"stage grm_rm reads its value column on one rank: it needs parallel.tp=1 and parallel.pp=1 "
+                        f"(got tp={ctx.layout.tp}, pp={ctx.layout.pp})")  # fmt: skip
+    if cfg.model.padded_vocab_size(1) <= cfg.model.vocab_size:
+        problems.append(f"stage grm_rm reads its value from a padding row of the output layer, but "
+                        f"model.vocab_size={cfg.model.vocab_size} with model.make_vocab_size_divisible_by="
+                        f"{cfg.model.make_vocab_size_divisible_by} pads to no extra row; raise make_vocab_size_divisible_by")  # fmt: skip
+    return problems
 
 
 def _in_job_judge(cfg: "JobConfig", ctx: CheckContext) -> list[str]:
@@ -207,6 +226,8 @@ STAGES: dict[str, StageSpec | None] = {
                      "GRPO with a generative reward model's verdicts; judge RL on annotations"),
     "grm_sft": StageSpec("megatron_opd.stages.grm:GRMSFTStage", check_grm_sft,
                          "the GRM's cold start: SFT on the rubric task and the annotations' verdicts"),
+    "grm_rm": StageSpec("megatron_opd.stages.grm:ScalarRMStage", check_grm_rm,
+                        "the scalar reward model the GRM replaces: a regression head fit to the annotations"),
 }
 
 

@@ -25,6 +25,10 @@ vote i > 0 a permutation of it seeded by (seed, sample id, i), un-permuted after
 vote speaks of the same criteria. The aggregate is the mean of the parsed votes (per criterion
 and score); votes that fail to parse are dropped and counted; all k failing is a format failure.
 The policy's GRM reward is the aggregate score / MAX_SCORE.
+
+The scalar reward model's reward (`ScalarRMReward`, the baseline the GRM replaces): one value per
+(query, rubric, response) read from a `ValueModel` over the same judge-template text, no verdict,
+no vote; the value is the reward as the model regressed it (no clipping).
 """
 
 from __future__ import annotations
@@ -202,3 +206,30 @@ class GRMReward:
 def _seed(seed: int, sample_id: str, vote: int) -> int:
     """A vote's sampling seed: fixed by the run seed, the sample and the vote (resumes repeat it)."""
     return random.Random(f"judge/{seed}/{sample_id}/{vote}").getrandbits(31)
+
+
+# -- the scalar reward model's reward --------------------------------------------------------------
+
+
+class ValueModel(Protocol):
+    """A scalar reward model: judge-template prompt texts in, one value each (stages/grm.py ModelValue)."""
+
+    def values(self, prompts: list[str]) -> list[float]: ...
+
+
+class ScalarRMReward:
+    """The policy's reward from a scalar reward model (grm.policy_reward=scalar_rm): its value of
+    the judge-template text of each sample. Nothing to parse: never a format failure."""
+
+    name = "scalar_rm"
+
+    def __init__(self, model: ValueModel, *, template: JudgeTemplate = JudgeTemplate()):
+        self.model, self.template = model, template
+
+    def score(self, samples: list[RewardInput]) -> list[RewardResult]:
+        prompts = [self.template.render(require_field(self.name, s, "query", str), require_field(self.name, s, "rubric", str),
+                                        s.response) for s in samples]  # fmt: skip
+        values = self.model.values(prompts)
+        if len(values) != len(prompts):
+            raise RuntimeError(f"the reward model returned {len(values)} values for {len(prompts)} samples")
+        return [RewardResult(float(v), {"format_failure": False}) for v in values]

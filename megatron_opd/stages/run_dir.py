@@ -78,6 +78,9 @@ RESUME_RULES: list[tuple[str, Kind, str]] = [
     ("grpo.*", "fixed", "group size, updates per batch, dynamic sampling and refill rounds place the data cursor; "
      "advantages, reference, KL and kept-set log-probs are part of a rollout a checkpoint keeps"),
     ("grm.judge_url", "changeable", "where the judge server is"),
+    *[(f"grm.{k}", "changeable", "what the GRM report runs and measures (launchers/grm.py), not this run's training")
+      for k in ("seeds", "compare", "cold_start_overrides", "judge_rl_overrides", "reward_model_overrides", "eval_samples",
+                "eval_votes")],  # fmt: skip
     ("grm.*", "fixed", "the judge and its rewards: a rollout a checkpoint keeps was scored with them"),
     ("run.*", "changeable", "where and how the run reports"),
     ("pipeline.*", "changeable", "read by `megatron-opd run`, not by the trainer"),
