@@ -516,20 +516,22 @@ def _check_summary(run_dir: Path, methods: list[str], steps: int, samples_per_st
     assert summary["seeds"] == [7]
 
 
-# Eleven jobs of one seed, each its own `megatron-opd run` (a Python start and at least one
-# world of spawned ranks): about two minutes on 2 cores.
+# Twelve jobs of one seed, each its own `megatron-opd run` (a Python start and at least one
+# world of spawned ranks): two to three minutes on 2 cores.
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_recipe_chain_runs_on_slurm_with_its_dependencies(slurm, tmp_path, cancel_on_failure):
     """`megatron-opd submit` of a cut-down recipe (three domains with a conflicting pair, one seed,
-    a few steps, experts by SFT then GRPO; OPD from hidden states with its teacher servers, mixed
-    SFT on the experts' samples and a TIES merge) submits the whole chain to the real slurmctld:
+    a few steps, experts by SFT then GRPO; OPD from hidden states with the experts in the trainer,
+    OPD from top-k with the experts' servers started by its job, mixed SFT on the experts' samples
+    and a TIES merge) submits the whole chain to the real slurmctld:
     one job per phase with afterok dependencies, as the controller shows them before anything
     ran. Every job completes; each started only after the jobs it needs had ended; the experts
     ran in parallel (each needs only the base); and the last job wrote the recipe's summary with
     every expert and every method on every domain, the budget and the seed."""
-    methods = ["opd_hidden", "mixed_sft", "ties"]
+    methods = ["opd_hidden", "opd_topk", "mixed_sft", "ties"]
     path = _recipe_config(tmp_path, methods)
+    assert yaml.safe_load(path.read_text())["recipe"]["hidden_placement"] == "in_job"
     want, ids = _submit_recipe(path, cancel_on_failure)
     logs = tmp_path / "runs" / "cut" / "slurm"
     jobs = _watch_chain(ids, logs, 1800)
@@ -543,9 +545,12 @@ def test_recipe_chain_runs_on_slurm_with_its_dependencies(slurm, tmp_path, cance
     assert node_cpus < 2 or overlap, {p: (start[p], end[p]) for p in sft}
     assert all(job["Restarts"] == "0" for job in jobs.values())
     _check_summary(tmp_path / "runs" / "cut", methods, 4, 24)
+    # Top-k's job started the experts' servers on its node; hidden's trainer loaded the experts.
+    method_log = lambda m: _read(logs / "seed7" / "methods" / m / f"job-{ids[f'seed7/methods/{m}']}.log")  # noqa: E731
+    assert "teacher servers ready" in method_log("opd_topk") and "teacher servers ready" not in method_log("opd_hidden")
     # The table was printed by the last job, into its own log.
     report_log = (logs / "report" / f"job-{ids['report']}.log").read_text()
-    assert "opd_hidden" in report_log and "ties" in report_log
+    assert all(m in report_log for m in methods)
 
 
 # Seven jobs, one of them twice: about two minutes on 2 cores.
@@ -553,7 +558,7 @@ def test_recipe_chain_runs_on_slurm_with_its_dependencies(slurm, tmp_path, cance
 @pytest.mark.timeout(2400)
 def test_recipe_chain_phase_preempted_requeues_and_its_dependents_wait(slurm, tmp_path, cancel_on_failure):
     """SLURM's warning signal (USR1 to the batch shell, as --signal=B:USR1@N sends it) to the OPD
-    phase's job mid-run: `megatron-opd run recipe.only=...` saves a checkpoint and exits 75, the
+    phase's job (sampled-token signal, from the experts' servers) mid-run: `megatron-opd run recipe.only=...` saves a checkpoint and exits 75, the
     job requeues itself, the second attempt starts new teacher servers and resumes from that
     checkpoint; the phases after it wait for that attempt (afterok holds through the requeue),
     and the chain completes with every sample of the method trained once."""
@@ -561,15 +566,15 @@ def test_recipe_chain_phase_preempted_requeues_and_its_dependents_wait(slurm, tm
 
     steps = 150  # the OPD phase must outlast the poll that signals it (5-15 steps a second here)
     budget = [f"train.steps={steps}", "train.global_batch_size=24", "train.micro_batch_size=24"]
-    path = _recipe_config(tmp_path, ["opd_hidden", "uniform"], budget_overrides=budget)
+    path = _recipe_config(tmp_path, ["opd_sampled", "uniform"], budget_overrides=budget)
     config = yaml.safe_load(path.read_text())
     config["pipeline"]["expert_rl_overrides"] = []  # SFT experts: fewer jobs before the one that is stopped
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     want, ids = _submit_recipe(path, cancel_on_failure)
     run_dir = tmp_path / "runs" / "cut"
     logs = run_dir / "slurm"
-    opd = ids["seed7/methods/opd_hidden"]
-    log = logs / "seed7" / "methods" / "opd_hidden" / f"job-{opd}.log"
+    opd = ids["seed7/methods/opd_sampled"]
+    log = logs / "seed7" / "methods" / "opd_sampled" / f"job-{opd}.log"
 
     def step() -> int:
         found = re.findall(r"\[opd\] step (\d+)/", _read(log))
@@ -584,16 +589,16 @@ def test_recipe_chain_phase_preempted_requeues_and_its_dependents_wait(slurm, tm
 
     jobs = _watch_chain(ids, logs, 1800, signal_once)
     assert signalled, "the OPD phase ended before it was signalled"
-    assert jobs["seed7/methods/opd_hidden"]["Restarts"] == "1"
-    assert all(job["Restarts"] == "0" for phase, job in jobs.items() if phase != "seed7/methods/opd_hidden")
+    assert jobs["seed7/methods/opd_sampled"]["Restarts"] == "1"
+    assert all(job["Restarts"] == "0" for phase, job in jobs.items() if phase != "seed7/methods/opd_sampled")
     text = _read(log)
     stopped = int(re.search(r"stopped by \w+ at step (\d+); checkpoint saved", text).group(1))
     assert signalled[0] <= stopped < steps, "the OPD phase finished before the signal reached it: raise steps"
-    assert f"resumed from {run_dir / 'seed7' / 'methods' / 'opd_hidden' / 'checkpoints' / f'step_{stopped:08d}'}" in text
+    assert f"resumed from {run_dir / 'seed7' / 'methods' / 'opd_sampled' / 'checkpoints' / f'step_{stopped:08d}'}" in text
     assert text.count("teacher servers ready") == 2  # each attempt starts its own
     _check_order(want, jobs)  # the seed's report started after the second attempt ended
-    ledger = read_ledger(run_dir / "seed7" / "methods" / "opd_hidden")
+    ledger = read_ledger(run_dir / "seed7" / "methods" / "opd_sampled")
     assert [e["step"] for e in ledger] == list(range(1, steps + 1))
     ids_trained = [i for e in ledger for i in e["samples"]]
     assert len(ids_trained) == steps * 24 and len(set(ids_trained)) == len(ids_trained)
-    _check_summary(run_dir, ["opd_hidden", "uniform"], steps, 24)
+    _check_summary(run_dir, ["opd_sampled", "uniform"], steps, 24)
