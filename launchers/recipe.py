@@ -254,13 +254,35 @@ def run_seed(cfg: JobConfig, plan: SeedPlan, only: str = "") -> bool:
         todo = [phase]
     servers = TeacherServers()
     try:
-        for phase in todo:
+        for wave in training_waves(todo):
+            if len(wave) > 1:  # independent training phases, pipeline.parallel_jobs at a time
+                jobs = {f"{p.id}": job for p in wave for job in p.jobs.values()}
+                unfinished = run_sft_jobs(jobs, cfg.pipeline.parallel_jobs, label=f"seed {plan.seed}")
+                if unfinished:
+                    _say(f"{', '.join(unfinished)} stopped before the last step; checkpoints saved, rerun to resume")
+                    return False
+                continue
+            (phase,) = wave
             if not run_phase(cfg, plan, phase, servers):
                 _say(f"{phase.id} stopped before its last step; checkpoints saved, rerun to resume")
                 return False
     finally:
         servers.close()
     return True
+
+
+def training_waves(todo: list[Phase]) -> list[list[Phase]]:
+    """`todo` in order, cut into waves: consecutive training phases that need none of each other
+    (one expert's GRPO beside the next expert's SFT) share a wave; every other phase is alone."""
+    waves: list[list[Phase]] = []
+    for p in todo:
+        last = waves[-1] if waves else []
+        ids = {q.id for q in last}
+        if last and p.kind == "train" and all(q.kind == "train" for q in last) and not ids & set(p.needs):
+            last.append(p)
+        else:
+            waves.append([p])
+    return waves
 
 
 def record_expert_samples(cfg: JobConfig, plan: SeedPlan) -> None:

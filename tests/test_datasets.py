@@ -14,7 +14,7 @@ import pytest
 
 from hf_fixtures import chat_rows, make_bpe_tokenizer, math_rows, write_jsonl, write_parquet
 from megatron_opd.config import ConfigError, DataConfig, DatasetConfig, JobConfig, build
-from megatron_opd.data.datasets import DatasetError, FileDatasets, Limits, WeightedMix, floor_sum
+from megatron_opd.data.datasets import DatasetError, FileDatasets, WeightedMix, floor_sum
 from megatron_opd.data.prompts import DemonstrationSource, PromptSource
 from megatron_opd.data.sources import job_prompt_source, prompt_source
 

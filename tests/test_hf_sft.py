@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from hf_fixtures import chat_rows, make_bpe_tokenizer, write_jsonl
 from megatron_opd.data.hf_tokenizer import HFTokenizer

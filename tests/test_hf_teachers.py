@@ -51,7 +51,7 @@ def _start(world, **cfg):
 
 def test_a_teacher_serving_another_tokenizer_is_refused_naming_the_first_differing_id(world):
     url = world["urls"]["ours"]
-    was_100, was_101 = world["swapped_tokens"][1], world["swapped_tokens"][0]
+    was_100 = world["swapped_tokens"][1]
     with pytest.raises(TeacherIncompatible) as e:
         _start(world, endpoints=[url])
     text = str(e.value)

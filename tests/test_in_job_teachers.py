@@ -53,7 +53,7 @@ def _equality_worker(cfg_tree: dict, extra: bool):
     tok = CharTokenizer()
     served = OPDStage(cfg, trainer, tok)
     in_job = OPDStage(_in_job(cfg), trainer, tok)
-    batch = served.make_batch(0)  # the rollout, scored by the servers
+    served.make_batch(0)  # the rollout, scored by the servers
     rollout = served.current
 
     def loss_and_grads(stage, signals):

@@ -273,3 +273,15 @@ def test_only_runs_one_phase_and_needs_its_dependencies(tmp_path):
     out = _cli("run", str(config), "recipe.only=seed7/nothing", cwd=tmp_path)
     assert out.returncode == 2 and "is not a phase of this recipe" in out.stderr
     assert not (tmp_path / "runs" / "cut" / "seed7" / "methods").exists()
+
+
+def test_training_waves_pair_independent_phases_in_order():
+    from launchers.recipe import Phase, training_waves
+
+    ps = [Phase("base", [], {}), Phase("a/sft", ["base"], {}), Phase("a/grpo", ["a/sft"], {}),
+          Phase("b/sft", ["base"], {}), Phase("b/grpo", ["b/sft"], {}), Phase("opd", ["a/grpo", "b/grpo"], {}, "opd"),
+          Phase("rl", ["base"], {}), Phase("report", [], {}, "report")]  # fmt: skip
+    waves = [[p.id for p in w] for w in training_waves(ps)]
+    # base + a/sft share a wave only if a/sft does not need base: it does, so each dependency cuts.
+    assert waves == [["base"], ["a/sft"], ["a/grpo", "b/sft"], ["b/grpo"], ["opd"], ["rl"], ["report"]]
+    assert [p.id for w in training_waves(ps) for p in w] == [p.id for p in ps]  # nothing lost or reordered
