@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import importlib
 import json
-from typing import Any
 
 import torch
 
@@ -51,7 +50,7 @@ from megatron_opd.serving.requests import GenItem
 from megatron_opd.stages.grpo import GRPOStage
 from megatron_opd.stages.on_policy import Rollout
 from megatron_opd.stages.sft import WIDTH_MULTIPLE, SFTStage
-from megatron_opd.stages.trainer import MicroBatch, StepBatch, logits_forward, metric
+from megatron_opd.stages.trainer import MicroBatch, StatelessStage, StepBatch, logits_forward, metric
 
 VERDICT_TOKENS = CODES_PER_PROMPT + 3  # "101,6" and EOS
 
@@ -181,7 +180,7 @@ class ModelValue:
         return out
 
 
-class ScalarRMStage:
+class ScalarRMStage(StatelessStage):
     """Stage grm_rm: the annotations' judge-template texts (data.domains [judge], rubric codes in a
     seeded order per prompt as the judge sees them) regressed to score / MAX_SCORE with squared
     error at the value column. Evaluated on the whole annotation set: its fit (mse, and pairwise
@@ -216,9 +215,6 @@ class ScalarRMStage:
         total, count = err.sum(), torch.tensor(err.numel())
         return total, count, {"loss": metric(total, count)}
 
-    def after_step(self, step: int) -> dict[str, float]:
-        return {}
-
     def evaluate(self, step: int) -> dict[str, float]:
         prompts = self.source.eval_prompts(JUDGE_DOMAIN)
         model = self.trainer.module
@@ -237,15 +233,6 @@ class ScalarRMStage:
                     right += float((values[i] - values[j]) * (targets[i] - targets[j]) > 0)
         return {"rm_mse": sum((v - t) ** 2 for v, t in zip(values, targets)) / len(values),
                 "rm_pairwise_acc": right / pairs if pairs else float("nan")}  # fmt: skip
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class JudgedRewards:

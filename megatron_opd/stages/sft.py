@@ -17,7 +17,7 @@ pipeline parallelism all micro-batches share one width (the schedule's communica
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ from megatron_opd.data.tokenizer import Tokenizer
 from megatron_opd.models.gpt import mask_vocab_padding
 from megatron_opd.rewards.registry import rewards_for
 from megatron_opd.stages.evaluation import evaluate_held_out
-from megatron_opd.stages.trainer import MicroBatch, StepBatch, Trainer, logits_forward, metric
+from megatron_opd.stages.trainer import MicroBatch, StatelessStage, StepBatch, Trainer, logits_forward, metric
 
 WIDTH_MULTIPLE = 8
 
@@ -94,7 +94,7 @@ class VerifiedDomains:
         return self.source.reward_name(domain)
 
 
-class SFTStage:
+class SFTStage(StatelessStage):
     name = "sft"
     progress_keys = ["loss", "acc/mean"]
     finite_metrics = ["loss"]
@@ -137,19 +137,7 @@ class SFTStage:
         count = mask.sum()
         return total, count.to(torch.int), {"loss": metric(total, count)}
 
-    def after_step(self, step: int) -> dict[str, float]:
-        return {}
-
     def evaluate(self, step: int) -> dict[str, float]:
         if not self.eval_source.domains:
             return {}
         return evaluate_held_out(self.cfg, self.trainer.module, self.eval_source, self.tokenizer, self.reward_of)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

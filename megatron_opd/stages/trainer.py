@@ -108,6 +108,22 @@ class Stage(Protocol):
     def close(self) -> None: ...
 
 
+class StatelessStage:
+    """The `Stage` methods of a stage that keeps nothing between steps (SFT, the scalar RM)."""
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def metric(total: torch.Tensor | float, count: torch.Tensor | float) -> torch.Tensor:
     """A metric reported from a loss: its sum and count, so averages stay exact across ranks."""
     return torch.stack([torch.as_tensor(total).detach().to("cpu", torch.float64).reshape(()),
