@@ -19,11 +19,13 @@ model on the union? For each seed of `recipe.seeds`, under `<run_dir>/seed<S>/`:
       mixed_sft            SFT on the experts' own greedy answers to the training prompts
                            (sequence-level distillation; samples.jsonl beside it, data/samples.py)
       uniform, task_arithmetic, ties   the experts' weights merged (checkpoints_tools/merge.py)
-  heldout.json             every expert on its own domains and every method on every domain:
-                           greedy held-out accuracy through one path (stages/model_eval.py)
+  heldout.json             every expert on its own domains, and the base and every method on
+                           every domain: greedy held-out accuracy through one path
+                           (stages/model_eval.py)
 
 then the report over the seeds in `<run_dir>`: the table (rows: domains, their mean, and the
-worst domain's fraction of its expert; columns: each expert on its own domain, then every method;
+worst domain's fraction of its expert; columns: each expert on its own domain, the base (every
+method's start), then every method;
 mean over seeds with the spread), `heatmap.png` and `summary.json` (experts, methods, spread,
 budget, seeds, step times of the on-policy methods split into rollout, teacher scoring and training).
 
@@ -343,11 +345,13 @@ def _checkpoint_id(model_dir: Path) -> str:
 
 
 def evaluate_seed(cfg: JobConfig, plan: SeedPlan) -> dict[str, dict[str, dict[str, float]]]:
-    """{"experts": {name: {domain: acc}}, "methods": {method: {domain: acc}}}, from heldout.json
-    where it holds the model's newest checkpoint, else evaluated now (one world for all)."""
+    """{"experts": {name: {domain: acc}}, "base": {domain: acc}, "methods": {method: {domain: acc}}},
+    from heldout.json where it holds the model's newest checkpoint, else evaluated now (one world
+    for all). The base is every method's start: how far each moved from it."""
     path = plan.root / "heldout.json"
     cached = json.loads(path.read_text()) if path.is_file() else {}
     models = {f"expert/{n}": (plan.expert_dir(n), list(cfg.teachers[n].domains)) for n in sorted(cfg.teachers)}
+    models["base/base"] = (plan.base.run_dir, list(cfg.data.domains))
     for method in cfg.recipe.methods:
         if method in plan.skipped:
             continue
@@ -370,10 +374,13 @@ def evaluate_seed(cfg: JobConfig, plan: SeedPlan) -> dict[str, dict[str, dict[st
                 "acc": {d: fresh[req["name"]][f"acc/{d}"] for d in req["domains"]},
             }
         path.write_text(json.dumps(cached, indent=1))
-    out: dict[str, dict[str, dict[str, float]]] = {"experts": {}, "methods": {}}
+    out: dict[str, Any] = {"experts": {}, "methods": {}}
     for name in models:
         kind, _, who = name.partition("/")
-        out["experts" if kind == "expert" else "methods"][who] = cached[name]["acc"]
+        if kind == "base":
+            out["base"] = cached[name]["acc"]
+        else:
+            out["experts" if kind == "expert" else "methods"][who] = cached[name]["acc"]
     return out
 
 
@@ -453,7 +460,7 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, dict[str, float]]]], owner
             mean, spread[m][k] = mean_spread(vs)
             (methods if k in domains else summary)[m][k] = mean
     experts_mean = mean_spread([sum(per_seed[s]["experts"][owner[d]][d] for d in domains) / len(domains) for s in seeds])
-    return {
+    out = {
         "experts": experts,
         "experts_spread": expert_sd,
         "experts_mean": experts_mean[0],
@@ -461,6 +468,13 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, dict[str, float]]]], owner
         "method_summary": summary,
         "spread": spread,
     }
+    if all("base" in per_seed[s] for s in seeds):  # every method's start, per domain and its mean
+        cols = {d: [per_seed[s]["base"][d] for s in seeds] for d in domains}
+        cols["mean"] = [sum(per_seed[s]["base"][d] for d in domains) / len(domains) for s in seeds]
+        pairs = {k: mean_spread(v) for k, v in cols.items()}
+        out["base"] = {k: m for k, (m, _) in pairs.items()}
+        out["base_spread"] = {k: sd for k, (_, sd) in pairs.items()}
+    return out
 
 
 def report(cfg: JobConfig, plans: list[SeedPlan], per_seed: dict, *, wall_time_s: float) -> dict[str, Any]:
@@ -508,18 +522,28 @@ def print_table(agg: dict, domains: list[str], owner: dict[str, str], seeds: int
     table = Table(title=title + (f"; mean ± sd over {seeds} seeds" if seeds > 1 else ""))
     table.add_column("domain")
     table.add_column("expert (own domain)", justify="right")
+    base = "base" in agg
+    if base:
+        table.add_column("base (the start)", justify="right")
     for m in agg["methods"]:
         table.add_column(m, justify="right")
+
+    def start(k: str) -> list[str]:
+        return [_cell(agg["base"][k], agg["base_spread"][k], seeds)] if base else []
+
     for d in domains:
         table.add_row(
             d,
             _cell(agg["experts"][d], agg["experts_spread"][d], seeds),
+            *start(d),
             *(_cell(agg["methods"][m][d], agg["spread"][m][d], seeds) for m in agg["methods"]),
         )
-    table.add_row("mean", f"{agg['experts_mean']:.3f}", *(_cell(agg["method_summary"][m]["mean"], agg["spread"][m]["mean"], seeds) for m in agg["methods"]))
+    table.add_row("mean", f"{agg['experts_mean']:.3f}", *start("mean"),
+                  *(_cell(agg["method_summary"][m]["mean"], agg["spread"][m]["mean"], seeds) for m in agg["methods"]))  # fmt: skip
     table.add_row(
         "worst / expert",
         "1.00",
+        *(["-"] if base else []),
         *(
             _cell(agg["method_summary"][m]["worst_fraction_of_expert"], agg["spread"][m]["worst_fraction_of_expert"], seeds)
             for m in agg["methods"]
@@ -534,10 +558,11 @@ def heatmap(agg: dict, domains: list[str], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = ["expert"] + list(agg["methods"])
+    start = ["base"] if "base" in agg else []
+    columns = ["expert"] + start + list(agg["methods"])
     rows = domains + ["mean"]
-    grid = [[agg["experts"][d]] + [agg["methods"][m][d] for m in agg["methods"]] for d in domains]
-    grid.append([agg["experts_mean"]] + [agg["method_summary"][m]["mean"] for m in agg["methods"]])
+    grid = [[agg["experts"][d]] + [agg["base"][d] for _ in start] + [agg["methods"][m][d] for m in agg["methods"]] for d in domains]
+    grid.append([agg["experts_mean"]] + [agg["base"]["mean"] for _ in start] + [agg["method_summary"][m]["mean"] for m in agg["methods"]])
     fig, ax = plt.subplots(figsize=(1.1 * len(columns) + 2, 0.45 * len(rows) + 1.5))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(columns)), columns, rotation=35, ha="right")

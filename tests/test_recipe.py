@@ -82,6 +82,7 @@ def test_recipe_cut_down_end_to_end(tmp_path):
     methods = list(cfg.recipe.methods)
     ran = [m for m in methods if not (m == "mixed_rl" and not grpo_available())]
     assert list(summary["methods"]) == ran
+    assert set(summary["base"]) == {*DOMAINS, "mean"} and all(0 <= v <= 1 for v in summary["base"].values())
     assert ("mixed_rl" in summary["skipped"]) == (not grpo_available())
     for m in ran:
         assert set(summary["methods"][m]) == set(DOMAINS)  # {method: {domain: held-out accuracy}}
