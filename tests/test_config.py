@@ -110,7 +110,7 @@ def test_unknown_and_unimplemented_stages_are_refused_at_load(tmp_path, monkeypa
     monkeypatch.setitem(STAGES, "planned", None)
     path = tmp_path / "c.yaml"
     path.write_text("stage: planned\n")
-    runs = "sft, opd, grpo, grm, grm_sft"
+    runs = "sft, opd, grpo, grm, grm_sft, grm_rm"
     with pytest.raises(ConfigError, match=rf"^stage: 'planned' is not implemented yet; the stages that run are: {runs}$"):
         load_config(path)
     with pytest.raises(ConfigError, match=rf"stage: 'distil' is not a stage; the stages that run are: {runs}"):
@@ -256,7 +256,7 @@ SHIPPED = {
     "tiny/recipe.yaml": "run",
     "tiny/grpo.yaml": "train",
     "tiny/grm_sft.yaml": "train",
-    "tiny/grm.yaml": "train",
+    "tiny/grm.yaml": "run",  # the GRM report: each phase's derived job is checked
     "cluster/opd-4node.yaml": "submit",
     "cluster/tiny-sft-one-node.yaml": "submit",
     "cluster/grpo-3node.yaml": "submit",
@@ -289,6 +289,10 @@ def test_shipped_config_passes_its_check(name, tmp_path):
 
         cfg.check()
         job_tokenizer(cfg)
+    elif command == "run" and cfg.stage == "grm":
+        from launchers.grm import check_plans
+
+        assert check_plans(cfg)  # every seed's phases, each checked as `megatron-opd train` would
     elif command == "run":
         cfg.check(by_pipeline=True)
     else:
