@@ -125,14 +125,17 @@ def test_a_launcher_forwards_its_stop_signal_to_every_rank_and_starts_no_new_wor
 
     from megatron_opd.runtime.spawn import StopRequested, forward_stop_signals, stop_requested
 
+    # What was there before (the default handler in a terminal; SIG_IGN under `nohup cmd &`).
+    before = signal.getsignal(signal.SIGINT)
     with forward_stop_signals():
+        assert signal.getsignal(signal.SIGINT) is not before
         _signal_when_ready(str(tmp_path), 2, signal.SIGINT)
         out = spawn_world(_wait_for_stop, 2, (str(tmp_path), True), timeout_s=90)
         assert out == [["SIGTERM"], ["SIGTERM"]]  # SIGINT to the launcher, SIGTERM to the ranks
         assert stop_requested() == "SIGINT"
         with pytest.raises(StopRequested, match="received SIGINT"):
             spawn_world(_wait_for_stop, 1, (str(tmp_path), True), timeout_s=30)
-    assert stop_requested() is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert stop_requested() is None and signal.getsignal(signal.SIGINT) is before
 
 
 def test_ranks_that_do_not_stop_are_killed_after_the_stop_timeout(tmp_path):
