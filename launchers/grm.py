@@ -59,9 +59,6 @@ class GRMSeedPlan:
     reward_model: JobConfig | None
     policies: dict[str, JobConfig]  # the RL runs of grm.compare, in its order
 
-    def model_dir(self, policy: str) -> Path:
-        return self.start.run_dir if policy == "none" else self.policies[policy].run_dir
-
 
 def annotation_path(cfg: JobConfig) -> Path:
     return Path(cfg.data.annotations) if cfg.data.annotations else cfg.run_dir / "annotations.jsonl"

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from run_records import step_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,14 +75,6 @@ def _empty_config(tmp: Path) -> Path:
     return path
 
 
-def _records(run_dir: Path) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out.setdefault(r["step"], {}).update(r)
-    return out
-
-
 def _judged(run_dir: Path) -> dict[tuple[int, str], tuple[str, float]]:
     """(rollout, sample id) -> (response, GRM reward) from grm_samples.jsonl (a redone rollout: the last)."""
     out = {}
@@ -123,7 +116,7 @@ def test_actor_as_judge_runs_without_the_oracle_and_a_killed_run_resumes_exactly
     annotations, cold = cold_start
     _train(tmp_path, _grm(annotations, cold, tmp_path, "straight"))
     run = tmp_path / "straight"
-    rec = _records(run)
+    rec = step_records(run)
     steps = {s: r for s, r in rec.items() if "train/loss" in r}
     assert sorted(steps) == [1, 2, 3, 4]
     for r in steps.values():
@@ -137,7 +130,7 @@ def test_actor_as_judge_runs_without_the_oracle_and_a_killed_run_resumes_exactly
     code, _ = _train(tmp_path, _grm(annotations, cold, tmp_path, "killed"), fault="exit:0:3", check=False)
     assert code != 0
     _train(tmp_path, _grm(annotations, cold, tmp_path, "killed"))
-    again = {s: r for s, r in _records(tmp_path / "killed").items() if "train/loss" in r}
+    again = {s: r for s, r in step_records(tmp_path / "killed").items() if "train/loss" in r}
     assert sorted(again) == sorted(steps)
     for s in steps:
         for k in ("train/loss", "train/kl", "train/reward/judge", "train/reward/rubric"):
@@ -189,7 +182,7 @@ def test_the_scalar_reward_model_fits_the_annotations_and_rewards_grpo_without_t
                               "train.micro_batch_size=30", "train.optim.lr=1e-3", "train.eval_every=40",
                               "train.eval_at_start=true", "train.checkpoint_every=0", f"run.output_dir={tmp_path}",
                               "run.name=rm"])  # fmt: skip
-    rec = _records(tmp_path / "rm")
+    rec = step_records(tmp_path / "rm")
     assert rec[40]["eval/rm_mse"] < 0.5 * rec[0]["eval/rm_mse"], (rec[0]["eval/rm_mse"], rec[40]["eval/rm_mse"])
     assert rec[40]["eval/rm_pairwise_acc"] > 0.6
     one = ["data.domains=[rubric]", "train.steps=2", "train.checkpoint_every=0"]

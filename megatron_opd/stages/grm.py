@@ -44,6 +44,7 @@ from megatron_opd.rewards.base import Reward
 from megatron_opd.data.prompts import Prompt, replica_slice
 from megatron_opd.data.sources import job_prompt_source
 from megatron_opd.rewards.grm import GRMReward, Judge, JudgeAgreement, ScalarRMReward, ValueModel
+from megatron_opd.rewards.ranking import pairwise_accuracy
 from megatron_opd.rewards.registry import get_reward
 from megatron_opd.serving.backend import ModelBackend
 from megatron_opd.serving.requests import GenItem
@@ -225,14 +226,8 @@ class ScalarRMStage(StatelessStage):
         finally:
             model.train(was_training)
         targets = [p.metadata["score"] / MAX_SCORE for p in prompts]
-        right, pairs = 0.0, 0
-        for i in range(len(values)):
-            for j in range(i + 1, len(values)):
-                if targets[i] != targets[j]:
-                    pairs += 1
-                    right += float((values[i] - values[j]) * (targets[i] - targets[j]) > 0)
         return {"rm_mse": sum((v - t) ** 2 for v, t in zip(values, targets)) / len(values),
-                "rm_pairwise_acc": right / pairs if pairs else float("nan")}  # fmt: skip
+                "rm_pairwise_acc": pairwise_accuracy([values], [targets])[0]}  # fmt: skip
 
 
 class JudgedRewards:

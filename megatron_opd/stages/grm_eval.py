@@ -11,6 +11,9 @@ code imports this one. What it measures, on held-out prompts and fresh samples:
 - best-of-N: the oracle score of the response the judge picks among N samples (first maximum),
   of the oracle's own pick (the ceiling) and of a random pick (`best_of_n`);
 - the judge-vs-oracle reward gap over training from a GRM run's grm_samples.jsonl (`reward_gap`).
+
+The ranking metrics themselves live in rewards/ranking.py (oracle-free: the scalar RM's fit uses
+them too).
 """
 
 from __future__ import annotations
@@ -22,74 +25,12 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_opd.grm_oracle import oracle
+from megatron_opd.rewards.ranking import best_of_n, pairwise_accuracy, rank_correlation, spearman  # noqa: F401 (the evaluator's metrics)
 
 
 def oracle_scores(samples: Sequence[tuple[str, str, str]]) -> list[float]:
     """The oracle's quality of each (query, rubric, response)."""
     return [oracle.score(q, r, resp) for q, r, resp in samples]
-
-
-def pairwise_accuracy(judge: Sequence[Sequence[float]], truth: Sequence[Sequence[float]]) -> tuple[float, int]:
-    """(accuracy, pairs) over the pairs within each group (a prompt's responses) whose truths differ."""
-    total, pairs = 0.0, 0
-    for js, ts in zip(judge, truth, strict=True):
-        for i in range(len(ts)):
-            for j in range(i + 1, len(ts)):
-                if ts[i] == ts[j]:
-                    continue
-                pairs += 1
-                d = (js[i] - js[j]) * (ts[i] - ts[j])
-                total += 1.0 if d > 0 else 0.5 if js[i] == js[j] else 0.0
-    return (total / pairs if pairs else float("nan")), pairs
-
-
-def _ranks(xs: Sequence[float]) -> list[float]:
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    ranks = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's rho with average ranks; nan when either side is constant."""
-    ra, rb = _ranks(a), _ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
-    return cov / (va * vb) ** 0.5 if va and vb else float("nan")
-
-
-def rank_correlation(judge: Sequence[Sequence[float]], truth: Sequence[Sequence[float]]) -> float:
-    """Mean per-group Spearman over groups where both sides vary (a constant judge counts 0)."""
-    rhos = []
-    for js, ts in zip(judge, truth, strict=True):
-        if len(set(ts)) < 2:
-            continue
-        rho = spearman(js, ts)
-        rhos.append(0.0 if rho != rho else rho)
-    return sum(rhos) / len(rhos) if rhos else float("nan")
-
-
-def best_of_n(judge: Sequence[Sequence[float]], truth: Sequence[Sequence[float]], n: int, *, seed: int) -> dict[str, float]:
-    """Mean oracle score of the judge's pick, the oracle's pick and a random pick among the first
-    `n` responses of each group."""
-    rng = random.Random(seed)
-    picks = {"judge": 0.0, "oracle": 0.0, "random": 0.0}
-    for js, ts in zip(judge, truth, strict=True):
-        if len(ts) < n:
-            raise ValueError(f"best-of-{n} needs {n} responses per prompt, got {len(ts)}")
-        js, ts = js[:n], ts[:n]
-        picks["judge"] += ts[max(range(n), key=lambda i: js[i])]
-        picks["oracle"] += max(ts)
-        picks["random"] += ts[rng.randrange(n)]
-    return {k: v / len(truth) for k, v in picks.items()}
 
 
 def reward_gap(samples_file: str | Path) -> list[dict[str, float]]:
@@ -246,41 +187,32 @@ def evaluate_grm_seed(request: dict) -> dict:
             m, tok, mcfg = model(path)
             return ModelJudge(m, mcfg, tok, temperature=request["judge_temperature"])
 
-        picks: dict[str, list[list[float]]] = {}
-        for key, path in (("judge", request.get("judge", "")), ("judge_before_rl", request.get("judge_before", ""))):
+        picks: dict[str, list[list[float]]] = {}  # the start policy's samples, scored: best-of-N
+        judges = (("judge", request.get("judge", ""), judged),
+                  ("judge_before_rl", request.get("judge_before", ""), {"start_policy": start}))  # fmt: skip
+        for key, path, on in judges:
             if not path:
                 continue
-            out[key] = {}
-            for which, s in judged.items():
-                if key == "judge_before_rl" and which != "start_policy":
-                    continue
-                out[key][which] = {}
-                for k in votes:
-                    out[key][which][f"k{k}"], scores = judge_report(judge_of(path), s, k, seed=seed)
-                    if key == "judge" and which == "start_policy":
-                        picks["judge"] = scores  # the most votes last
+            judge = judge_of(path)
+            out[key] = {which: {} for which in on}
+            for which, s in on.items():
+                for k in votes:  # ascending: the most votes pick last
+                    out[key][which][f"k{k}"], scores = judge_report(judge, s, k, seed=seed)
+                    if (key, which) == ("judge", "start_policy"):
+                        picks["judge"] = scores
         if request.get("reward_model"):
             m, tok, mcfg = model(request["reward_model"])
             value = ModelValue(m, mcfg, tok)
-            out["scalar_rm"] = {}
-            for which, s in judged.items():
-                scores = value_scores(value, s)
-                out["scalar_rm"][which] = ranking_report(scores, s)
-                if which == "start_policy":
-                    picks["scalar_rm"] = scores
+            scored = {which: value_scores(value, s) for which, s in judged.items()}
+            out["scalar_rm"] = {which: ranking_report(scores, judged[which]) for which, scores in scored.items()}
+            picks["scalar_rm"] = scored["start_policy"]
         out["best_of_n"] = {}
-        for size in (1, 4, 16):
-            if size > n:
-                continue
-            row: dict[str, float] = {}
-            for who, scores in picks.items():
-                b = best_of_n(scores, start.truth, size, seed=seed)
-                row[who] = b["judge"]
-                row["oracle"], row["random"] = b["oracle"], b["random"]
-            if not picks:
-                b = best_of_n(start.truth, start.truth, size, seed=seed)
-                row["oracle"], row["random"] = b["oracle"], b["random"]
-            out["best_of_n"][str(size)] = row
+        for size in (size for size in (1, 4, 16) if size <= n):
+            ceiling = best_of_n(start.truth, start.truth, size, seed=seed)  # the oracle's pick, and a random one
+            out["best_of_n"][str(size)] = {
+                "oracle": ceiling["oracle"], "random": ceiling["random"],
+                **{who: best_of_n(scores, start.truth, size, seed=seed)["judge"] for who, scores in picks.items()},
+            }  # fmt: skip
         return out
     finally:
         shutdown()
