@@ -59,6 +59,11 @@ class GRMSeedPlan:
     reward_model: JobConfig | None
     policies: dict[str, JobConfig]  # the RL runs of grm.compare, in its order
 
+    def waves(self) -> list[dict[str, JobConfig]]:
+        """The phases in the order they run; the jobs of one wave need none of each other."""
+        rm = [{"reward_model": self.reward_model}] if self.reward_model is not None else []
+        return [{"cold": self.cold}, {"start": self.start}, *rm, *([self.policies] if self.policies else [])]
+
 
 def annotation_path(cfg: JobConfig) -> Path:
     return Path(cfg.data.annotations) if cfg.data.annotations else cfg.run_dir / "annotations.jsonl"
@@ -121,10 +126,7 @@ def check_plans(cfg: JobConfig) -> dict[int, GRMSeedPlan]:
     cfg.grm.check()
     plans = {seed: plan_seed(cfg, seed) for seed in cfg.grm.seeds}
     for plan in plans.values():
-        jobs = {"cold": plan.cold, "start": plan.start, "reward_model": plan.reward_model, **plan.policies}
-        for name, job in jobs.items():
-            if job is None:
-                continue
+        for name, job in ((n, j) for wave in plan.waves() for n, j in wave.items()):
             try:
                 job.check(job.run.nproc)
             except ConfigError as e:
@@ -175,12 +177,8 @@ def evaluate_seed(cfg: JobConfig, plan: GRMSeedPlan) -> dict[str, Any]:
 
 def run_seed(cfg: JobConfig, plan: GRMSeedPlan) -> bool:
     """Every phase of one seed that is not finished; False when one stopped before its last step."""
-    stages = [{"cold": plan.cold}, {"start": plan.start}]
-    if plan.reward_model is not None:
-        stages.append({"reward_model": plan.reward_model})
-    stages.append(plan.policies)
-    for jobs in stages:
-        if jobs and run_sft_jobs(jobs, cfg.pipeline.parallel_jobs, label=f"seed {plan.seed}"):
+    for jobs in plan.waves():
+        if run_sft_jobs(jobs, cfg.pipeline.parallel_jobs, label=f"seed {plan.seed}"):
             return False
     return True
 
